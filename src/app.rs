@@ -1,0 +1,324 @@
+//! Building and running the daemon: PostgreSQL pool and migrations, schemas,
+//! the HTTP listener, and RabbitMQ sessions that reconnect until shutdown.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use lapin::{
+    Connection,
+    options::{BasicConsumeOptions, BasicQosOptions},
+    types::FieldTable,
+};
+use tokio::{net::TcpListener, sync::Notify};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    amqp::{self, ConfirmPublisher},
+    backoff::Backoff,
+    config::Settings,
+    consumer::Consumer,
+    health::Health,
+    http,
+    metrics::Metrics,
+    pipeline::Pipeline,
+    relay::Relay,
+    store,
+    validate::Schemas,
+};
+
+/// Longest wait between two reconnection attempts to RabbitMQ.
+const RECONNECT_CAP: Duration = Duration::from_secs(30);
+
+/// A daemon ready to run: every service reached once, schemas loaded, port bound.
+pub struct App {
+    /// The settings it was built from.
+    settings: Arc<Settings>,
+    /// PostgreSQL connections (pipeline, relay, readiness).
+    pool: Pool,
+    /// Compiled schemas, reloadable.
+    schemas: Arc<Schemas>,
+    /// The bound HTTP listener (bound early so `http_addr` is known before `run`).
+    listener: Option<TcpListener>,
+    /// Its address.
+    http_addr: SocketAddr,
+    /// Connection state for `/readyz`.
+    health: Arc<Health>,
+    /// Prometheus metrics of this daemon.
+    metrics: Metrics,
+    /// The bearer token the read API and `/metrics` require, if any.
+    bearer_token: Option<Arc<str>>,
+    /// The connection opened at start-up, used by the first session.
+    first_connection: Option<Connection>,
+}
+
+impl App {
+    /// Connects to PostgreSQL (creating and migrating the database) and
+    /// RabbitMQ (declaring the topology), loads schemas, binds the HTTP port.
+    /// Each service gets `startup.connect_attempts` tries.
+    pub async fn build(settings: Settings) -> anyhow::Result<App> {
+        let settings = Arc::new(settings);
+        let schemas = Schemas::load(
+            &settings.validation.schema_dir,
+            settings.validation.unknown_types,
+        )?;
+        tracing::info!(types = ?schemas.current().types(), "schemas loaded");
+        let pool = store::connect(&settings).await?;
+        let bearer_token = settings.http.bearer_token()?.map(Arc::from);
+        let metrics = Metrics::new();
+        let health = Arc::new(Health::new(&metrics));
+        health.set_postgres(true);
+
+        let connection = connect_amqp_with_retries(&settings).await?;
+        let listener = TcpListener::bind(settings.http.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.http.listen))?;
+        let http_addr = listener.local_addr()?;
+        Ok(App {
+            settings,
+            pool,
+            schemas: Arc::new(schemas),
+            listener: Some(listener),
+            http_addr,
+            health,
+            metrics,
+            bearer_token,
+            first_connection: Some(connection),
+        })
+    }
+
+    /// The schemas, to reload them (on SIGHUP) while the daemon runs.
+    pub fn schemas(&self) -> Arc<Schemas> {
+        self.schemas.clone()
+    }
+
+    /// The address the HTTP server listens on.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Runs until `shutdown` fires: finishes the batch in hand, flushes the
+    /// outbox, closes connections.
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let tasks = TaskTracker::new();
+        let router = http::router(http::HttpState {
+            pool: self.pool.clone(),
+            health: self.health.clone(),
+            metrics: self.metrics.clone(),
+            bearer_token: self.bearer_token.clone(),
+        });
+        let listener = self.listener.take().expect("run is called once");
+        let http_stop = shutdown.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(http_stop.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        tasks.spawn(refresh_gauges(
+            self.pool.clone(),
+            self.metrics.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(prune_periodically(
+            self.pool.clone(),
+            self.settings.clone(),
+            shutdown.clone(),
+        ));
+        tasks.close();
+        tracing::info!(http = %self.http_addr(), queue = %self.settings.amqp.inbound_queue, "scramjet running");
+
+        let notify = Arc::new(Notify::new());
+        let mut backoff = Backoff::new(RECONNECT_CAP);
+        while !shutdown.is_cancelled() {
+            match self.session(&shutdown, &notify, &mut backoff).await {
+                Ok(()) => break,
+                Err(e) => {
+                    self.health.set_amqp(false);
+                    self.metrics
+                        .reconnects
+                        .with_label_values(&["rabbitmq"])
+                        .inc();
+                    let delay = backoff.next_delay();
+                    tracing::error!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "RabbitMQ session ended; reconnecting");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+        tasks.wait().await;
+        self.pool.close();
+        tracing::info!("scramjet stopped");
+        Ok(())
+    }
+
+    /// One RabbitMQ connection's life: declare, consume and relay until
+    /// `shutdown` (→ `Ok`) or a broker failure (→ `Err`).
+    async fn session(
+        &mut self,
+        shutdown: &CancellationToken,
+        notify: &Arc<Notify>,
+        backoff: &mut Backoff,
+    ) -> anyhow::Result<()> {
+        let s = &self.settings.amqp;
+        let connection = match self.first_connection.take() {
+            Some(c) => c,
+            None => amqp::connect(s).await?,
+        };
+        let channel = connection
+            .create_channel()
+            .await
+            .context("cannot open a channel")?;
+        amqp::declare_topology(&channel, s).await?;
+        channel
+            .basic_qos(s.prefetch, BasicQosOptions::default())
+            .await
+            .context("cannot set the prefetch")?;
+        let stream = channel
+            .basic_consume(
+                s.inbound_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("cannot consume from {}", s.inbound_queue))?;
+        let dead_letters = ConfirmPublisher::open(&connection).await?;
+        let relay_publisher = ConfirmPublisher::open(&connection).await?;
+        self.health.set_amqp(true);
+        backoff.reset();
+        tracing::info!("connected to RabbitMQ; consuming");
+
+        // The relay ends the session by cancelling it if the broker fails under it.
+        let session = shutdown.child_token();
+        let relay_stop = CancellationToken::new();
+        let relay = Relay {
+            pool: self.pool.clone(),
+            publisher: relay_publisher.clone(),
+            exchange: s.changes_exchange.clone(),
+            notify: notify.clone(),
+            health: self.health.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let relay_task = tokio::spawn({
+            let session = session.clone();
+            let relay_stop = relay_stop.clone();
+            async move {
+                let result = relay.run(relay_stop).await;
+                if result.is_err() {
+                    session.cancel();
+                }
+                result
+            }
+        });
+
+        let consumer = Consumer {
+            settings: self.settings.clone(),
+            pipeline: Pipeline::new(self.pool.clone(), self.health.clone(), self.metrics.clone()),
+            metrics: self.metrics.clone(),
+            schemas: self.schemas.clone(),
+            dead_letters: dead_letters.clone(),
+            relay_notify: notify.clone(),
+        };
+        let consumed = consumer.run(stream, &session).await;
+        // Consuming has stopped; let the relay flush what the last batch committed.
+        relay_stop.cancel();
+        let relayed = relay_task.await.context("the outbox relay panicked")?;
+        self.health.set_amqp(false);
+        // Closing the channel returns unacked (prefetched) deliveries to the queue.
+        let _ = channel.close(200, "bye".into()).await;
+        dead_letters.close().await;
+        relay_publisher.close().await;
+        let _ = connection.close(200, "bye".into()).await;
+        consumed?;
+        relayed?;
+        anyhow::ensure!(
+            shutdown.is_cancelled(),
+            "the session stopped without a shutdown request"
+        );
+        Ok(())
+    }
+}
+
+/// How often the backlog gauges (outbox rows, rejected rows per type) are refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keeps `scramjet_outbox_pending` and `scramjet_staging_invalid` current.
+async fn refresh_gauges(pool: Pool, metrics: Metrics, shutdown: CancellationToken) {
+    loop {
+        match store::read::backlog(&pool).await {
+            Ok((outbox, invalid)) => {
+                metrics.outbox_pending.set(outbox);
+                // Types whose last rejected row went must drop out.
+                metrics.staging_invalid.reset();
+                for (entity_type, n) in invalid {
+                    metrics
+                        .staging_invalid
+                        .with_label_values(&[&entity_type])
+                        .set(n);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot refresh the backlog gauges"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(GAUGE_INTERVAL) => {}
+        }
+    }
+}
+
+/// Removes expired message ids and tombstones every `retention.prune_interval`.
+async fn prune_periodically(pool: Pool, settings: Arc<Settings>, shutdown: CancellationToken) {
+    let r = &settings.retention;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(r.prune_interval) => {}
+        }
+        match store::retention::prune(&pool, r.message_ids, r.tombstones).await {
+            Ok((0, 0)) => {}
+            Ok((message_ids, tombstones)) => {
+                tracing::info!(
+                    message_ids,
+                    tombstones,
+                    "pruned expired message ids and tombstones"
+                )
+            }
+            Err(e) => tracing::warn!(error = %e, "pruning failed; trying again later"),
+        }
+    }
+}
+
+async fn connect_amqp_with_retries(settings: &Settings) -> anyhow::Result<Connection> {
+    let mut delay = Duration::from_millis(settings.startup.connect_backoff_ms);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = async {
+            let connection = amqp::connect(&settings.amqp).await?;
+            let channel = connection
+                .create_channel()
+                .await
+                .context("cannot open a RabbitMQ channel")?;
+            amqp::declare_topology(&channel, &settings.amqp).await?;
+            let _ = channel.close(200, "bye".into()).await;
+            anyhow::Ok(connection)
+        }
+        .await;
+        match result {
+            Ok(c) => return Ok(c),
+            Err(e) if attempt >= settings.startup.connect_attempts => {
+                return Err(e.context(format!("RabbitMQ unavailable after {attempt} attempt(s)")));
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), attempt, "RabbitMQ not available yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}

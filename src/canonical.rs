@@ -1,0 +1,206 @@
+//! The canonical form of a JSON document and its SHA-256 hash.
+//!
+//! Two saves are "the same" exactly when their canonical forms are byte-equal,
+//! so key order and whitespace never count as a change. The form (specified
+//! for downstream consumers in `docs/canonical-json.md`):
+//!
+//! - no whitespace outside strings;
+//! - object members sorted by key, comparing the keys' UTF-8 bytes (which is
+//!   Unicode code point order); duplicate keys cannot occur (the last one in
+//!   the input wins when parsing);
+//! - numbers exactly as written in the input (`1.0`, `-0`, `1.50` and
+//!   `12345678901234567890123` are kept character for character), except
+//!   that an exponent is always written as a lowercase `e` followed by its
+//!   sign: `1E2` and `1e2` become `1e+2`, `1.5E-02` becomes `1.5e-02`;
+//! - strings in double quotes, escaping only `"` → `\"`, `\` → `\\`, the
+//!   control characters U+0008 `\b`, U+0009 `\t`, U+000A `\n`, U+000C `\f`,
+//!   U+000D `\r`, and every other character below U+0020 as `\u00XX` with
+//!   lowercase hex; everything else (including `/`, U+007F and all non-ASCII)
+//!   is written as raw UTF-8;
+//! - `true`, `false`, `null` as such.
+//!
+//! The hash is the lowercase hex SHA-256 of those bytes.
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+/// The canonical text of `value`.
+pub fn to_canonical(value: &Value) -> String {
+    let mut out = String::with_capacity(256);
+    write_value(&mut out, value);
+    out
+}
+
+/// The canonical text of a JSON object.
+pub fn object_to_canonical(map: &Map<String, Value>) -> String {
+    let mut out = String::with_capacity(256);
+    write_object(&mut out, map);
+    out
+}
+
+/// Lowercase hex SHA-256 of canonical text.
+pub fn hash(canonical: &str) -> String {
+    hex::encode(Sha256::digest(canonical.as_bytes()))
+}
+
+fn write_value(out: &mut String, value: &Value) {
+    match value {
+        Value::Null => out.push_str("null"),
+        Value::Bool(true) => out.push_str("true"),
+        Value::Bool(false) => out.push_str("false"),
+        // With `arbitrary_precision`, a Number is the literal text from the input.
+        Value::Number(n) => out.push_str(n.as_str()),
+        Value::String(s) => write_string(out, s),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_value(out, item);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => write_object(out, map),
+    }
+}
+
+fn write_object(out: &mut String, map: &Map<String, Value>) {
+    // Sort explicitly rather than trusting the map's iteration order: another
+    // crate in the build enabling serde_json's `preserve_order` must not change hashes.
+    let mut members: Vec<(&String, &Value)> = map.iter().collect();
+    members.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    out.push('{');
+    for (i, (key, value)) in members.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_string(out, key);
+        out.push(':');
+        write_value(out, value);
+    }
+    out.push('}');
+}
+
+fn write_string(out: &mut String, s: &str) {
+    out.push('"');
+    let mut start = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escape: &str = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            0x08 => "\\b",
+            0x09 => "\\t",
+            0x0A => "\\n",
+            0x0C => "\\f",
+            0x0D => "\\r",
+            0x00..=0x1F => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if escape.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("\\u00");
+            out.push(HEX[(b >> 4) as usize] as char);
+            out.push(HEX[(b & 0xF) as usize] as char);
+        } else {
+            out.push_str(escape);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+/// Appends `token` to a JSON Pointer (RFC 6901), escaping `~` and `/`.
+pub fn push_pointer_token(pointer: &mut String, token: &str) {
+    for c in token.chars() {
+        match c {
+            '~' => pointer.push_str("~0"),
+            '/' => pointer.push_str("~1"),
+            c => pointer.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn canon(text: &str) -> String {
+        to_canonical(&serde_json::from_str(text).unwrap())
+    }
+
+    #[test]
+    fn key_order_and_whitespace_do_not_change_the_form() {
+        let a = canon(r#"{"b": 1, "a": {"y": [1, 2], "x": null}}"#);
+        let b = canon("{\n  \"a\":{\"x\":null,\"y\":[1,2]},\n\t\"b\":1}");
+        assert_eq!(a, r#"{"a":{"x":null,"y":[1,2]},"b":1}"#);
+        assert_eq!(a, b);
+        assert_eq!(hash(&a), hash(&b));
+    }
+
+    #[test]
+    fn numbers_are_kept_exactly_as_written() {
+        let text = r#"{"a":12345678901234567890123,"b":0.1000000000000000055511151231257827,"c":1.0,"d":1e+2,"e":-0,"f":1.50e-03}"#;
+        assert_eq!(canon(text), text);
+        // The exponent marker is the one thing normalized.
+        assert_eq!(
+            canon("[1E2,1e2,1E+2,2E-1,0e0]"),
+            "[1e+2,1e+2,1e+2,2e-1,0e+0]"
+        );
+        assert_ne!(hash(&canon(r#"{"a":1.0}"#)), hash(&canon(r#"{"a":1}"#)));
+    }
+
+    #[test]
+    fn keys_sort_by_code_point_not_by_utf16() {
+        // U+FF61 sorts before U+1F600 by code point, after it by UTF-16 units.
+        let text = "{\"\u{1F600}\":1,\"\u{FF61}\":2,\"Z\":3,\"a\":4}";
+        assert_eq!(
+            canon(text),
+            "{\"Z\":3,\"a\":4,\"\u{FF61}\":2,\"\u{1F600}\":1}"
+        );
+    }
+
+    #[test]
+    fn strings_escape_only_what_json_requires() {
+        let v = Value::String("q\"b\\s/\u{7f}é\u{8}\u{9}\n\u{c}\r\u{1}\u{1f}😀".into());
+        assert_eq!(
+            to_canonical(&v),
+            "\"q\\\"b\\\\s/\u{7f}é\\b\\t\\n\\f\\r\\u0001\\u001f😀\""
+        );
+        // Escapes in the input do not survive: "\u00e9" and "é" are one string.
+        assert_eq!(canon(r#""\u00e9\/""#), "\"é/\"");
+    }
+
+    #[test]
+    fn the_hash_is_lowercase_hex_sha256() {
+        assert_eq!(
+            hash("{}"),
+            "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+        );
+    }
+
+    /// The worked example of `docs/canonical-json.md`.
+    #[test]
+    fn the_documented_example_holds() {
+        let input = r#"{ "tags": ["b", "a"], "name": "Ada Lovelace", "big": 1E2,
+                         "age": 36, "note": "line\nbreak \"quoted\" \u00fc" }"#;
+        let text = canon(input);
+        assert_eq!(
+            text,
+            r#"{"age":36,"big":1e+2,"name":"Ada Lovelace","note":"line\nbreak \"quoted\" ü","tags":["b","a"]}"#
+        );
+        assert_eq!(
+            hash(&text),
+            "e306582b29e48327454cf8d47783aea9a24a6075afe2a62e623472b2bcf38a2b"
+        );
+    }
+
+    #[test]
+    fn pointer_tokens_are_escaped() {
+        let mut p = String::from("/a");
+        push_pointer_token(&mut p, "b/c~d");
+        assert_eq!(p, "/ab~1c~0d");
+    }
+}

@@ -1,0 +1,520 @@
+//! Settings, loaded in layers by the `config` crate:
+//! built-in defaults ← a TOML file (`config/default.toml` or `--config FILE`) ←
+//! environment variables `SCRAMJET__<SECTION>__<KEY>`.
+//!
+//! Every name the daemon uses on the broker and in PostgreSQL is a key here, so
+//! several instances (or tests) can share one broker and one server.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use crate::message;
+
+/// The file read when no `--config` is given (it is optional: defaults suffice).
+pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
+
+/// Everything the daemon can be told.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// PostgreSQL connection and pool.
+    pub postgres: PostgresSettings,
+    /// RabbitMQ connection, topology names and consumption.
+    pub amqp: AmqpSettings,
+    /// Batching of deliveries into transactions.
+    pub pipeline: PipelineSettings,
+    /// Limits on inbound messages.
+    pub limits: LimitSettings,
+    /// JSON Schema validation.
+    pub validation: ValidationSettings,
+    /// The HTTP listener for health and readiness.
+    pub http: HttpSettings,
+    /// Logging.
+    pub log: LogSettings,
+    /// Start-up behaviour.
+    pub startup: StartupSettings,
+    /// How long duplicate-detection and ordering state is kept.
+    pub retention: RetentionSettings,
+}
+
+/// PostgreSQL settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresSettings {
+    /// Connection URL (or libpq key=value string); the database is created if missing.
+    pub url: String,
+    /// Maximum connections in the pool.
+    pub pool_size: usize,
+    /// Password, overriding any in `url` (e.g. from `SCRAMJET__POSTGRES__PASSWORD`).
+    pub password: Option<Secret>,
+    /// File holding the password (e.g. a mounted secret); trailing newlines are ignored.
+    pub password_file: Option<PathBuf>,
+    /// PEM file of the CA(s) that sign the server's certificate (see `sslmode` in the URL).
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+impl Default for PostgresSettings {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/scramjet".into(),
+            pool_size: 4,
+            password: None,
+            password_file: None,
+            tls_ca_file: None,
+        }
+    }
+}
+
+impl PostgresSettings {
+    /// The password from `password` or `password_file`, if either is set.
+    pub fn password(&self) -> anyhow::Result<Option<String>> {
+        resolve_password(
+            "postgres.password",
+            self.password.as_ref(),
+            self.password_file.as_deref(),
+        )
+    }
+}
+
+/// A value that must never be printed: `Debug` shows `***`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+fn resolve_password(
+    section: &str,
+    password: Option<&Secret>,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<String>> {
+    match (password, file) {
+        (Some(_), Some(_)) => {
+            anyhow::bail!("invalid configuration: set {section} or {section}_file, not both")
+        }
+        (Some(p), None) => Ok(Some(p.0.clone())),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {section}_file {}", path.display()))?;
+            Ok(Some(text.trim_end_matches(['\n', '\r']).to_owned()))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// RabbitMQ settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpSettings {
+    /// Connection URL.
+    pub url: String,
+    /// Topic exchange producers publish to.
+    pub inbound_exchange: String,
+    /// Durable queue the daemon consumes, bound to the inbound exchange with `#`.
+    pub inbound_queue: String,
+    /// Topic exchange change events are published to.
+    pub changes_exchange: String,
+    /// Fanout exchange malformed messages are dead-lettered to.
+    pub dead_letter_exchange: String,
+    /// Durable queue bound to the dead-letter exchange.
+    pub dead_letter_queue: String,
+    /// Unacknowledged deliveries the broker may push ahead (basic.qos).
+    pub prefetch: u16,
+    /// Declare the inbound queue with `x-single-active-consumer`, so that with
+    /// several daemons only one consumes at a time and per-id order holds.
+    pub single_active_consumer: bool,
+    /// Password, overriding any in `url` (e.g. from `SCRAMJET__AMQP__PASSWORD`).
+    pub password: Option<Secret>,
+    /// File holding the password; trailing newlines are ignored.
+    pub password_file: Option<PathBuf>,
+    /// PEM file of the CA(s) that sign the broker's certificate (`amqps://` URLs).
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+impl AmqpSettings {
+    /// The password from `password` or `password_file`, if either is set.
+    pub fn password(&self) -> anyhow::Result<Option<String>> {
+        resolve_password(
+            "amqp.password",
+            self.password.as_ref(),
+            self.password_file.as_deref(),
+        )
+    }
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            inbound_exchange: "scramjet.inbound".into(),
+            inbound_queue: "scramjet.inbound".into(),
+            changes_exchange: "scramjet.changes".into(),
+            dead_letter_exchange: "scramjet.dead".into(),
+            dead_letter_queue: "scramjet.dead".into(),
+            prefetch: 1000,
+            single_active_consumer: true,
+            password: None,
+            password_file: None,
+            tls_ca_file: None,
+        }
+    }
+}
+
+/// Batching settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// Most deliveries handled in one transaction.
+    pub batch_size: usize,
+    /// A batch stops growing once its message bodies add up to this many
+    /// bytes, which bounds the memory of a batch of large documents.
+    pub max_batch_bytes: usize,
+    /// How long to wait for more deliveries once one has arrived, in
+    /// milliseconds. 0 takes only what has already arrived: batches then grow
+    /// by themselves under load and stay small (low latency) when idle.
+    pub linger_ms: u64,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            max_batch_bytes: 4 * 1024 * 1024,
+            linger_ms: 0,
+        }
+    }
+}
+
+impl PipelineSettings {
+    /// The linger as a duration.
+    pub fn linger(&self) -> Duration {
+        Duration::from_millis(self.linger_ms)
+    }
+}
+
+/// Limits on inbound messages.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Largest accepted message body, in bytes.
+    pub max_message_bytes: usize,
+    /// Deepest accepted nesting of arrays and objects in `data` (`{}` is depth 1).
+    pub max_depth: usize,
+}
+
+impl LimitSettings {
+    /// The limits as the decoder takes them.
+    pub fn decoder_limits(&self) -> message::Limits {
+        message::Limits {
+            max_bytes: self.max_message_bytes,
+            max_depth: self.max_depth,
+        }
+    }
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 1024 * 1024,
+            max_depth: 64,
+        }
+    }
+}
+
+/// What to do with a save whose type has no schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownTypes {
+    /// Treat it as valid.
+    #[default]
+    Accept,
+    /// Reject it (a `rejected` event, the row kept in staging).
+    Reject,
+}
+
+/// Validation settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ValidationSettings {
+    /// Directory holding `<type>.json` schemas (draft 2020-12).
+    pub schema_dir: PathBuf,
+    /// Policy for types without a schema.
+    pub unknown_types: UnknownTypes,
+}
+
+impl Default for ValidationSettings {
+    fn default() -> Self {
+        Self {
+            schema_dir: PathBuf::from("config/schemas"),
+            unknown_types: UnknownTypes::Accept,
+        }
+    }
+}
+
+/// HTTP settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Address to listen on (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// When set, every endpoint but `/healthz` and `/readyz` requires
+    /// `Authorization: Bearer <token>` (e.g. from `SCRAMJET__HTTP__BEARER_TOKEN`).
+    pub bearer_token: Option<Secret>,
+    /// File holding the bearer token; trailing newlines are ignored.
+    pub bearer_token_file: Option<PathBuf>,
+}
+
+impl HttpSettings {
+    /// The bearer token from `bearer_token` or `bearer_token_file`, if either is set.
+    pub fn bearer_token(&self) -> anyhow::Result<Option<String>> {
+        let token = resolve_password(
+            "http.bearer_token",
+            self.bearer_token.as_ref(),
+            self.bearer_token_file.as_deref(),
+        )?;
+        if token.as_deref() == Some("") {
+            anyhow::bail!("invalid configuration: http.bearer_token is empty");
+        }
+        Ok(token)
+    }
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("a valid literal address"),
+            bearer_token: None,
+            bearer_token_file: None,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `scramjet=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info,tokio_postgres=warn".into(),
+        }
+    }
+}
+
+/// Start-up settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StartupSettings {
+    /// Connection attempts per service before giving up at start-up.
+    pub connect_attempts: u32,
+    /// Delay before the second attempt, in milliseconds; it doubles each time.
+    pub connect_backoff_ms: u64,
+}
+
+impl Default for StartupSettings {
+    fn default() -> Self {
+        Self {
+            connect_attempts: 5,
+            connect_backoff_ms: 500,
+        }
+    }
+}
+
+/// Retention of the state behind CONTRACT §4.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// How long a processed `message_id` is remembered (e.g. "7days").
+    #[serde(with = "humantime_serde")]
+    pub message_ids: Duration,
+    /// How long a deleted entity's version is kept (e.g. "30days").
+    #[serde(with = "humantime_serde")]
+    pub tombstones: Duration,
+    /// How often expired rows are pruned (e.g. "1min").
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        Self {
+            message_ids: Duration::from_secs(7 * 24 * 3600),
+            tombstones: Duration::from_secs(30 * 24 * 3600),
+            prune_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Settings {
+    /// Loads defaults ← `file` (or `config/default.toml` when present) ← environment.
+    ///
+    /// An explicitly named file must exist; the default file is optional.
+    pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Settings> {
+        let source = match file {
+            Some(path) => {
+                anyhow::ensure!(
+                    path.is_file(),
+                    "configuration file {} does not exist",
+                    path.display()
+                );
+                config::File::from(path).required(true)
+            }
+            None => config::File::with_name(DEFAULT_CONFIG_FILE)
+                .format(config::FileFormat::Toml)
+                .required(false),
+        };
+        let settings: Settings = config::Config::builder()
+            .add_source(source)
+            .add_source(
+                config::Environment::with_prefix("SCRAMJET")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .context("invalid configuration")?
+            .try_deserialize()
+            .context("invalid configuration")?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// Rejects values that deserialize but cannot work.
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.pipeline.batch_size >= 1,
+            "invalid configuration: pipeline.batch_size must be at least 1"
+        );
+        anyhow::ensure!(
+            self.amqp.prefetch >= 1,
+            "invalid configuration: amqp.prefetch must be at least 1"
+        );
+        anyhow::ensure!(
+            self.postgres.pool_size >= 2,
+            "invalid configuration: postgres.pool_size must be at least 2 (pipeline and publisher)"
+        );
+        anyhow::ensure!(
+            (1..=message::MAX_DEPTH).contains(&self.limits.max_depth),
+            "invalid configuration: limits.max_depth must be from 1 to {}",
+            message::MAX_DEPTH
+        );
+        anyhow::ensure!(
+            self.limits.max_message_bytes >= 64,
+            "invalid configuration: limits.max_message_bytes must be at least 64"
+        );
+        anyhow::ensure!(
+            !self.retention.prune_interval.is_zero(),
+            "invalid configuration: retention.prune_interval must be positive"
+        );
+        anyhow::ensure!(
+            self.startup.connect_attempts >= 1,
+            "invalid configuration: startup.connect_attempts must be at least 1"
+        );
+        for (key, name) in [
+            ("amqp.inbound_exchange", &self.amqp.inbound_exchange),
+            ("amqp.inbound_queue", &self.amqp.inbound_queue),
+            ("amqp.changes_exchange", &self.amqp.changes_exchange),
+            ("amqp.dead_letter_exchange", &self.amqp.dead_letter_exchange),
+            ("amqp.dead_letter_queue", &self.amqp.dead_letter_queue),
+        ] {
+            anyhow::ensure!(
+                !name.is_empty() && name.len() <= 255 && !name.starts_with("amq."),
+                "invalid configuration: {key} must be 1 to 255 bytes and not start with \"amq.\""
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let s = Settings::default();
+        assert_eq!(
+            s.postgres.url,
+            "postgres://postgres@127.0.0.1:5432/scramjet"
+        );
+        assert_eq!(s.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(s.amqp.inbound_exchange, "scramjet.inbound");
+        assert_eq!(s.amqp.inbound_queue, "scramjet.inbound");
+        assert_eq!(s.amqp.changes_exchange, "scramjet.changes");
+        assert_eq!(s.amqp.dead_letter_exchange, "scramjet.dead");
+        assert_eq!(s.amqp.dead_letter_queue, "scramjet.dead");
+        assert_eq!(s.validation.schema_dir, PathBuf::from("config/schemas"));
+        assert_eq!(s.validation.unknown_types, UnknownTypes::Accept);
+        assert_eq!(s.http.listen.to_string(), "127.0.0.1:8080");
+        s.check().expect("defaults are valid");
+    }
+
+    #[test]
+    fn passwords_come_from_settings_or_files_and_never_print() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let mut s = Settings::default();
+        assert_eq!(s.postgres.password().unwrap(), None);
+        s.postgres.password_file = Some(file.clone());
+        assert_eq!(s.postgres.password().unwrap().as_deref(), Some("s3cret"));
+        s.amqp.password = Some(Secret("other".into()));
+        assert_eq!(s.amqp.password().unwrap().as_deref(), Some("other"));
+        assert!(!format!("{s:?}").contains("other"));
+        s.amqp.password_file = Some(file);
+        assert!(
+            s.amqp
+                .password()
+                .unwrap_err()
+                .to_string()
+                .contains("not both")
+        );
+    }
+
+    #[test]
+    fn the_shipped_default_file_parses_and_equals_the_built_in_defaults() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_FILE);
+        let s: Settings = config::Config::builder()
+            .add_source(config::File::from(path.as_path()))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        let d = Settings::default();
+        assert_eq!(s.postgres.url, d.postgres.url);
+        assert_eq!(s.amqp.url, d.amqp.url);
+        assert_eq!(s.amqp.prefetch, d.amqp.prefetch);
+        assert_eq!(s.pipeline.batch_size, d.pipeline.batch_size);
+        assert_eq!(s.http.listen, d.http.listen);
+        assert_eq!(s.limits.max_message_bytes, d.limits.max_message_bytes);
+        assert_eq!(s.limits.max_depth, d.limits.max_depth);
+        assert_eq!(s.log.level, d.log.level);
+        assert_eq!(s.retention.message_ids, d.retention.message_ids);
+        assert_eq!(s.retention.tombstones, d.retention.tombstones);
+        assert_eq!(s.retention.prune_interval, d.retention.prune_interval);
+    }
+}

@@ -1,0 +1,258 @@
+//! The consume loop: gather deliveries into a batch, decode, run the
+//! pipeline, dead-letter what cannot be processed, then ack the whole batch
+//! with one `basic.ack(multiple)` — only after its transaction committed.
+
+use std::{collections::BTreeMap, panic::AssertUnwindSafe, sync::Arc, time::Instant};
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::{
+    BasicProperties,
+    message::Delivery,
+    options::BasicAckOptions,
+    types::{AMQPValue, FieldTable},
+};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::{
+    amqp::{ConfirmPublisher, Outgoing},
+    config::Settings,
+    message::{self, Malformed},
+    metrics::Metrics,
+    pipeline::{Interrupted, Pipeline, Prepared, panic_text},
+    validate::Schemas,
+};
+
+/// Header added to dead-lettered messages, holding the reason.
+pub const ERROR_HEADER: &str = "x-scramjet-error";
+
+/// Consumes one session's deliveries.
+pub struct Consumer {
+    /// Settings (batch size, linger, limits, exchange names).
+    pub settings: Arc<Settings>,
+    /// Applies batches to the database.
+    pub pipeline: Pipeline,
+    /// Schemas for validation.
+    pub schemas: Arc<Schemas>,
+    /// Confirm-mode channel for the dead-letter exchange.
+    pub dead_letters: ConfirmPublisher,
+    /// Wakes the outbox relay after a commit that wrote events.
+    pub relay_notify: Arc<Notify>,
+    /// Counts outcomes and times batches.
+    pub metrics: Metrics,
+}
+
+impl Consumer {
+    /// Runs until `stop` (after finishing the batch in hand) or a broker error.
+    pub async fn run(
+        &self,
+        mut stream: lapin::Consumer,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let batch_size = self.settings.pipeline.batch_size;
+        let max_bytes = self.settings.pipeline.max_batch_bytes;
+        let linger = self.settings.pipeline.linger();
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Ok(()),
+                next = stream.next() => next,
+            };
+            let mut batch = vec![accept(first)?];
+            let mut bytes = batch[0].data.len();
+            let room =
+                |batch: &Vec<Delivery>, bytes: usize| batch.len() < batch_size && bytes < max_bytes;
+            // Take whatever has already arrived: under load batches grow by
+            // themselves, and an idle daemon answers a lone message at once.
+            while room(&batch, bytes) {
+                match stream.next().now_or_never() {
+                    Some(next) => {
+                        let d = accept(next)?;
+                        bytes += d.data.len();
+                        batch.push(d);
+                    }
+                    None => break,
+                }
+            }
+            if !linger.is_zero() {
+                let deadline = tokio::time::Instant::now() + linger;
+                while room(&batch, bytes) {
+                    match tokio::time::timeout_at(deadline, stream.next()).await {
+                        Ok(next) => {
+                            let d = accept(next)?;
+                            bytes += d.data.len();
+                            batch.push(d);
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            let span = tracing::info_span!(
+                "batch",
+                size = batch.len(),
+                first_tag = batch[0].delivery_tag
+            );
+            match self.handle(&batch, stop).instrument(span).await {
+                Ok(()) => {}
+                // Not committed and not acked: the broker redelivers the batch.
+                Err(HandleError::Interrupted) => return Ok(()),
+                Err(HandleError::Broker(e)) => return Err(e),
+            }
+        }
+    }
+
+    async fn handle(
+        &self,
+        batch: &[Delivery],
+        stop: &CancellationToken,
+    ) -> Result<(), HandleError> {
+        let started = Instant::now();
+        let limits = self.settings.limits.decoder_limits();
+        let schemas = self.schemas.current();
+
+        let mut dead: Vec<(usize, String)> = Vec::new();
+        let mut prepared = Vec::with_capacity(batch.len());
+        let mut positions = Vec::with_capacity(batch.len());
+        for (i, d) in batch.iter().enumerate() {
+            // Validation runs third-party code on producer data: a panic in it
+            // dead-letters that message instead of stopping the daemon.
+            let decoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                message::decode(&d.data, limits).map(|inbound| {
+                    let property = |p: &Option<lapin::types::ShortString>| {
+                        p.as_ref().map(|s| s.as_str().to_owned())
+                    };
+                    Prepared::new(
+                        inbound,
+                        property(d.properties.correlation_id()),
+                        property(d.properties.message_id()),
+                        &schemas,
+                    )
+                })
+            }))
+            .unwrap_or_else(|panic| {
+                Err(Malformed(format!(
+                    "internal error while decoding or validating: {}",
+                    panic_text(&*panic)
+                )))
+            });
+            match decoded {
+                Ok(p) => {
+                    prepared.push(p);
+                    positions.push(i);
+                }
+                Err(reason) => {
+                    tracing::debug!(delivery_tag = d.delivery_tag, %reason, "malformed message");
+                    dead.push((i, reason.0));
+                }
+            }
+        }
+
+        let results = self
+            .pipeline
+            .process(&prepared, stop)
+            .await
+            .map_err(|Interrupted| HandleError::Interrupted)?;
+
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut wrote_events = false;
+        for ((p, &i), result) in prepared.iter().zip(&positions).zip(results) {
+            match result {
+                Ok(outcome) => {
+                    tracing::debug!(delivery_tag = batch[i].delivery_tag, r#type = %p.entity_type, id = %p.id, correlation_id = ?p.correlation_id, %outcome, "processed");
+                    wrote_events |= outcome.has_event();
+                    *counts.entry(outcome.as_str()).or_default() += 1;
+                }
+                Err(reason) => {
+                    tracing::warn!(delivery_tag = batch[i].delivery_tag, r#type = %p.entity_type, id = %p.id, %reason, "database refused a message; dead-lettering it");
+                    dead.push((i, format!("the database refused the message: {reason}")));
+                }
+            }
+        }
+        if wrote_events {
+            self.relay_notify.notify_one();
+        }
+
+        if !dead.is_empty() {
+            dead.sort_by_key(|(i, _)| *i);
+            let messages = dead
+                .iter()
+                .map(|(i, reason)| {
+                    dead_letter(&batch[*i], reason, &self.settings.amqp.dead_letter_exchange)
+                })
+                .collect();
+            self.dead_letters
+                .publish_all(messages)
+                .await
+                .map_err(HandleError::Broker)?;
+            counts.insert("dead_lettered", dead.len());
+        }
+
+        let last = batch.last().expect("a batch is never empty");
+        last.acker
+            .ack(BasicAckOptions { multiple: true })
+            .await
+            .map_err(|e| HandleError::Broker(anyhow::anyhow!("cannot ack: {e}")))?;
+
+        for (outcome, n) in &counts {
+            self.metrics
+                .messages
+                .with_label_values(&[outcome])
+                .inc_by(*n as u64);
+        }
+        self.metrics.batch_size.observe(batch.len() as f64);
+        self.metrics
+            .batch_duration
+            .observe(started.elapsed().as_secs_f64());
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(
+            size = batch.len(),
+            created = counts.get("created").copied().unwrap_or(0),
+            updated = counts.get("updated").copied().unwrap_or(0),
+            unchanged = counts.get("unchanged").copied().unwrap_or(0),
+            deleted = counts.get("deleted").copied().unwrap_or(0),
+            absent = counts.get("absent").copied().unwrap_or(0),
+            rejected = counts.get("rejected").copied().unwrap_or(0),
+            stale = counts.get("stale").copied().unwrap_or(0),
+            duplicate = counts.get("duplicate").copied().unwrap_or(0),
+            dead_lettered = counts.get("dead_lettered").copied().unwrap_or(0),
+            elapsed_ms = format!("{elapsed_ms:.1}"),
+            "batch committed"
+        );
+        Ok(())
+    }
+}
+
+/// How a batch ended without being acked.
+enum HandleError {
+    /// Shutdown while waiting for the database.
+    Interrupted,
+    /// The broker failed; the session must reconnect.
+    Broker(anyhow::Error),
+}
+
+fn accept(next: Option<lapin::Result<Delivery>>) -> anyhow::Result<Delivery> {
+    match next {
+        Some(Ok(delivery)) => Ok(delivery),
+        Some(Err(e)) => Err(anyhow::anyhow!("consuming failed: {e}")),
+        None => Err(anyhow::anyhow!("the broker cancelled the consumer")),
+    }
+}
+
+/// The original message, body and properties unchanged, with the reason added
+/// as a header, made persistent so it survives a broker restart.
+fn dead_letter<'a>(d: &'a Delivery, reason: &str, exchange: &'a str) -> Outgoing<'a> {
+    let mut headers: FieldTable = d.properties.headers().clone().unwrap_or_default();
+    headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(reason.into()));
+    let properties: BasicProperties = d
+        .properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    Outgoing {
+        exchange,
+        routing_key: d.routing_key.as_str(),
+        body: &d.data,
+        properties,
+    }
+}

@@ -1,0 +1,219 @@
+//! Change events (CONTRACT §5), rendered once to the exact bytes that will be
+//! published and stored that way in the outbox.
+//!
+//! The body is written by hand rather than through a serde struct so that
+//! `data` and `previous` are embedded as their canonical text: no second
+//! serialization on the hot path, numbers exactly as sent, and stable bytes.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::{canonical, validate::ValidationError};
+
+/// The kind of change an event reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// A new (type, id).
+    Created,
+    /// Data of an existing (type, id) changed.
+    Updated,
+    /// An existing (type, id) was removed.
+    Deleted,
+    /// A save failed validation.
+    Rejected,
+    /// Current state, replayed on an operator's request.
+    Snapshot,
+}
+
+impl Op {
+    /// The name used in the event body and the routing key.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Created => "created",
+            Op::Updated => "updated",
+            Op::Deleted => "deleted",
+            Op::Rejected => "rejected",
+            Op::Snapshot => "snapshot",
+        }
+    }
+}
+
+/// An event ready for the outbox.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// UUID v7; also the AMQP `message_id`.
+    pub event_id: Uuid,
+    /// `<type>.<op>`.
+    pub routing_key: String,
+    /// Copied from the inbound message's AMQP `correlation_id`.
+    pub correlation_id: Option<String>,
+    /// The JSON body.
+    pub payload: String,
+}
+
+/// What an event says; fields absent here are `null` in the body.
+#[derive(Debug, Default)]
+pub struct EventFields<'a> {
+    /// Canonical text of the new (or rejected) data.
+    pub data: Option<&'a str>,
+    /// Hash of `data`.
+    pub hash: Option<&'a str>,
+    /// Hash before the change.
+    pub previous_hash: Option<&'a str>,
+    /// Data before a delete.
+    pub previous: Option<&'a Value>,
+    /// RFC 6902 operations from the old data to the new.
+    pub patch: Option<&'a json_patch::Patch>,
+    /// Validation errors of a rejected save.
+    pub errors: Option<&'a [ValidationError]>,
+    /// The producer's version, if it sent one.
+    pub version: Option<i64>,
+}
+
+impl Event {
+    /// Renders an event. `occurred_at` is an RFC 3339 UTC timestamp.
+    pub fn new(
+        op: Op,
+        entity_type: &str,
+        id: &str,
+        fields: EventFields<'_>,
+        occurred_at: &str,
+        correlation_id: Option<String>,
+    ) -> Event {
+        let event_id = Uuid::now_v7();
+        let mut out = String::with_capacity(256 + fields.data.map_or(0, str::len));
+        out.push_str("{\"event_id\":\"");
+        write!(out, "{event_id}").expect("writing to a String cannot fail");
+        out.push_str("\",\"op\":\"");
+        out.push_str(op.as_str());
+        out.push_str("\",\"type\":");
+        push_string(&mut out, entity_type);
+        out.push_str(",\"id\":");
+        push_string(&mut out, id);
+        out.push_str(",\"data\":");
+        push_raw(&mut out, fields.data);
+        out.push_str(",\"hash\":");
+        push_opt_string(&mut out, fields.hash);
+        out.push_str(",\"previous_hash\":");
+        push_opt_string(&mut out, fields.previous_hash);
+        out.push_str(",\"previous\":");
+        match fields.previous {
+            Some(v) => out.push_str(&canonical::to_canonical(v)),
+            None => out.push_str("null"),
+        }
+        out.push_str(",\"patch\":");
+        match fields.patch {
+            Some(p) => out.push_str(&patch_to_string(p)),
+            None => out.push_str("null"),
+        }
+        out.push_str(",\"errors\":");
+        match fields.errors {
+            Some(e) => out.push_str(&serde_json::to_string(e).expect("errors serialize")),
+            None => out.push_str("null"),
+        }
+        out.push_str(",\"version\":");
+        match fields.version {
+            Some(v) => write!(out, "{v}").expect("writing to a String cannot fail"),
+            None => out.push_str("null"),
+        }
+        out.push_str(",\"occurred_at\":\"");
+        out.push_str(occurred_at);
+        out.push_str("\"}");
+        Event {
+            event_id,
+            routing_key: format!("{entity_type}.{}", op.as_str()),
+            correlation_id,
+            payload: out,
+        }
+    }
+}
+
+fn patch_to_string(patch: &json_patch::Patch) -> String {
+    // Serialize through a Value so numbers inside `value`s keep their literal text.
+    let value = serde_json::to_value(patch).expect("a patch serializes");
+    canonical::to_canonical(&value)
+}
+
+fn push_string(out: &mut String, s: &str) {
+    out.push_str(&canonical::to_canonical(&Value::String(s.to_owned())));
+}
+
+fn push_opt_string(out: &mut String, s: Option<&str>) {
+    match s {
+        Some(s) => push_string(out, s),
+        None => out.push_str("null"),
+    }
+}
+
+fn push_raw(out: &mut String, raw: Option<&str>) {
+    out.push_str(raw.unwrap_or("null"));
+}
+
+/// The current time as RFC 3339 UTC with microseconds, e.g. `2026-11-23T10:00:00.123456Z`.
+pub fn now_rfc3339() -> String {
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+    );
+    time::OffsetDateTime::now_utc()
+        .format(&format)
+        .expect("the format is valid for any UTC time")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_field_is_present_and_null_where_unset() {
+        let e = Event::new(
+            Op::Created,
+            "person",
+            "it's \"p\"",
+            EventFields {
+                data: Some(r#"{"n":12345678901234567890123}"#),
+                hash: Some("ab"),
+                ..Default::default()
+            },
+            "2026-11-23T10:00:00.123456Z",
+            Some("c-1".into()),
+        );
+        assert_eq!(e.routing_key, "person.created");
+        let v: Value = serde_json::from_str(&e.payload).unwrap();
+        let obj = v.as_object().unwrap();
+        let mut keys: Vec<_> = obj.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            vec![
+                "data",
+                "errors",
+                "event_id",
+                "hash",
+                "id",
+                "occurred_at",
+                "op",
+                "patch",
+                "previous",
+                "previous_hash",
+                "type",
+                "version"
+            ]
+        );
+        assert_eq!(obj["event_id"], e.event_id.to_string());
+        assert_eq!(e.event_id.get_version_num(), 7);
+        assert_eq!(obj["id"], "it's \"p\"");
+        assert_eq!(obj["data"]["n"].to_string(), "12345678901234567890123");
+        for null in ["previous_hash", "previous", "patch", "errors", "version"] {
+            assert!(obj[null].is_null(), "{null}");
+        }
+    }
+
+    #[test]
+    fn timestamps_have_microseconds_and_z() {
+        let t = now_rfc3339();
+        assert_eq!(t.len(), "2026-11-23T10:00:00.123456Z".len(), "{t}");
+        assert!(t.ends_with('Z'));
+    }
+}

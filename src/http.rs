@@ -1,0 +1,313 @@
+//! HTTP: `/healthz` (liveness), `/readyz` (readiness), `/metrics`
+//! (Prometheus), and the read API under `/v1`. With `http.bearer_token`
+//! set, everything but `/healthz` and `/readyz` needs
+//! `Authorization: Bearer <token>`.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    extract::{Path, Query, Request, State},
+    http::{HeaderMap, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use deadpool_postgres::Pool;
+use serde_json::{Value, json};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+
+use crate::{
+    health::Health,
+    message,
+    metrics::Metrics,
+    store::{self, StoreError, read},
+};
+
+/// Page size when `limit` is not given, and the largest allowed.
+const DEFAULT_LIMIT: i64 = 100;
+const MAX_LIMIT: i64 = 1000;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct HttpState {
+    /// For readiness and the read API.
+    pub pool: Pool,
+    /// Broker state as the workers last saw it.
+    pub health: Arc<Health>,
+    /// Rendered by `/metrics`.
+    pub metrics: Metrics,
+    /// Required bearer token, if configured.
+    pub bearer_token: Option<Arc<str>>,
+}
+
+/// The router.
+pub fn router(state: HttpState) -> Router {
+    let protected = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v1/types", get(types))
+        .route("/v1/resources/{type}", get(resources))
+        .route("/v1/resources/{type}/{id}", get(resource))
+        .route("/v1/staging/{type}", get(staging))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .merge(protected)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .with_state(state)
+}
+
+/// An error as JSON: `{"error": "..."}` with a status.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({"error": self.message}))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        tracing::warn!(error = %e, "read API query failed");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the database is not available",
+        )
+    }
+}
+
+async fn authorize(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(expected) = &state.bearer_token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
+            let mut response =
+                ApiError::new(StatusCode::UNAUTHORIZED, "a valid bearer token is required")
+                    .into_response();
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                "Bearer".parse().expect("a valid header"),
+            );
+            return response;
+        }
+    }
+    next.run(request).await
+}
+
+/// Compares without revealing where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// 200 while the process runs.
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// 200 when PostgreSQL answers and a RabbitMQ session is up; 503 otherwise.
+async fn readyz(State(state): State<HttpState>) -> (StatusCode, Json<Value>) {
+    let postgres = store::ping(&state.pool, Duration::from_secs(2)).await;
+    let rabbitmq = state.health.amqp();
+    let ready = postgres && rabbitmq;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({"ready": ready, "postgres": postgres, "rabbitmq": rabbitmq})),
+    )
+}
+
+async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}
+
+fn timestamp(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).expect("a stored timestamp formats")
+}
+
+fn resource_json(r: read::Resource) -> Value {
+    json!({
+        "type": r.entity_type,
+        "id": r.id,
+        "hash": r.hash,
+        "data": r.data,
+        "version": r.version,
+        "created_at": timestamp(r.created_at),
+        "updated_at": timestamp(r.updated_at),
+    })
+}
+
+fn check_type(entity_type: &str) -> Result<(), ApiError> {
+    message::check_type(entity_type).map_err(|m| ApiError::bad_request(m.0))
+}
+
+/// `GET /v1/resources/{type}/{id}`: one resource or 404.
+async fn resource(
+    State(state): State<HttpState>,
+    Path((entity_type, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    check_type(&entity_type)?;
+    message::check_id(&id).map_err(|m| ApiError::bad_request(m.0))?;
+    match read::resource_by_id(&state.pool, &entity_type, &id).await? {
+        Some(r) => Ok(Json(resource_json(r))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no {entity_type} with this id"),
+        )),
+    }
+}
+
+/// `limit` and `after` from a query string.
+fn paging(params: &HashMap<String, String>) -> Result<(i64, Option<String>), ApiError> {
+    let limit = match params.get("limit") {
+        None => DEFAULT_LIMIT,
+        Some(text) => match text.parse::<i64>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "limit must be an integer from 1 to {MAX_LIMIT}"
+                )));
+            }
+        },
+    };
+    let after = params.get("after").cloned();
+    Ok((limit, after))
+}
+
+fn reject_unknown(params: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {
+    match params.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::bad_request(format!(
+            "unknown parameter {k:?}; known: {}",
+            known.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// `GET /v1/resources/{type}?updated_since=…&after=…&limit=…`: a page of
+/// resources in id order; `next` is the cursor for the following page.
+async fn resources(
+    State(state): State<HttpState>,
+    Path(entity_type): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    check_type(&entity_type)?;
+    reject_unknown(&params, &["updated_since", "after", "limit"])?;
+    let (limit, after) = paging(&params)?;
+    let updated_since = match params.get("updated_since") {
+        None => None,
+        Some(text) => Some(OffsetDateTime::parse(text, &Rfc3339).map_err(|_| {
+            ApiError::bad_request(
+                "updated_since must be an RFC 3339 timestamp, e.g. 2026-11-23T10:00:00Z",
+            )
+        })?),
+    };
+    let rows = read::resources_page(
+        &state.pool,
+        &entity_type,
+        after.as_deref(),
+        updated_since,
+        limit,
+    )
+    .await?;
+    let next = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| r.id.clone()))
+        .flatten();
+    let items: Vec<Value> = rows.into_iter().map(resource_json).collect();
+    Ok(Json(json!({"items": items, "next": next})))
+}
+
+/// `GET /v1/staging/{type}?invalid=true&after=…&limit=…`: rejected records
+/// with their validation errors.
+async fn staging(
+    State(state): State<HttpState>,
+    Path(entity_type): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    check_type(&entity_type)?;
+    reject_unknown(&params, &["invalid", "after", "limit"])?;
+    match params.get("invalid").map(String::as_str) {
+        None | Some("true") => {}
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "only invalid=true is supported: valid records do not stay in staging",
+            ));
+        }
+    }
+    let (limit, after) = paging(&params)?;
+    let rows = read::rejected_page(&state.pool, &entity_type, after.as_deref(), limit).await?;
+    let next = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| r.id.clone()))
+        .flatten();
+    let items: Vec<Value> = rows
+        .into_iter()
+        .map(|r| {
+            json!({
+                "type": entity_type,
+                "id": r.id,
+                "data": r.data,
+                "errors": r.errors,
+                "received_at": timestamp(r.received_at),
+            })
+        })
+        .collect();
+    Ok(Json(json!({"items": items, "next": next})))
+}
+
+/// `GET /v1/types`: counts per type.
+async fn types(State(state): State<HttpState>) -> Result<Json<Value>, ApiError> {
+    let counts = read::type_counts(&state.pool).await?;
+    let items: Vec<Value> = counts
+        .into_iter()
+        .map(|c| {
+            json!({"type": c.entity_type, "resources": c.resources, "staging_invalid": c.staging_invalid})
+        })
+        .collect();
+    Ok(Json(json!({"items": items})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_fully() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+}

@@ -1,0 +1,162 @@
+//! Prometheus metrics. Each daemon owns its registry (no global state), so
+//! several daemons in one process — the tests — count separately.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// The daemon's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    /// Where everything below is registered.
+    registry: Registry,
+    /// Messages by outcome (created, updated, …, dead_lettered).
+    pub messages: IntCounterVec,
+    /// Events confirmed by the broker, by op.
+    pub events_published: IntCounterVec,
+    /// Messages per batch.
+    pub batch_size: Histogram,
+    /// Seconds from gathering a batch to acking it.
+    pub batch_duration: Histogram,
+    /// Seconds from a batch's commit to the broker's confirm of its events.
+    pub event_delay: Histogram,
+    /// Outbox rows (committed batches whose events the broker has not confirmed yet).
+    pub outbox_pending: IntGauge,
+    /// Rejected rows kept in staging, by type.
+    pub staging_invalid: IntGaugeVec,
+    /// 1 while connected, by service (postgres, rabbitmq).
+    pub connected: IntGaugeVec,
+    /// Reconnections, by service.
+    pub reconnects: IntCounterVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Fresh metrics in a registry of their own.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, label: &str| {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("registered once");
+            c
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("registered once");
+            h
+        };
+        let messages = counter(
+            "scramjet_messages_total",
+            "Inbound messages by outcome.",
+            "outcome",
+        );
+        let events_published = counter(
+            "scramjet_events_published_total",
+            "Change events confirmed by the broker, by op.",
+            "op",
+        );
+        let reconnects = counter(
+            "scramjet_reconnects_total",
+            "Reconnections by service.",
+            "service",
+        );
+        let batch_size = histogram(
+            "scramjet_batch_size",
+            "Messages per batch.",
+            vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
+        );
+        let batch_duration = histogram(
+            "scramjet_batch_duration_seconds",
+            "Seconds from gathering a batch to acking it.",
+            prometheus::exponential_buckets(0.0005, 2.0, 14).expect("valid buckets"),
+        );
+        let event_delay = histogram(
+            "scramjet_event_delay_seconds",
+            "Seconds from a batch's commit to the broker's confirm of its events.",
+            prometheus::exponential_buckets(0.0005, 2.0, 14).expect("valid buckets"),
+        );
+        let outbox_pending = IntGauge::new(
+            "scramjet_outbox_pending",
+            "Outbox rows: committed batches whose events the broker has not confirmed yet.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(outbox_pending.clone()))
+            .expect("registered once");
+        let gauge = |name: &str, help: &str, label: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("registered once");
+            g
+        };
+        let staging_invalid = gauge(
+            "scramjet_staging_invalid",
+            "Rejected rows kept in staging, by type.",
+            "type",
+        );
+        let connected = gauge(
+            "scramjet_connected",
+            "1 while connected, by service.",
+            "service",
+        );
+        for service in ["postgres", "rabbitmq"] {
+            connected.with_label_values(&[service]).set(0);
+            reconnects.with_label_values(&[service]);
+        }
+        Metrics {
+            registry,
+            messages,
+            events_published,
+            batch_size,
+            batch_duration,
+            event_delay,
+            outbox_pending,
+            staging_invalid,
+            connected,
+            reconnects,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding to memory cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_show_up_in_the_text_format() {
+        let m = Metrics::new();
+        m.messages.with_label_values(&["created"]).inc_by(3);
+        m.batch_size.observe(7.0);
+        let text = m.render();
+        assert!(
+            text.contains("scramjet_messages_total{outcome=\"created\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("scramjet_batch_size_count 1"), "{text}");
+        assert!(
+            text.contains("scramjet_connected{service=\"postgres\"} 0"),
+            "{text}"
+        );
+    }
+}

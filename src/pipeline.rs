@@ -1,0 +1,855 @@
+//! One batch of well-formed messages → per-message outcomes, in one transaction.
+//!
+//! The batch's effect equals applying its messages one at a time in queue
+//! order (CONTRACT §3): [`plan`] walks them in order against the locked
+//! current rows, keeping the evolving state of each (type, id) in memory, and
+//! yields every message's outcome, the events, and the batch's *net* writes,
+//! which [`crate::store::batch::apply`] then performs with one set-based
+//! statement each. A stash-then-clear of a staging row inside one transaction
+//! is invisible to everyone else, so only the net staging change is written.
+
+use std::{collections::HashMap, fmt, panic::AssertUnwindSafe, sync::Arc, time::Duration};
+
+use deadpool_postgres::Pool;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    canonical,
+    event::{self, Event, EventFields, Op},
+    message::{Action, Inbound},
+    store::{
+        StoreError,
+        batch::{self, Current, Key, ResourceWrite, StagingInvalid, Writes},
+    },
+    validate::{SchemaRegistry, ValidationError},
+};
+
+/// What one message did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// A save created the entity (`created` event).
+    Created,
+    /// A save changed the entity (`updated` event).
+    Updated,
+    /// A save matched the stored hash: no change, no event.
+    Unchanged,
+    /// A delete removed the entity (`deleted` event).
+    Deleted,
+    /// A delete of an entity that was not there: no event.
+    Absent,
+    /// A save failed validation (`rejected` event).
+    Rejected,
+    /// The `version` is lower than the one stored: no change, no event.
+    Stale,
+    /// The `message_id` was processed before: no change, no event.
+    Duplicate,
+}
+
+impl Outcome {
+    /// Whether the outcome publishes an event.
+    pub fn has_event(self) -> bool {
+        matches!(
+            self,
+            Outcome::Created | Outcome::Updated | Outcome::Deleted | Outcome::Rejected
+        )
+    }
+
+    /// Lowercase name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Created => "created",
+            Outcome::Updated => "updated",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Deleted => "deleted",
+            Outcome::Absent => "absent",
+            Outcome::Rejected => "rejected",
+            Outcome::Stale => "stale",
+            Outcome::Duplicate => "duplicate",
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A message made ready for the database: hashed and validated, outside any transaction.
+#[derive(Debug)]
+pub struct Prepared {
+    /// Entity type.
+    pub entity_type: String,
+    /// Entity id.
+    pub id: String,
+    /// Producer version, if sent.
+    pub version: Option<i64>,
+    /// The inbound AMQP `correlation_id`, copied onto events.
+    pub correlation_id: Option<String>,
+    /// The inbound AMQP `message_id`, for duplicate detection.
+    pub message_id: Option<String>,
+    /// What to do.
+    pub kind: PreparedKind,
+}
+
+/// The prepared operation.
+#[derive(Debug)]
+pub enum PreparedKind {
+    /// A save.
+    Save {
+        /// The document.
+        data: Value,
+        /// Its canonical text (stored, published, hashed).
+        canonical: String,
+        /// SHA-256 of `canonical`.
+        hash: String,
+        /// Validation errors; `None` when valid.
+        errors: Option<Vec<ValidationError>>,
+    },
+    /// A delete.
+    Delete,
+}
+
+impl Prepared {
+    /// Hashes and validates a decoded message.
+    pub fn new(
+        inbound: Inbound,
+        correlation_id: Option<String>,
+        message_id: Option<String>,
+        schemas: &SchemaRegistry,
+    ) -> Self {
+        let kind = match inbound.action {
+            Action::Save { data } => {
+                let canonical = canonical::object_to_canonical(&data);
+                let hash = canonical::hash(&canonical);
+                let data = Value::Object(data);
+                let errors = schemas.validate(&inbound.entity_type, &data).err();
+                PreparedKind::Save {
+                    data,
+                    canonical,
+                    hash,
+                    errors,
+                }
+            }
+            Action::Delete => PreparedKind::Delete,
+        };
+        Prepared {
+            entity_type: inbound.entity_type,
+            id: inbound.id,
+            version: inbound.version,
+            correlation_id,
+            message_id,
+            kind,
+        }
+    }
+
+    fn key(&self) -> Key {
+        (self.entity_type.clone(), self.id.clone())
+    }
+}
+
+/// The state of one (type, id) while a batch is planned.
+struct KeyState<'a> {
+    /// Whether `resources` held the key when the batch started.
+    existed: bool,
+    /// The row as it stands after the messages planned so far.
+    now: Option<Row<'a>>,
+    /// The tombstone version when the batch started.
+    initial_tombstone: Option<i64>,
+    /// The tombstone version after the messages planned so far.
+    tombstone: Option<i64>,
+    /// Whether `now` differs from the stored row and must be written.
+    dirty: bool,
+    /// Whether a message of the batch deleted a row that existed at the start.
+    deleted_initial: bool,
+    /// The rejected save whose staging row must remain, if the key's last message was one.
+    staging: Option<&'a Prepared>,
+    /// Whether any message of the batch took effect on the key (stale and
+    /// duplicate messages leave staging alone).
+    touched: bool,
+}
+
+impl KeyState<'_> {
+    /// The highest version known for the key: the row's, else the tombstone's.
+    fn known_version(&self) -> Option<i64> {
+        match &self.now {
+            Some(row) => row.version,
+            None => self.tombstone,
+        }
+    }
+}
+
+/// A `resources` row during planning, borrowed from the stored row or a message.
+#[derive(Clone, Copy)]
+struct Row<'a> {
+    hash: &'a str,
+    data: &'a Value,
+    /// The canonical text when the row comes from a message (it is written as is).
+    canonical: Option<&'a str>,
+    version: Option<i64>,
+}
+
+/// Plans a batch: outcomes per message (same order), and the net writes.
+///
+/// `duplicate[i]` says that message `i` carries a `message_id` already
+/// processed; it is skipped. A message whose `version` is lower than the
+/// key's known version (row or tombstone) is stale and skipped too.
+pub fn plan(
+    prepared: &[Prepared],
+    duplicate: &[bool],
+    current: &Current,
+    occurred_at: &str,
+) -> (Writes, Vec<Outcome>) {
+    let mut order: Vec<Key> = Vec::new();
+    let mut states: HashMap<Key, KeyState<'_>> = HashMap::new();
+    let mut writes = Writes::default();
+    let mut outcomes = Vec::with_capacity(prepared.len());
+
+    for (p, &is_duplicate) in prepared.iter().zip(duplicate) {
+        if is_duplicate {
+            outcomes.push(Outcome::Duplicate);
+            continue;
+        }
+        let key = p.key();
+        let state = states.entry(key.clone()).or_insert_with(|| {
+            order.push(key.clone());
+            let now = current.rows.get(&key).map(|c| Row {
+                hash: &c.hash,
+                data: &c.data,
+                canonical: None,
+                version: c.version,
+            });
+            let tombstone = current.tombstones.get(&key).copied();
+            KeyState {
+                existed: now.is_some(),
+                now,
+                initial_tombstone: tombstone,
+                tombstone,
+                dirty: false,
+                deleted_initial: false,
+                staging: None,
+                touched: false,
+            }
+        });
+        if let (Some(v), Some(known)) = (p.version, state.known_version())
+            && v < known
+        {
+            outcomes.push(Outcome::Stale);
+            continue;
+        }
+        state.touched = true;
+        let event = |op, fields| {
+            Event::new(
+                op,
+                &p.entity_type,
+                &p.id,
+                fields,
+                occurred_at,
+                p.correlation_id.clone(),
+            )
+        };
+        let outcome = match &p.kind {
+            PreparedKind::Save {
+                canonical,
+                hash,
+                errors: Some(errors),
+                ..
+            } => {
+                writes.events.push(event(
+                    Op::Rejected,
+                    EventFields {
+                        data: Some(canonical),
+                        hash: Some(hash),
+                        errors: Some(errors),
+                        version: p.version,
+                        ..Default::default()
+                    },
+                ));
+                state.staging = Some(p);
+                Outcome::Rejected
+            }
+            PreparedKind::Save {
+                data,
+                canonical,
+                hash,
+                errors: None,
+            } => {
+                state.staging = None;
+                // A message without a version keeps the version already known.
+                let version = p.version.or(state.known_version());
+                let new = Row {
+                    hash,
+                    data,
+                    canonical: Some(canonical),
+                    version,
+                };
+                let outcome = match state.now {
+                    None => {
+                        writes.events.push(event(
+                            Op::Created,
+                            EventFields {
+                                data: Some(canonical),
+                                hash: Some(hash),
+                                version: p.version,
+                                ..Default::default()
+                            },
+                        ));
+                        state.dirty = true;
+                        state.tombstone = None;
+                        Outcome::Created
+                    }
+                    Some(old) if old.hash == hash.as_str() => {
+                        // Same content; a new version number is still worth keeping.
+                        state.dirty |= old.version != version;
+                        Outcome::Unchanged
+                    }
+                    Some(old) => {
+                        let patch = json_patch::diff(old.data, data);
+                        writes.events.push(event(
+                            Op::Updated,
+                            EventFields {
+                                data: Some(canonical),
+                                hash: Some(hash),
+                                previous_hash: Some(old.hash),
+                                patch: Some(&patch),
+                                version: p.version,
+                                ..Default::default()
+                            },
+                        ));
+                        state.dirty = true;
+                        Outcome::Updated
+                    }
+                };
+                state.now = Some(new);
+                outcome
+            }
+            PreparedKind::Delete => {
+                state.staging = None;
+                // Remember the highest version seen, so a stale save cannot revive the entity.
+                let known = state.known_version();
+                let tombstone = match (p.version, known) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
+                state.tombstone = tombstone;
+                match state.now.take() {
+                    Some(old) => {
+                        writes.events.push(event(
+                            Op::Deleted,
+                            EventFields {
+                                previous_hash: Some(old.hash),
+                                previous: Some(old.data),
+                                version: p.version,
+                                ..Default::default()
+                            },
+                        ));
+                        state.deleted_initial |= state.existed;
+                        state.dirty = false;
+                        Outcome::Deleted
+                    }
+                    None => Outcome::Absent,
+                }
+            }
+        };
+        outcomes.push(outcome);
+    }
+
+    for key in order {
+        let state = states.remove(&key).expect("every ordered key has a state");
+        if !state.touched {
+            continue;
+        }
+        if state.existed && (state.now.is_none() || state.deleted_initial) {
+            writes.resource_deletes.push(key.clone());
+        }
+        if let Some(row) = state.now
+            && (state.dirty || state.deleted_initial)
+        {
+            writes.resource_upserts.push(ResourceWrite {
+                entity_type: key.0.clone(),
+                id: key.1.clone(),
+                hash: row.hash.to_owned(),
+                canonical: row
+                    .canonical
+                    .map_or_else(|| canonical::to_canonical(row.data), str::to_owned),
+                version: row.version,
+            });
+        }
+        match (
+            state.now.is_some(),
+            state.initial_tombstone,
+            state.tombstone,
+        ) {
+            (true, Some(_), _) => writes.tombstone_deletes.push(key.clone()),
+            (false, initial, Some(v)) if initial != Some(v) => {
+                writes.tombstone_upserts.push((key.clone(), v));
+            }
+            _ => {}
+        }
+        match state.staging {
+            Some(p) => {
+                let PreparedKind::Save {
+                    canonical, errors, ..
+                } = &p.kind
+                else {
+                    unreachable!("only rejected saves leave a staging row");
+                };
+                writes.staging_invalid.push(StagingInvalid {
+                    entity_type: key.0,
+                    id: key.1,
+                    canonical: canonical.clone(),
+                    errors: serde_json::to_string(errors).expect("errors serialize"),
+                });
+            }
+            None => writes.staging_clears.push(key),
+        }
+    }
+    (writes, outcomes)
+}
+
+/// The pipeline was asked to stop while a batch waited for the database;
+/// the batch was not committed and must not be acked.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted by shutdown before the batch was committed")]
+pub struct Interrupted;
+
+/// What happened to each message of a batch: an outcome, or the database's
+/// reason for refusing it (the message is then dead-lettered).
+pub type Results = Vec<Result<Outcome, String>>;
+
+/// Applies batches to PostgreSQL.
+#[derive(Clone)]
+pub struct Pipeline {
+    /// Connections for batch transactions.
+    pool: Pool,
+    /// Set false while the database is failing, for `/readyz`.
+    health: Arc<crate::health::Health>,
+    /// Counts database reconnections.
+    metrics: crate::metrics::Metrics,
+}
+
+impl Pipeline {
+    /// A pipeline over `pool`.
+    pub fn new(
+        pool: Pool,
+        health: Arc<crate::health::Health>,
+        metrics: crate::metrics::Metrics,
+    ) -> Self {
+        Self {
+            pool,
+            health,
+            metrics,
+        }
+    }
+
+    /// Applies `prepared` in one transaction, retrying transient errors in
+    /// place (never by requeueing, which would break per-id order). If the
+    /// database refuses the batch, applies the messages one by one so that
+    /// only the offending ones fail.
+    pub async fn process(
+        &self,
+        prepared: &[Prepared],
+        shutdown: &CancellationToken,
+    ) -> Result<Results, Interrupted> {
+        if prepared.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self.apply_retrying(prepared, shutdown).await? {
+            Ok(outcomes) => Ok(outcomes.into_iter().map(Ok).collect()),
+            Err(reason) if prepared.len() == 1 => Ok(vec![Err(reason)]),
+            Err(reason) => {
+                tracing::warn!(
+                    size = prepared.len(),
+                    %reason,
+                    "database refused a batch; applying its messages one by one"
+                );
+                let mut results = Vec::with_capacity(prepared.len());
+                for p in prepared {
+                    let one = self
+                        .apply_retrying(std::slice::from_ref(p), shutdown)
+                        .await?;
+                    results.push(one.map(|mut o| o.remove(0)));
+                }
+                Ok(results)
+            }
+        }
+    }
+
+    async fn apply_retrying(
+        &self,
+        prepared: &[Prepared],
+        shutdown: &CancellationToken,
+    ) -> Result<Result<Vec<Outcome>, String>, Interrupted> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.apply_once(prepared).await {
+                Ok(outcomes) => {
+                    self.health.set_postgres(true);
+                    return Ok(Ok(outcomes));
+                }
+                Err(StoreError::Permanent(reason)) => return Ok(Err(reason)),
+                Err(StoreError::Transient(reason)) => {
+                    self.health.set_postgres(false);
+                    self.metrics
+                        .reconnects
+                        .with_label_values(&["postgres"])
+                        .inc();
+                    tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "database unavailable; retrying the batch");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(Interrupted),
+                        _ = tokio::time::sleep(crate::backoff::jitter(delay)) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn apply_once(&self, prepared: &[Prepared]) -> Result<Vec<Outcome>, StoreError> {
+        let mut keys: Vec<Key> = prepared.iter().map(Prepared::key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let started = std::time::Instant::now();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let begun = started.elapsed();
+        let (outcomes, locked, planned, written) = apply_in(&tx, prepared, &keys, started).await?;
+        tx.commit().await?;
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        tracing::debug!(
+            size = prepared.len(),
+            begin_ms = ms(begun),
+            lock_ms = ms(locked - begun),
+            plan_ms = ms(planned - locked),
+            write_ms = ms(written - planned),
+            commit_ms = ms(started.elapsed() - written),
+            "batch transaction"
+        );
+        Ok(outcomes)
+    }
+}
+
+/// Applies `prepared` inside `tx` (which the caller commits): claim message
+/// ids, lock the keys, plan, write. Returns the outcomes and, for the log,
+/// the elapsed times after locking, planning and writing.
+async fn apply_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    prepared: &[Prepared],
+    keys: &[Key],
+    started: std::time::Instant,
+) -> Result<(Vec<Outcome>, Duration, Duration, Duration), StoreError> {
+    let (duplicate, current) = claim_and_lock(tx, prepared, keys).await?;
+    let locked = started.elapsed();
+    // A bug in planning (patch computation, say) must not take the daemon
+    // down: report it like a refused batch, so the messages are retried
+    // one by one and only the one that triggers it is dead-lettered.
+    let now = event::now_rfc3339();
+    let (writes, outcomes) = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        plan(prepared, &duplicate, &current, &now)
+    }))
+    .map_err(|panic| StoreError::Permanent(format!("internal error: {}", panic_text(&*panic))))?;
+    let planned = started.elapsed();
+    batch::apply(tx, &writes).await?;
+    let written = started.elapsed();
+    Ok((outcomes, locked, planned, written))
+}
+
+/// Applies `prepared` inside `tx`, for callers that lock more rows in the
+/// same transaction first (`scramjet revalidate` locks the staging rows).
+pub async fn apply_in_transaction(
+    tx: &deadpool_postgres::Transaction<'_>,
+    prepared: &[Prepared],
+) -> Result<Vec<Outcome>, StoreError> {
+    let mut keys: Vec<Key> = prepared.iter().map(Prepared::key).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let (outcomes, ..) = apply_in(tx, prepared, &keys, std::time::Instant::now()).await?;
+    Ok(outcomes)
+}
+
+/// Claims the batch's message ids and locks its keys; returns, per message,
+/// whether it is a duplicate (claimed before, or earlier in the same batch).
+async fn claim_and_lock(
+    tx: &deadpool_postgres::Transaction<'_>,
+    prepared: &[Prepared],
+    keys: &[Key],
+) -> Result<(Vec<bool>, Current), StoreError> {
+    let mut first_seen: HashMap<&str, usize> = HashMap::new();
+    for (i, p) in prepared.iter().enumerate() {
+        if let Some(m) = &p.message_id {
+            first_seen.entry(m.as_str()).or_insert(i);
+        }
+    }
+    let ids: Vec<&str> = first_seen.keys().copied().collect();
+    let (fresh, current) = batch::claim_and_lock(tx, &ids, keys).await?;
+    let duplicate = prepared
+        .iter()
+        .enumerate()
+        .map(|(i, p)| match &p.message_id {
+            None => false,
+            Some(m) => !(fresh.contains(m.as_str()) && first_seen[m.as_str()] == i),
+        })
+        .collect();
+    Ok((duplicate, current))
+}
+
+/// The message of a caught panic.
+pub fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::UnknownTypes, store::batch::Stored};
+
+    fn registry() -> SchemaRegistry {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("person.json"),
+            r#"{"type":"object","required":["name"]}"#,
+        )
+        .unwrap();
+        SchemaRegistry::load(dir.path(), UnknownTypes::Accept).unwrap()
+    }
+
+    fn message(body: String, r: &SchemaRegistry) -> Prepared {
+        let inbound = crate::message::decode(body.as_bytes(), Default::default()).unwrap();
+        Prepared::new(inbound, None, None, r)
+    }
+
+    fn save(id: &str, data: &str, r: &SchemaRegistry) -> Prepared {
+        message(
+            format!(r#"{{"action":"save","type":"person","id":"{id}","data":{data}}}"#),
+            r,
+        )
+    }
+
+    fn save_v(id: &str, version: i64, data: &str, r: &SchemaRegistry) -> Prepared {
+        message(
+            format!(
+                r#"{{"action":"save","type":"person","id":"{id}","version":{version},"data":{data}}}"#
+            ),
+            r,
+        )
+    }
+
+    fn delete(id: &str, r: &SchemaRegistry) -> Prepared {
+        message(
+            format!(r#"{{"action":"delete","type":"person","id":"{id}"}}"#),
+            r,
+        )
+    }
+
+    fn delete_v(id: &str, version: i64, r: &SchemaRegistry) -> Prepared {
+        message(
+            format!(r#"{{"action":"delete","type":"person","id":"{id}","version":{version}}}"#),
+            r,
+        )
+    }
+
+    fn run(batch: &[Prepared], current: &Current) -> (Writes, Vec<Outcome>) {
+        plan(batch, &vec![false; batch.len()], current, "t")
+    }
+
+    fn stored(id: &str, data: &str, version: Option<i64>) -> Current {
+        let data: Value = serde_json::from_str(data).unwrap();
+        let mut current = Current::default();
+        current.rows.insert(
+            ("person".to_owned(), id.to_owned()),
+            Stored {
+                hash: canonical::hash(&canonical::to_canonical(&data)),
+                data,
+                version,
+            },
+        );
+        current
+    }
+
+    fn ops(w: &Writes) -> Vec<String> {
+        w.events.iter().map(|e| e.routing_key.clone()).collect()
+    }
+
+    #[test]
+    fn a_batch_plans_like_messages_applied_one_at_a_time() {
+        let r = registry();
+        let batch = vec![
+            save("a", r#"{"name":"A"}"#, &r),
+            save("a", r#"{ "name" : "A" }"#, &r),
+            save("a", r#"{"name":"B"}"#, &r),
+            save("a", r#"{"nope":1}"#, &r),
+            delete("a", &r),
+            delete("a", &r),
+            save("b", r#"{"name":"x"}"#, &r),
+        ];
+        let (w, outcomes) = run(&batch, &Current::default());
+        assert_eq!(
+            outcomes,
+            vec![
+                Outcome::Created,
+                Outcome::Unchanged,
+                Outcome::Updated,
+                Outcome::Rejected,
+                Outcome::Deleted,
+                Outcome::Absent,
+                Outcome::Created
+            ]
+        );
+        assert_eq!(
+            ops(&w),
+            vec![
+                "person.created",
+                "person.updated",
+                "person.rejected",
+                "person.deleted",
+                "person.created"
+            ]
+        );
+        // "a" never existed before the batch and is gone after it: nothing to write.
+        assert!(w.resource_deletes.is_empty());
+        assert_eq!(w.resource_upserts.len(), 1);
+        assert_eq!(w.resource_upserts[0].id, "b");
+        // The delete after the rejection clears staging for "a".
+        assert_eq!(w.staging_clears.len(), 2);
+        assert!(w.staging_invalid.is_empty());
+        assert!(w.tombstone_upserts.is_empty(), "no version, no tombstone");
+    }
+
+    #[test]
+    fn delete_then_recreate_of_a_stored_row_deletes_before_inserting() {
+        let r = registry();
+        let current = stored("a", r#"{"name":"A"}"#, None);
+        let batch = vec![delete("a", &r), save("a", r#"{"name":"A"}"#, &r)];
+        let (w, outcomes) = run(&batch, &current);
+        assert_eq!(outcomes, vec![Outcome::Deleted, Outcome::Created]);
+        assert_eq!(w.resource_deletes.len(), 1);
+        assert_eq!(w.resource_upserts.len(), 1);
+    }
+
+    #[test]
+    fn an_updated_event_carries_a_patch_from_old_to_new() {
+        let r = registry();
+        let current = stored("a", r#"{"name":"A","n":1}"#, None);
+        let batch = vec![save("a", r#"{"name":"A","n":12345678901234567890123}"#, &r)];
+        let (w, outcomes) = run(&batch, &current);
+        assert_eq!(outcomes, vec![Outcome::Updated]);
+        let body: Value = serde_json::from_str(&w.events[0].payload).unwrap();
+        assert_eq!(
+            body["patch"].to_string(),
+            r#"[{"op":"replace","path":"/n","value":12345678901234567890123}]"#
+        );
+        assert_eq!(body["previous"], Value::Null);
+        assert_eq!(
+            body["previous_hash"].as_str().unwrap(),
+            canonical::hash(r#"{"n":1,"name":"A"}"#)
+        );
+    }
+
+    #[test]
+    fn a_rejected_last_save_keeps_its_staging_row() {
+        let r = registry();
+        let batch = vec![
+            save("a", r#"{"name":"A"}"#, &r),
+            save("a", r#"{"x":1}"#, &r),
+        ];
+        let (w, outcomes) = run(&batch, &Current::default());
+        assert_eq!(outcomes, vec![Outcome::Created, Outcome::Rejected]);
+        assert_eq!(w.staging_invalid.len(), 1);
+        assert!(w.staging_invalid[0].errors.contains("\"path\":\"\""));
+        assert!(w.staging_clears.is_empty());
+        // The valid save before the rejection still lands.
+        assert_eq!(w.resource_upserts.len(), 1);
+    }
+
+    #[test]
+    fn a_lower_version_is_stale_and_changes_nothing() {
+        let r = registry();
+        let current = stored("a", r#"{"name":"A"}"#, Some(5));
+        let batch = vec![
+            save_v("a", 4, r#"{"name":"old"}"#, &r),
+            delete_v("a", 3, &r),
+            save_v("a", 5, r#"{"name":"A"}"#, &r),
+            save_v("a", 6, r#"{"name":"B"}"#, &r),
+            save_v("a", 5, r#"{"name":"C"}"#, &r),
+        ];
+        let (w, outcomes) = run(&batch, &current);
+        assert_eq!(
+            outcomes,
+            vec![
+                Outcome::Stale,
+                Outcome::Stale,
+                Outcome::Unchanged,
+                Outcome::Updated,
+                Outcome::Stale
+            ]
+        );
+        assert_eq!(ops(&w), vec!["person.updated"]);
+        assert_eq!(w.resource_upserts[0].version, Some(6));
+    }
+
+    #[test]
+    fn a_stale_key_alone_writes_nothing_at_all() {
+        let r = registry();
+        let current = stored("a", r#"{"name":"A"}"#, Some(5));
+        let (w, outcomes) = run(&[save_v("a", 1, r#"{"x":1}"#, &r)], &current);
+        assert_eq!(outcomes, vec![Outcome::Stale]);
+        assert!(w.events.is_empty() && w.staging_clears.is_empty() && w.staging_invalid.is_empty());
+        assert!(w.resource_upserts.is_empty() && w.resource_deletes.is_empty());
+    }
+
+    #[test]
+    fn a_delete_leaves_a_tombstone_that_stops_a_stale_save() {
+        let r = registry();
+        let current = stored("a", r#"{"name":"A"}"#, Some(5));
+        let batch = vec![
+            delete_v("a", 7, &r),
+            save_v("a", 6, r#"{"name":"zombie"}"#, &r),
+        ];
+        let (w, outcomes) = run(&batch, &current);
+        assert_eq!(outcomes, vec![Outcome::Deleted, Outcome::Stale]);
+        assert_eq!(
+            w.tombstone_upserts,
+            vec![(("person".into(), "a".into()), 7)]
+        );
+
+        // In a later batch, the tombstone is what the database returns.
+        let mut later = Current::default();
+        later.tombstones.insert(("person".into(), "a".into()), 7);
+        let (w, outcomes) = run(&[save_v("a", 6, r#"{"name":"zombie"}"#, &r)], &later);
+        assert_eq!(outcomes, vec![Outcome::Stale]);
+        assert!(w.events.is_empty());
+        let (w, outcomes) = run(&[save_v("a", 8, r#"{"name":"back"}"#, &r)], &later);
+        assert_eq!(outcomes, vec![Outcome::Created]);
+        assert_eq!(
+            w.tombstone_deletes,
+            vec![("person".to_owned(), "a".to_owned())]
+        );
+    }
+
+    #[test]
+    fn a_delete_without_version_keeps_the_rows_version_as_its_tombstone() {
+        let r = registry();
+        let current = stored("a", r#"{"name":"A"}"#, Some(5));
+        let (w, _) = run(&[delete("a", &r)], &current);
+        assert_eq!(
+            w.tombstone_upserts,
+            vec![(("person".into(), "a".into()), 5)]
+        );
+    }
+
+    #[test]
+    fn duplicates_are_skipped() {
+        let r = registry();
+        let batch = vec![save("a", r#"{"name":"A"}"#, &r), delete("a", &r)];
+        let (w, outcomes) = plan(&batch, &[false, true], &Current::default(), "t");
+        assert_eq!(outcomes, vec![Outcome::Created, Outcome::Duplicate]);
+        assert_eq!(ops(&w), vec!["person.created"]);
+    }
+}

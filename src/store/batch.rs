@@ -1,0 +1,271 @@
+//! The SQL of one pipeline batch: read and lock the current rows of the keys a
+//! batch touches, then write the batch's net effect with one set-based
+//! statement per table and operation (arrays through `unnest`).
+
+use std::collections::{HashMap, HashSet};
+
+use deadpool_postgres::Transaction;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::StoreError;
+use crate::event::Event;
+
+/// (type, id).
+pub type Key = (String, String);
+
+/// What the database holds for the keys of a batch, locked until commit.
+#[derive(Debug, Default)]
+pub struct Current {
+    /// `resources` rows.
+    pub rows: HashMap<Key, Stored>,
+    /// Versions of deleted entities (`tombstones`).
+    pub tombstones: HashMap<Key, i64>,
+}
+
+/// A row of `resources` as the pipeline needs it.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// Canonical hash of `data`.
+    pub hash: String,
+    /// The stored document.
+    pub data: Value,
+    /// The stored version, if any.
+    pub version: Option<i64>,
+}
+
+/// A `resources` row to insert or overwrite.
+#[derive(Debug)]
+pub struct ResourceWrite {
+    /// Entity type.
+    pub entity_type: String,
+    /// Entity id.
+    pub id: String,
+    /// Canonical hash.
+    pub hash: String,
+    /// Canonical JSON text of the data.
+    pub canonical: String,
+    /// Producer version.
+    pub version: Option<i64>,
+}
+
+/// A rejected save to keep in `staging` with `is_valid = false`.
+#[derive(Debug)]
+pub struct StagingInvalid {
+    /// Entity type.
+    pub entity_type: String,
+    /// Entity id.
+    pub id: String,
+    /// Canonical JSON text of the rejected data.
+    pub canonical: String,
+    /// JSON array of `{path, message}`.
+    pub errors: String,
+}
+
+/// The net effect of a batch on the tables, in the order it must be applied.
+#[derive(Debug, Default)]
+pub struct Writes {
+    /// Keys to remove from `resources` (applied before `resource_upserts`, so
+    /// that delete-then-create in one batch gives a fresh `created_at`).
+    pub resource_deletes: Vec<Key>,
+    /// Rows to insert or overwrite in `resources`.
+    pub resource_upserts: Vec<ResourceWrite>,
+    /// Keys whose staging row must go (the last message for them succeeded).
+    pub staging_clears: Vec<Key>,
+    /// Rejected rows to keep in staging.
+    pub staging_invalid: Vec<StagingInvalid>,
+    /// Tombstones to write (or raise) for deleted keys.
+    pub tombstone_upserts: Vec<(Key, i64)>,
+    /// Tombstones of keys that exist again.
+    pub tombstone_deletes: Vec<Key>,
+    /// Events for the outbox, in order.
+    pub events: Vec<Event>,
+}
+
+/// SQL of the statements below, prepared once per connection (`prepare_cached`).
+mod sql {
+    pub const CLAIM: &str = "INSERT INTO inbox (message_id) SELECT unnest($1::text[]) \
+         ON CONFLICT (message_id) DO NOTHING RETURNING message_id";
+    pub const LOCK_ROWS: &str = "SELECT r.type, r.id, r.hash, r.data, r.version \
+         FROM resources r \
+         JOIN unnest($1::text[], $2::text[]) AS k(type, id) \
+           ON r.type = k.type AND r.id = k.id \
+         ORDER BY r.type, r.id \
+         FOR UPDATE OF r";
+    pub const LOCK_TOMBSTONES: &str = "SELECT t.type, t.id, t.version \
+         FROM tombstones t \
+         JOIN unnest($1::text[], $2::text[]) AS k(type, id) \
+           ON t.type = k.type AND t.id = k.id \
+         ORDER BY t.type, t.id \
+         FOR UPDATE OF t";
+    pub const DELETE_RESOURCES: &str = "DELETE FROM resources r \
+         USING unnest($1::text[], $2::text[]) AS k(type, id) \
+         WHERE r.type = k.type AND r.id = k.id";
+    pub const UPSERT_RESOURCES: &str = "INSERT INTO resources (type, id, hash, data, version) \
+         SELECT t, i, h, d::jsonb, v \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[]) \
+           AS u(t, i, h, d, v) \
+         ON CONFLICT (type, id) DO UPDATE \
+         SET hash = excluded.hash, data = excluded.data, \
+             version = excluded.version, updated_at = now()";
+    pub const CLEAR_STAGING: &str = "DELETE FROM staging s \
+         USING unnest($1::text[], $2::text[]) AS k(type, id) \
+         WHERE s.type = k.type AND s.id = k.id";
+    pub const STAGE_INVALID: &str = "INSERT INTO staging \
+           (type, id, data, is_valid, to_delete, errors, received_at) \
+         SELECT t, i, d::jsonb, false, false, e::jsonb, now() \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(t, i, d, e) \
+         ON CONFLICT (type, id) DO UPDATE \
+         SET data = excluded.data, is_valid = false, to_delete = false, \
+             errors = excluded.errors, received_at = excluded.received_at";
+    pub const DELETE_TOMBSTONES: &str = "DELETE FROM tombstones t \
+         USING unnest($1::text[], $2::text[]) AS k(type, id) \
+         WHERE t.type = k.type AND t.id = k.id";
+    pub const UPSERT_TOMBSTONES: &str = "INSERT INTO tombstones (type, id, version) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) \
+         ON CONFLICT (type, id) DO UPDATE \
+         SET version = GREATEST(tombstones.version, excluded.version), deleted_at = now()";
+    pub const OUTBOX: &str = super::super::outbox::INSERT;
+}
+
+/// Records `message_ids` as processed and returns those that were not
+/// already, then reads and locks (`FOR UPDATE`) the `resources` rows and
+/// tombstones of `keys` — three statements in one round trip.
+///
+/// A concurrent transaction claiming the same message id makes this wait for
+/// it, so an id is claimed exactly once. Rows are locked in key order so that
+/// two transactions locking overlapping keys cannot deadlock.
+pub async fn claim_and_lock(
+    tx: &Transaction<'_>,
+    message_ids: &[&str],
+    keys: &[Key],
+) -> Result<(HashSet<String>, Current), StoreError> {
+    let (claim, lock_rows, lock_graves) = futures_util::try_join!(
+        tx.prepare_cached(sql::CLAIM),
+        tx.prepare_cached(sql::LOCK_ROWS),
+        tx.prepare_cached(sql::LOCK_TOMBSTONES),
+    )?;
+    let (types, ids) = split_keys(keys);
+    // Requests go out in the order the futures are first polled (try_join
+    // polls in argument order): one round trip for all three.
+    let claimed = async {
+        if message_ids.is_empty() {
+            Ok(Vec::new())
+        } else {
+            tx.query(&claim, &[&message_ids]).await
+        }
+    };
+    let params: [&Param<'_>; 2] = [&types, &ids];
+    let (claimed, rows, graves) = futures_util::try_join!(
+        claimed,
+        tx.query(&lock_rows, &params),
+        tx.query(&lock_graves, &params),
+    )?;
+    let fresh = claimed
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<HashSet<String>, _>>()?;
+    let mut current = Current::default();
+    for row in rows {
+        current.rows.insert(
+            (row.try_get(0)?, row.try_get(1)?),
+            Stored {
+                hash: row.try_get(2)?,
+                data: row.try_get(3)?,
+                version: row.try_get(4)?,
+            },
+        );
+    }
+    for row in graves {
+        current
+            .tombstones
+            .insert((row.try_get(0)?, row.try_get(1)?), row.try_get(2)?);
+    }
+    Ok((fresh, current))
+}
+
+/// A statement parameter.
+type Param<'a> = dyn tokio_postgres::types::ToSql + Sync + 'a;
+
+/// Runs `statement` unless `skip`.
+async fn execute_unless(
+    tx: &Transaction<'_>,
+    skip: bool,
+    statement: &tokio_postgres::Statement,
+    params: &[&Param<'_>],
+) -> Result<u64, tokio_postgres::Error> {
+    if skip {
+        Ok(0)
+    } else {
+        tx.execute(statement, params).await
+    }
+}
+
+/// Applies `writes` inside `tx`: every statement sent at once, in order,
+/// and the replies awaited together (one round trip). Empty parts are skipped.
+pub async fn apply(tx: &Transaction<'_>, writes: &Writes) -> Result<(), StoreError> {
+    // Prepare first (cached after the first batch), so that no statement
+    // waits on a prepare while a later one is already sent: order matters
+    // (deletes before upserts of the same keys).
+    let statements = futures_util::future::try_join_all(
+        [
+            sql::DELETE_RESOURCES,
+            sql::UPSERT_RESOURCES,
+            sql::CLEAR_STAGING,
+            sql::STAGE_INVALID,
+            sql::DELETE_TOMBSTONES,
+            sql::UPSERT_TOMBSTONES,
+            sql::OUTBOX,
+        ]
+        .map(|q| tx.prepare_cached(q)),
+    )
+    .await?;
+
+    let (rd_types, rd_ids) = split_keys(&writes.resource_deletes);
+    let r = &writes.resource_upserts;
+    let ru_types: Vec<&str> = r.iter().map(|r| r.entity_type.as_str()).collect();
+    let ru_ids: Vec<&str> = r.iter().map(|r| r.id.as_str()).collect();
+    let ru_hashes: Vec<&str> = r.iter().map(|r| r.hash.as_str()).collect();
+    let ru_data: Vec<&str> = r.iter().map(|r| r.canonical.as_str()).collect();
+    let ru_versions: Vec<Option<i64>> = r.iter().map(|r| r.version).collect();
+    let (sc_types, sc_ids) = split_keys(&writes.staging_clears);
+    let st = &writes.staging_invalid;
+    let si_types: Vec<&str> = st.iter().map(|r| r.entity_type.as_str()).collect();
+    let si_ids: Vec<&str> = st.iter().map(|r| r.id.as_str()).collect();
+    let si_data: Vec<&str> = st.iter().map(|r| r.canonical.as_str()).collect();
+    let si_errors: Vec<&str> = st.iter().map(|r| r.errors.as_str()).collect();
+    let (td_types, td_ids) = split_keys(&writes.tombstone_deletes);
+    let tu = &writes.tombstone_upserts;
+    let tu_types: Vec<&str> = tu.iter().map(|(k, _)| k.0.as_str()).collect();
+    let tu_ids: Vec<&str> = tu.iter().map(|(k, _)| k.1.as_str()).collect();
+    let tu_versions: Vec<i64> = tu.iter().map(|(_, v)| *v).collect();
+    let ev = &writes.events;
+    let ev_ids: Vec<Uuid> = ev.iter().map(|e| e.event_id).collect();
+    let ev_keys: Vec<&str> = ev.iter().map(|e| e.routing_key.as_str()).collect();
+    let ev_payloads: Vec<&str> = ev.iter().map(|e| e.payload.as_str()).collect();
+    let ev_correlations: Vec<Option<&str>> =
+        ev.iter().map(|e| e.correlation_id.as_deref()).collect();
+
+    let p0: [&Param<'_>; 2] = [&rd_types, &rd_ids];
+    let p1: [&Param<'_>; 5] = [&ru_types, &ru_ids, &ru_hashes, &ru_data, &ru_versions];
+    let p2: [&Param<'_>; 2] = [&sc_types, &sc_ids];
+    let p3: [&Param<'_>; 4] = [&si_types, &si_ids, &si_data, &si_errors];
+    let p4: [&Param<'_>; 2] = [&td_types, &td_ids];
+    let p5: [&Param<'_>; 3] = [&tu_types, &tu_ids, &tu_versions];
+    let p6: [&Param<'_>; 4] = [&ev_ids, &ev_keys, &ev_payloads, &ev_correlations];
+    let s = &statements;
+    futures_util::try_join!(
+        execute_unless(tx, rd_types.is_empty(), &s[0], &p0),
+        execute_unless(tx, r.is_empty(), &s[1], &p1),
+        execute_unless(tx, sc_types.is_empty(), &s[2], &p2),
+        execute_unless(tx, st.is_empty(), &s[3], &p3),
+        execute_unless(tx, td_types.is_empty(), &s[4], &p4),
+        execute_unless(tx, tu.is_empty(), &s[5], &p5),
+        execute_unless(tx, ev.is_empty(), &s[6], &p6),
+    )?;
+    Ok(())
+}
+
+fn split_keys(keys: &[Key]) -> (Vec<&str>, Vec<&str>) {
+    keys.iter().map(|(t, i)| (t.as_str(), i.as_str())).unzip()
+}

@@ -1,0 +1,13 @@
+//! Integration tests against the real PostgreSQL and RabbitMQ.
+//! Each test runs its own daemon with its own database and broker names.
+
+mod api;
+mod cli;
+mod events;
+mod faults;
+mod helpers;
+mod malformed;
+mod model;
+mod order;
+mod proxy;
+mod tls;
