@@ -12,7 +12,10 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 
-use crate::{config::AmqpSettings, redact};
+use crate::{
+    config::{AmqpSettings, QueueType},
+    redact,
+};
 
 /// Opens a connection (one attempt), with the password and CA file from
 /// `settings` when set.
@@ -46,6 +49,30 @@ pub async fn connect(settings: &AmqpSettings) -> anyhow::Result<Connection> {
         .with_context(|| format!("cannot connect to RabbitMQ at {shown}"))
 }
 
+/// `x-queue-type` for the configured queue type. Classic queues are
+/// declared without it, as before the setting existed, so that queues of
+/// existing deployments keep declaring equivalently.
+fn queue_type_arguments(s: &AmqpSettings) -> FieldTable {
+    let mut args = FieldTable::default();
+    if s.queue_type == QueueType::Quorum {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+    }
+    args
+}
+
+/// The inbound queue's arguments: its type and single-active-consumer.
+/// The benchmark's ceiling declares its queue with these too.
+pub fn inbound_queue_arguments(s: &AmqpSettings) -> FieldTable {
+    let mut args = queue_type_arguments(s);
+    if s.single_active_consumer {
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    }
+    args
+}
+
 /// Declares the exchanges and queues, idempotently.
 pub async fn declare_topology(channel: &Channel, s: &AmqpSettings) -> anyhow::Result<()> {
     let durable_exchange = ExchangeDeclareOptions {
@@ -71,12 +98,12 @@ pub async fn declare_topology(channel: &Channel, s: &AmqpSettings) -> anyhow::Re
             .await
             .with_context(|| format!("cannot declare exchange {name}"))?;
     }
-    let mut inbound_args = FieldTable::default();
-    if s.single_active_consumer {
-        inbound_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-    }
     channel
-        .queue_declare(s.inbound_queue.as_str().into(), durable_queue, inbound_args)
+        .queue_declare(
+            s.inbound_queue.as_str().into(),
+            durable_queue,
+            inbound_queue_arguments(s),
+        )
         .await
         .with_context(|| format!("cannot declare queue {}", s.inbound_queue))?;
     channel
@@ -98,7 +125,7 @@ pub async fn declare_topology(channel: &Channel, s: &AmqpSettings) -> anyhow::Re
         .queue_declare(
             s.dead_letter_queue.as_str().into(),
             durable_queue,
-            FieldTable::default(),
+            queue_type_arguments(s),
         )
         .await
         .with_context(|| format!("cannot declare queue {}", s.dead_letter_queue))?;

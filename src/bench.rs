@@ -394,6 +394,15 @@ impl Bench {
         let mut out = String::new();
         writeln!(
             out,
+            "Inbound queue: {:?}, single-active-consumer {}; prefetch {}, batch size {}.",
+            self.settings.amqp.queue_type,
+            self.settings.amqp.single_active_consumer,
+            self.settings.amqp.prefetch,
+            self.settings.pipeline.batch_size,
+        )?;
+        writeln!(out)?;
+        writeln!(
+            out,
             "| scenario | messages | seconds | msgs/s | events | vs broker ceiling | daemon CPU | broker CPU | PostgreSQL CPU | daemon peak RSS |"
         )?;
         writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
@@ -461,13 +470,7 @@ impl Bench {
         );
         let ch = self.conn.create_channel().await?;
         // The same queue type and arguments as the daemon's inbound queue.
-        let mut args = FieldTable::default();
-        if self.settings.amqp.single_active_consumer {
-            args.insert(
-                "x-single-active-consumer".into(),
-                lapin::types::AMQPValue::Boolean(true),
-            );
-        }
+        let args = crate::amqp::inbound_queue_arguments(&self.settings.amqp);
         let durable = QueueDeclareOptions {
             durable: true,
             ..Default::default()
@@ -930,6 +933,10 @@ impl Daemon {
                 &s.amqp.dead_letter_queue,
             )
             .env("SCRAMJET__HTTP__LISTEN", s.http.listen.to_string())
+            .env(
+                "SCRAMJET__AMQP__QUEUE_TYPE",
+                format!("{:?}", s.amqp.queue_type).to_lowercase(),
+            )
             // The daemon's own log level, for profiling a run.
             .env(
                 "SCRAMJET__LOG__LEVEL",

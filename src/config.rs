@@ -129,6 +129,8 @@ pub struct AmqpSettings {
     /// Declare the inbound queue with `x-single-active-consumer`, so that with
     /// several daemons only one consumes at a time and per-id order holds.
     pub single_active_consumer: bool,
+    /// Queue type of the inbound and dead-letter queues.
+    pub queue_type: QueueType,
     /// Password, overriding any in `url` (e.g. from `SCRAMJET__AMQP__PASSWORD`).
     pub password: Option<Secret>,
     /// File holding the password; trailing newlines are ignored.
@@ -159,6 +161,7 @@ impl Default for AmqpSettings {
             dead_letter_queue: "scramjet.dead".into(),
             prefetch: 1000,
             single_active_consumer: true,
+            queue_type: QueueType::Classic,
             password: None,
             password_file: None,
             tls_ca_file: None,
@@ -225,6 +228,19 @@ impl Default for LimitSettings {
             max_depth: 64,
         }
     }
+}
+
+/// RabbitMQ queue type for the queues Scramjet declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// A classic durable queue: the fastest on one node; persistent
+    /// messages survive a broker restart.
+    #[default]
+    Classic,
+    /// A quorum queue (Raft-replicated): survives the loss of a minority of
+    /// nodes in a cluster, at some cost in throughput.
+    Quorum,
 }
 
 /// What to do with a save whose type has no schema.

@@ -354,6 +354,45 @@ async fn an_unknown_type_is_rejected_when_configured_so() {
 }
 
 #[tokio::test]
+async fn with_queue_type_quorum_the_inbound_queue_is_a_quorum_queue_and_saves_flow() {
+    let mut app = spawn_app_with(|s| s.amqp.queue_type = scramjet::config::QueueType::Quorum).await;
+    app.save("person", "q1", r#"{"name":"Ada"}"#).await;
+    assert_eq!(app.next_event().await.op(), "created");
+
+    // RabbitMQ refuses to redeclare a queue with another type, so a
+    // classic declaration of the same name must fail.
+    let amqp = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = amqp.create_channel().await.unwrap();
+    let mut classic = lapin::types::FieldTable::default();
+    classic.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("classic".into()),
+    );
+    classic.insert(
+        "x-single-active-consumer".into(),
+        lapin::types::AMQPValue::Boolean(true),
+    );
+    let refused = channel
+        .queue_declare(
+            app.settings.amqp.inbound_queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            classic,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("quorum"),
+        "the broker should name the existing type: {refused}"
+    );
+    let _ = amqp.close(200, "bye".into()).await;
+}
+
+#[tokio::test]
 async fn healthz_and_readyz_answer_200_when_connected() {
     let app = spawn_app().await;
     let (status, _) = app.get("/healthz").await;
