@@ -31,6 +31,7 @@
 //! | [`admin`] | `scramjet send`, `status` and `tail` |
 //! | [`replay`] | `scramjet replay`: snapshot events through the outbox |
 //! | [`revalidate`] | `scramjet revalidate`: rejected rows again, after a schema change |
+//! | [`bulk`] | the library API: ingest (full-set sync), remove, apply, list; `scramjet ingest` and `delete` |
 //! | [`bench`] | `scramjet bench`: throughput, latency, memory, CPU |
 //! | [`tls`] | rustls for PostgreSQL (`sslmode`) and RabbitMQ (`amqps://`) |
 //! | [`health`], [`backoff`], [`redact`] | small shared pieces |
@@ -40,6 +41,7 @@ pub mod amqp;
 pub mod app;
 pub mod backoff;
 pub mod bench;
+pub mod bulk;
 pub mod canonical;
 pub mod config;
 pub mod consumer;

@@ -3,7 +3,9 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use scramjet::{admin, app::App, bench, config::Settings, replay, revalidate, store, telemetry};
+use scramjet::{
+    admin, app::App, bench, bulk, config::Settings, replay, revalidate, store, telemetry,
+};
 use tokio_util::sync::CancellationToken;
 
 /// Keeps a validated cache of JSON entities and publishes exactly what changed.
@@ -99,6 +101,52 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         rate: u64,
     },
+    /// Load a feed of one type (NDJSON, a JSON array, or CSV with a header)
+    /// as the daemon loads saves; with --full-set, delete what is missing.
+    Ingest {
+        /// Entity type of every record.
+        #[arg(long = "type", value_name = "TYPE")]
+        entity_type: String,
+        /// The input file, or - for stdin.
+        #[arg(default_value = "-", value_name = "FILE|-")]
+        input: PathBuf,
+        /// Input format (default: CSV for a .csv file, a JSON array when the
+        /// input starts with '[', NDJSON otherwise).
+        #[arg(long, value_parser = ["ndjson", "json", "csv"])]
+        format: Option<String>,
+        /// The field holding each record's id.
+        #[arg(long, default_value = "id")]
+        id_field: String,
+        /// The field holding each record's version (integer >= 0), if any:
+        /// a lower version than the stored one is stale, as for messages.
+        #[arg(long)]
+        version_field: Option<String>,
+        /// The input is the full set: delete the resources of the type that
+        /// are not in it (and were not changed since the ingest began).
+        #[arg(long)]
+        full_set: bool,
+        /// With --full-set, let an empty input (or a ratio over the limit) delete.
+        #[arg(long)]
+        allow_delete_all: bool,
+        /// With --full-set, refuse to delete more than this share of the type.
+        #[arg(long, default_value_t = 0.5, value_name = "RATIO")]
+        max_delete_ratio: f64,
+        /// Report what would happen; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Records per transaction.
+        #[arg(long, default_value_t = scramjet::bulk::DEFAULT_CHUNK)]
+        chunk: usize,
+    },
+    /// Delete a group of ids of one type (one id per line), with events.
+    Delete {
+        /// Entity type.
+        #[arg(long = "type", value_name = "TYPE")]
+        entity_type: String,
+        /// File of ids, one per line, or - for stdin.
+        #[arg(long, value_name = "FILE|-")]
+        ids: PathBuf,
+    },
     /// Print change events as they are published, one line each.
     Tail {
         /// Topic pattern to bind, e.g. "person.*" or "#".
@@ -163,6 +211,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             admin::send(&settings, &request).await
         }
         Command::Status => admin::status(&settings).await,
+        Command::Ingest {
+            entity_type,
+            input,
+            format,
+            id_field,
+            version_field,
+            full_set,
+            allow_delete_all,
+            max_delete_ratio,
+            dry_run,
+            chunk,
+        } => {
+            let format = format.map(|f| match f.as_str() {
+                "csv" => bulk::Format::Csv,
+                "json" => bulk::Format::Array,
+                _ => bulk::Format::Ndjson,
+            });
+            let options = bulk::IngestOptions {
+                id_field,
+                version_field,
+                full_set,
+                allow_delete_all,
+                max_delete_ratio,
+                dry_run,
+                chunk,
+                ..bulk::IngestOptions::new(entity_type)
+            };
+            bulk::command::ingest(&settings, &input, format, &options).await
+        }
+        Command::Delete { entity_type, ids } => {
+            bulk::command::delete(&settings, &entity_type, &ids).await
+        }
         Command::Revalidate { entity_type } => {
             revalidate::revalidate(&settings, entity_type.as_deref())
                 .await

@@ -159,6 +159,15 @@ pub fn decode(body: &[u8], limits: Limits) -> Result<Inbound, Malformed> {
     })
 }
 
+/// Checks that an entity document is storable within `limits`: nesting
+/// depth, no NUL in strings or keys, numbers within `numeric`'s range
+/// (what the decoder checks in a message's `data`; `scramjet ingest` checks
+/// its records with it too).
+pub fn check_data(data: &Map<String, Value>, limits: Limits) -> Result<(), Malformed> {
+    let mut path = String::new();
+    check_storable_object(data, &mut path, 1, limits.max_depth)
+}
+
 /// Checks a type name against `^[A-Za-z][A-Za-z0-9_-]{0,63}$`.
 pub fn check_type(t: &str) -> Result<(), Malformed> {
     let mut chars = t.chars();

@@ -6,6 +6,7 @@ pub mod batch;
 pub mod outbox;
 pub mod read;
 pub mod retention;
+pub mod sync;
 
 use std::{str::FromStr, time::Duration};
 

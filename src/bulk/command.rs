@@ -1,0 +1,118 @@
+//! `scramjet ingest` and `scramjet delete`: input from a file or stdin, a
+//! progress line on a terminal, a summary at the end, and a failing exit
+//! status when anything did not go through.
+
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, IsTerminal},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::{DeleteStep, Format, IngestOptions, Scramjet, Summary};
+use crate::config::Settings;
+
+/// Input buffer size: large reads for large files.
+const BUFFER: usize = 256 * 1024;
+
+/// Opens `path`, or stdin for `-`.
+fn open(path: &Path) -> anyhow::Result<Box<dyn BufRead + Send>> {
+    if path == Path::new("-") {
+        return Ok(Box::new(BufReader::with_capacity(BUFFER, std::io::stdin())));
+    }
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    Ok(Box::new(BufReader::with_capacity(BUFFER, file)))
+}
+
+/// A spinner with the running counts, drawn only on a terminal.
+fn progress_bar() -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    if !std::io::stderr().is_terminal() {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("a valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Prints the summary and the bad records; an error when not everything
+/// went through.
+fn report(what: &str, summary: &Summary) -> anyhow::Result<()> {
+    for bad in &summary.bad {
+        eprintln!("{what}: bad record: {bad}");
+    }
+    if summary.bad_count > summary.bad.len() as u64 {
+        eprintln!(
+            "{what}: … and {} more bad record(s)",
+            summary.bad_count - summary.bad.len() as u64
+        );
+    }
+    for refused in &summary.refused {
+        eprintln!("{what}: refused by the database: {refused}");
+    }
+    println!("{what}: {summary}");
+    if let Some(DeleteStep::Refused(why)) = &summary.deletes {
+        eprintln!("{what}: no resource was deleted: {why}");
+    }
+    anyhow::ensure!(
+        summary.is_success(),
+        "{what} did not go through completely (see above)"
+    );
+    Ok(())
+}
+
+/// `scramjet ingest`.
+pub async fn ingest(
+    settings: &Settings,
+    input: &Path,
+    format: Option<Format>,
+    options: &IngestOptions,
+) -> anyhow::Result<()> {
+    let mut reader = open(input)?;
+    let format = match format {
+        Some(f) => f,
+        None => Format::detect(input.to_str(), &mut reader)
+            .with_context(|| format!("cannot read {}", input.display()))?,
+    };
+    let scramjet = Scramjet::connect(settings).await?;
+    let bar = progress_bar();
+    let summary = scramjet
+        .ingest(reader, format, options, |s| {
+            bar.set_message(format!(
+                "{} records, {:.0}/s: created {}, updated {}, unchanged {}, rejected {}",
+                s.records,
+                s.rate(),
+                s.created,
+                s.updated,
+                s.unchanged,
+                s.rejected
+            ))
+        })
+        .await?;
+    bar.finish_and_clear();
+    let what = if options.dry_run {
+        "ingest (dry run, nothing changed)"
+    } else {
+        "ingest"
+    };
+    report(what, &summary)
+}
+
+/// `scramjet delete`.
+pub async fn delete(settings: &Settings, entity_type: &str, ids: &Path) -> anyhow::Result<()> {
+    let reader = open(ids)?;
+    let scramjet = Scramjet::connect(settings).await?;
+    let bar = progress_bar();
+    let summary = scramjet
+        .remove(entity_type, reader, super::DEFAULT_CHUNK, |s| {
+            bar.set_message(format!("deleted {}, not found {}", s.deleted, s.absent))
+        })
+        .await?;
+    bar.finish_and_clear();
+    report("delete", &summary)
+}
