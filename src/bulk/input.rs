@@ -32,26 +32,14 @@ impl Format {
         if file_name.is_some_and(|n| n.to_ascii_lowercase().ends_with(".csv")) {
             return Ok(Format::Csv);
         }
-        loop {
-            let buf = input.fill_buf()?;
-            if buf.is_empty() {
-                return Ok(Format::Ndjson);
-            }
-            match buf.iter().position(|b| !b.is_ascii_whitespace()) {
-                Some(i) => {
-                    return Ok(if buf[i] == b'[' {
-                        Format::Array
-                    } else {
-                        Format::Ndjson
-                    });
-                }
-                // All blank so far: these bytes can go, they carry nothing.
-                None => {
-                    let n = buf.len();
-                    input.consume(n);
-                }
-            }
-        }
+        // Nothing is consumed, so line numbers stay right. Only the first
+        // buffer is looked at: an input opening with more blank space than
+        // that is read as NDJSON (or name its format).
+        let buf = input.fill_buf()?;
+        Ok(match buf.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'[') => Format::Array,
+            _ => Format::Ndjson,
+        })
     }
 }
 
@@ -537,7 +525,7 @@ mod tests {
     fn the_format_is_detected_from_the_name_or_the_first_byte() {
         let mut array = "\n  [{}]".as_bytes();
         assert_eq!(Format::detect(None, &mut array).unwrap(), Format::Array);
-        assert_eq!(array, b"[{}]", "only blanks were consumed");
+        assert_eq!(array, b"\n  [{}]", "nothing was consumed");
         let mut nd = "{}\n{}".as_bytes();
         assert_eq!(Format::detect(None, &mut nd).unwrap(), Format::Ndjson);
         let mut csv = "id\n1".as_bytes();

@@ -86,6 +86,13 @@ pub struct Writes {
 mod sql {
     pub const CLAIM: &str = "INSERT INTO inbox (message_id) SELECT unnest($1::text[]) \
          ON CONFLICT (message_id) DO NOTHING RETURNING message_id";
+    /// One advisory lock per key, in the order of the lock keys, so that
+    /// two transactions with overlapping keys queue instead of deadlocking.
+    /// Row locks alone do not cover a key with no row yet: two writers could
+    /// both plan a `created` and the second would overwrite the first.
+    pub const LOCK_KEYS: &str = "SELECT count(pg_advisory_xact_lock(k)) FROM ( \
+           SELECT DISTINCT hashtextextended(t || chr(31) || i, 5930) AS k \
+           FROM unnest($1::text[], $2::text[]) AS u(t, i) ORDER BY k) AS s";
     pub const LOCK_ROWS: &str = "SELECT r.type, r.id, r.hash, r.data, r.version \
          FROM resources r \
          JOIN unnest($1::text[], $2::text[]) AS k(type, id) \
@@ -130,7 +137,8 @@ mod sql {
 
 /// Records `message_ids` as processed and returns those that were not
 /// already, then reads and locks (`FOR UPDATE`) the `resources` rows and
-/// tombstones of `keys` — three statements in one round trip.
+/// tombstones of `keys` — four statements in one round trip, the first
+/// taking an advisory lock per key.
 ///
 /// A concurrent transaction claiming the same message id makes this wait for
 /// it, so an id is claimed exactly once. Rows are locked in key order so that
@@ -140,14 +148,18 @@ pub async fn claim_and_lock(
     message_ids: &[&str],
     keys: &[Key],
 ) -> Result<(HashSet<String>, Current), StoreError> {
-    let (claim, lock_rows, lock_graves) = futures_util::try_join!(
+    let (lock_keys, claim, lock_rows, lock_graves) = futures_util::try_join!(
+        tx.prepare_cached(sql::LOCK_KEYS),
         tx.prepare_cached(sql::CLAIM),
         tx.prepare_cached(sql::LOCK_ROWS),
         tx.prepare_cached(sql::LOCK_TOMBSTONES),
     )?;
     let (types, ids) = split_keys(keys);
     // Requests go out in the order the futures are first polled (try_join
-    // polls in argument order): one round trip for all three.
+    // polls in argument order): one round trip for all four. The key locks
+    // come first, so the rows are read after every concurrent writer of these
+    // keys has committed.
+    let params: [&Param<'_>; 2] = [&types, &ids];
     let claimed = async {
         if message_ids.is_empty() {
             Ok(Vec::new())
@@ -155,8 +167,8 @@ pub async fn claim_and_lock(
             tx.query(&claim, &[&message_ids]).await
         }
     };
-    let params: [&Param<'_>; 2] = [&types, &ids];
-    let (claimed, rows, graves) = futures_util::try_join!(
+    let (_, claimed, rows, graves) = futures_util::try_join!(
+        tx.query_one(&lock_keys, &params),
         claimed,
         tx.query(&lock_rows, &params),
         tx.query(&lock_graves, &params),

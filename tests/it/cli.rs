@@ -8,7 +8,7 @@ use std::{
 
 use crate::helpers::*;
 
-fn scramjet() -> Command {
+pub(crate) fn scramjet() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_scramjet"));
     cmd.env_remove("RUST_LOG");
     for (key, _) in std::env::vars() {
@@ -20,7 +20,7 @@ fn scramjet() -> Command {
 }
 
 /// Points a command at this test's names (database, exchanges, queues).
-fn isolated(cmd: &mut Command, names: &Names) {
+pub(crate) fn isolated(cmd: &mut Command, names: &Names) {
     let settings = test_settings(names, "config/schemas".into());
     cmd.env("SCRAMJET__POSTGRES__URL", &settings.postgres.url)
         .env("SCRAMJET__AMQP__URL", &settings.amqp.url)
