@@ -174,6 +174,11 @@ impl SourceRelay {
         self.http_addr
     }
 
+    /// The relay's metrics (they stay readable after `run` returns).
+    pub fn metrics(&self) -> RelayMetrics {
+        self.metrics.clone()
+    }
+
     /// Relays until `shutdown` fires: finishes the round in hand, closes the
     /// connections. Either service failing is retried with backoff, forever.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
