@@ -22,7 +22,11 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::{helpers::*, model::dedupe};
+use crate::{
+    helpers::*,
+    model::dedupe,
+    proxy::{Proxy, via},
+};
 
 /// A source database of the test's own with the trigger kit installed;
 /// dropped (with any connection left to it) when the test ends, also on panic.
@@ -121,8 +125,13 @@ impl InProcessRelay {
     async fn start(app: &TestApp, source: &SourceDb, batch_size: i64) -> InProcessRelay {
         let mut s = app.settings.clone();
         s.relay.source_url = Some(Secret(source.url()));
-        s.relay.http_listen = "127.0.0.1:0".parse().unwrap();
         s.relay.batch_size = batch_size;
+        InProcessRelay::start_with(s).await
+    }
+
+    /// Starts a relay with `s`, on a free port, polling every 200 ms.
+    async fn start_with(mut s: scramjet::config::Settings) -> InProcessRelay {
+        s.relay.http_listen = "127.0.0.1:0".parse().unwrap();
         s.relay.poll_interval = Duration::from_millis(200);
         let relay = SourceRelay::build(s).await.expect("the relay starts");
         let http = relay.http_addr();
@@ -721,4 +730,105 @@ async fn two_relays_on_one_outbox_publish_every_change_in_order_and_one_takes_ov
             .documents("SELECT id::text, to_jsonb(i) FROM item i")
             .await
     );
+}
+
+fn service_addr(url: &str) -> SocketAddr {
+    let url = url::Url::parse(url).unwrap();
+    format!("{}:{}", url.host_str().unwrap(), url.port().unwrap())
+        .parse()
+        .unwrap()
+}
+
+/// Polls the relay's `/readyz` until its JSON says `service` is `up`.
+async fn wait_service(relay: &InProcessRelay, service: &str, up: bool) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (status, body) = http_get(relay.http, "/readyz").await;
+        let body: Value = serde_json::from_str(&body).unwrap();
+        if body[service] == up {
+            assert_eq!(status == 200, body["ready"] == true, "{body}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never said {service} = {up}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_rides_out_losing_the_source_database_and_rabbitmq_and_loses_nothing() {
+    const FEW_ROWS: i64 = 10;
+    const ROUNDS: i64 = 10;
+    let source = SourceDb::create().await;
+    let app = spawn_app().await;
+    let pg = Proxy::start(service_addr(&postgres_base())).await;
+    let mq = Proxy::start(service_addr(&amqp_url())).await;
+    let watcher = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let received = Arc::new(AtomicUsize::new(0));
+    let collector = collect_until(
+        watch_changes(
+            &watcher,
+            &app.settings,
+            &format!("{}.outage", app.names.prefix),
+        )
+        .await,
+        "sentinel",
+        received.clone(),
+    );
+    source
+        .db
+        .batch_execute(&format!(
+            "CREATE TABLE item (id int PRIMARY KEY, n int NOT NULL);
+             SELECT scramjet.attach('item', 'item', 'id');
+             CREATE TABLE marker (id text PRIMARY KEY);
+             SELECT scramjet.attach('marker', 'marker', 'id');
+             INSERT INTO item SELECT i, 0 FROM generate_series(1, {FEW_ROWS}) AS i;"
+        ))
+        .await
+        .unwrap();
+    let mut through_proxies = app.settings.clone();
+    through_proxies.amqp.url = via(&amqp_url(), mq.addr);
+    through_proxies.relay.source_url = Some(Secret(via(&source.url(), pg.addr)));
+    let relay = InProcessRelay::start_with(through_proxies).await;
+    let states = (FEW_ROWS * (3 * ROUNDS + 1)) as usize;
+
+    burst(&source, ROUNDS, Duration::ZERO).await.unwrap();
+    wait_received(&received, FEW_ROWS as usize).await;
+    pg.cut();
+    wait_service(&relay, "source", false).await;
+    // The application goes on writing; its changes wait in the outbox.
+    burst(&source, ROUNDS, Duration::ZERO).await.unwrap();
+    pg.restore();
+    wait_service(&relay, "source", true).await;
+    mq.cut();
+    wait_service(&relay, "rabbitmq", false).await;
+    burst(&source, ROUNDS, Duration::ZERO).await.unwrap();
+    mq.restore();
+    wait_service(&relay, "rabbitmq", true).await;
+    source
+        .db
+        .batch_execute("INSERT INTO marker VALUES ('sentinel')")
+        .await
+        .unwrap();
+    let events = tokio::time::timeout(Duration::from_secs(60), collector)
+        .await
+        .expect("the sentinel arrives")
+        .unwrap();
+    let (events, _) = dedupe(events);
+    let items: Vec<ReceivedEvent> = events
+        .into_iter()
+        .filter(|e| e.body["type"] == "item")
+        .collect();
+    assert_eq!(items.len(), states, "one event per committed change");
+    assert_complete_and_in_order(&items, FEW_ROWS, 3 * ROUNDS);
+    for service in ["source", "rabbitmq"] {
+        assert!(
+            relay.metrics.reconnects.with_label_values(&[service]).get() >= 1,
+            "a reconnect to {service} is counted"
+        );
+    }
 }
