@@ -42,6 +42,11 @@ use crate::{
 const RECONNECT_CAP: Duration = Duration::from_secs(30);
 /// How often the `scramjet_relay_pending` gauge is refreshed at most.
 const PENDING_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a batch may wait for the broker's confirms. A blocked broker
+/// (a memory or disk alarm) would otherwise hold the source transaction —
+/// and its row locks — open indefinitely; after this, the batch is rolled
+/// back and the connection replaced.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a relay round failed, by the side that must reconnect.
 #[derive(Debug, thiserror::Error)]
@@ -122,8 +127,9 @@ impl SourceRelay {
     /// RabbitMQ (declaring the topology), each with `startup.connect_attempts`
     /// tries, and binds `relay.http_listen`.
     pub async fn build(settings: Settings) -> anyhow::Result<SourceRelay> {
-        let settings = Arc::new(settings);
+        settings.check()?;
         settings.relay.source()?;
+        let settings = Arc::new(settings);
         let bearer_token = settings.http.bearer_token()?.map(Arc::from);
         let metrics = RelayMetrics::new();
         let health = Arc::new(RelayHealth::new(&metrics));
@@ -350,11 +356,15 @@ impl SourceRelay {
             })
             .collect();
         // On failure the batch is dropped, which rolls back: the rows stay.
-        broker
-            .publisher
-            .publish_all(messages)
-            .await
-            .map_err(RelayError::Broker)?;
+        match tokio::time::timeout(PUBLISH_TIMEOUT, broker.publisher.publish_all(messages)).await {
+            Ok(published) => published.map_err(RelayError::Broker)?,
+            Err(_) => {
+                return Err(RelayError::Broker(anyhow::anyhow!(
+                    "no confirms within {} s",
+                    PUBLISH_TIMEOUT.as_secs()
+                )));
+            }
+        }
         let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
         batch.delete_and_commit(&seqs).await?;
         for row in &rows {
