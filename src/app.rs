@@ -293,7 +293,8 @@ async fn prune_periodically(pool: Pool, settings: Arc<Settings>, shutdown: Cance
     }
 }
 
-async fn connect_amqp_with_retries(settings: &Settings) -> anyhow::Result<Connection> {
+/// Connects to RabbitMQ and declares the topology, with the start-up retries.
+pub(crate) async fn connect_amqp_with_retries(settings: &Settings) -> anyhow::Result<Connection> {
     let mut delay = Duration::from_millis(settings.startup.connect_backoff_ms);
     let mut attempt = 0;
     loop {

@@ -37,6 +37,8 @@ pub struct Settings {
     pub startup: StartupSettings,
     /// How long duplicate-detection and ordering state is kept.
     pub retention: RetentionSettings,
+    /// `scramjet relay`: a source database's outbox → the inbound exchange.
+    pub relay: RelaySettings,
 }
 
 /// PostgreSQL settings.
@@ -385,6 +387,86 @@ impl Default for RetentionSettings {
     }
 }
 
+/// `scramjet relay`: moves the outbox of a source database (filled by the
+/// triggers of `deploy/triggers/postgresql.sql`) to the inbound exchange.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelaySettings {
+    /// Connection URL of the source database; `--source-url` overrides it.
+    /// Kept as a secret because such URLs often carry a password.
+    pub source_url: Option<Secret>,
+    /// Password for the source database, overriding any in `source_url`.
+    pub source_password: Option<Secret>,
+    /// File holding that password; trailing newlines are ignored.
+    pub source_password_file: Option<PathBuf>,
+    /// PEM file of the CA(s) that sign the source server's certificate.
+    pub source_tls_ca_file: Option<PathBuf>,
+    /// The outbox table in the source database (`table` or `schema.table`).
+    pub outbox_table: String,
+    /// The channel the triggers `NOTIFY` after writing to the outbox.
+    pub notify_channel: String,
+    /// Most outbox rows published per transaction (one confirmed batch).
+    pub batch_size: i64,
+    /// How often the outbox is read without a notification (a missed
+    /// `NOTIFY`, a standby relay waiting to take over), e.g. "1s".
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Address of the relay's `/healthz`, `/readyz` and `/metrics`; not
+    /// `http.listen`, so a relay and a daemon can share a host.
+    pub http_listen: SocketAddr,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self {
+            source_url: None,
+            source_password: None,
+            source_password_file: None,
+            source_tls_ca_file: None,
+            outbox_table: "scramjet.outbox".into(),
+            notify_channel: "scramjet_outbox".into(),
+            batch_size: 500,
+            poll_interval: Duration::from_secs(1),
+            http_listen: "127.0.0.1:8081".parse().expect("a valid literal address"),
+        }
+    }
+}
+
+impl RelaySettings {
+    /// The source database as [`PostgresSettings`], so that it is reached
+    /// exactly as the daemon reaches its own (TLS, passwords, loopback).
+    pub fn source(&self) -> anyhow::Result<PostgresSettings> {
+        let url = self.source_url.as_ref().context(
+            "invalid configuration: the relay needs --source-url or relay.source_url \
+             (e.g. SCRAMJET__RELAY__SOURCE_URL)",
+        )?;
+        Ok(PostgresSettings {
+            url: url.0.clone(),
+            pool_size: 1,
+            password: self.source_password.clone(),
+            password_file: self.source_password_file.clone(),
+            tls_ca_file: self.source_tls_ca_file.clone(),
+        })
+    }
+
+    /// `outbox_table` split into its schema (if given) and table name.
+    pub fn outbox_parts(&self) -> (Option<&str>, &str) {
+        match self.outbox_table.split_once('.') {
+            Some((schema, table)) => (Some(schema), table),
+            None => (None, self.outbox_table.as_str()),
+        }
+    }
+}
+
+/// Whether `name` is a plain SQL identifier: letters, digits and `_`, not
+/// starting with a digit, at most 63 bytes (what needs no quoting surprises).
+fn plain_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 impl Settings {
     /// Loads defaults ← `file` (or `config/default.toml` when present) ← environment.
     ///
@@ -449,6 +531,25 @@ impl Settings {
         anyhow::ensure!(
             self.startup.connect_attempts >= 1,
             "invalid configuration: startup.connect_attempts must be at least 1"
+        );
+        let r = &self.relay;
+        anyhow::ensure!(
+            (1..=10_000).contains(&r.batch_size),
+            "invalid configuration: relay.batch_size must be from 1 to 10000"
+        );
+        anyhow::ensure!(
+            !r.poll_interval.is_zero(),
+            "invalid configuration: relay.poll_interval must be positive"
+        );
+        let (schema, table) = r.outbox_parts();
+        anyhow::ensure!(
+            schema.is_none_or(plain_identifier) && plain_identifier(table),
+            "invalid configuration: relay.outbox_table must be \"table\" or \"schema.table\" \
+             made of letters, digits and _"
+        );
+        anyhow::ensure!(
+            plain_identifier(&r.notify_channel),
+            "invalid configuration: relay.notify_channel must be made of letters, digits and _"
         );
         for (key, name) in [
             ("amqp.inbound_exchange", &self.amqp.inbound_exchange),
@@ -532,5 +633,37 @@ mod tests {
         assert_eq!(s.retention.message_ids, d.retention.message_ids);
         assert_eq!(s.retention.tombstones, d.retention.tombstones);
         assert_eq!(s.retention.prune_interval, d.retention.prune_interval);
+        assert_eq!(s.relay.source_url, d.relay.source_url);
+        assert_eq!(s.relay.outbox_table, d.relay.outbox_table);
+        assert_eq!(s.relay.notify_channel, d.relay.notify_channel);
+        assert_eq!(s.relay.batch_size, d.relay.batch_size);
+        assert_eq!(s.relay.poll_interval, d.relay.poll_interval);
+        assert_eq!(s.relay.http_listen, d.relay.http_listen);
+    }
+
+    #[test]
+    fn relay_settings_reject_names_that_would_need_quoting_and_keep_the_url_secret() {
+        let mut s = Settings::default();
+        assert!(
+            s.relay
+                .source()
+                .unwrap_err()
+                .to_string()
+                .contains("--source-url")
+        );
+        s.relay.source_url = Some(Secret("postgres://u:hunter2@db/src".into()));
+        assert_eq!(s.relay.source().unwrap().url, "postgres://u:hunter2@db/src");
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert_eq!(s.relay.outbox_parts(), (Some("scramjet"), "outbox"));
+        s.check().unwrap();
+        for bad in ["a.b.c", "x;drop", "", "1abc", "scramjet.\"o\""] {
+            s.relay.outbox_table = bad.into();
+            assert!(s.check().is_err(), "{bad} accepted");
+        }
+        s.relay.outbox_table = "my_outbox".into();
+        assert_eq!(s.relay.outbox_parts(), (None, "my_outbox"));
+        s.check().unwrap();
+        s.relay.batch_size = 0;
+        assert!(s.check().is_err());
     }
 }

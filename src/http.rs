@@ -1,5 +1,6 @@
 //! HTTP: `/healthz` (liveness), `/readyz` (readiness), `/metrics`
-//! (Prometheus), and the read API under `/v1`. With `http.bearer_token`
+//! (Prometheus), and the read API under `/v1`; for `scramjet relay`, the
+//! first three only ([`relay_router`]). With `http.bearer_token`
 //! set, everything but `/healthz` and `/readyz` needs
 //! `Authorization: Bearer <token>`.
 
@@ -18,9 +19,9 @@ use serde_json::{Value, json};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use crate::{
-    health::Health,
+    health::{Health, RelayHealth},
     message,
-    metrics::Metrics,
+    metrics::{Metrics, RelayMetrics},
     store::{self, StoreError, read},
 };
 
@@ -100,23 +101,81 @@ async fn authorize(
     request: Request,
     next: Next,
 ) -> Response {
-    if let Some(expected) = &state.bearer_token {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
-            let mut response =
-                ApiError::new(StatusCode::UNAUTHORIZED, "a valid bearer token is required")
-                    .into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                "Bearer".parse().expect("a valid header"),
-            );
-            return response;
-        }
+    match refuse_without_token(state.bearer_token.as_deref(), &headers) {
+        Some(refusal) => refusal,
+        None => next.run(request).await,
     }
-    next.run(request).await
+}
+
+/// A 401 response when `expected` is set and the request does not carry it.
+fn refuse_without_token(expected: Option<&str>, headers: &HeaderMap) -> Option<Response> {
+    let expected = expected?;
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
+        return None;
+    }
+    let mut response =
+        ApiError::new(StatusCode::UNAUTHORIZED, "a valid bearer token is required").into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        "Bearer".parse().expect("a valid header"),
+    );
+    Some(response)
+}
+
+/// What the endpoints of `scramjet relay` share.
+#[derive(Clone)]
+pub struct RelayHttpState {
+    /// Connection state, as the relay last saw it.
+    pub health: Arc<RelayHealth>,
+    /// Rendered by `/metrics`.
+    pub metrics: RelayMetrics,
+    /// Required bearer token for `/metrics`, if configured (`http.bearer_token`).
+    pub bearer_token: Option<Arc<str>>,
+}
+
+/// The router of `scramjet relay`: `/healthz`, `/readyz` (source database
+/// and RabbitMQ connected) and `/metrics`.
+pub fn relay_router(state: RelayHttpState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(relay_readyz))
+        .route("/metrics", get(relay_metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .with_state(state)
+}
+
+/// 200 when the relay is connected to its source database and to RabbitMQ.
+async fn relay_readyz(State(state): State<RelayHttpState>) -> (StatusCode, Json<Value>) {
+    let source = state.health.source();
+    let rabbitmq = state.health.amqp();
+    let ready = source && rabbitmq;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({"ready": ready, "source": source, "rabbitmq": rabbitmq})),
+    )
+}
+
+async fn relay_metrics(State(state): State<RelayHttpState>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = refuse_without_token(state.bearer_token.as_deref(), &headers) {
+        return refusal;
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 /// Compares without revealing where the first difference is.

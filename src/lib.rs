@@ -24,8 +24,9 @@
 //! | [`validate`] | JSON Schema registry, one schema per type |
 //! | [`pipeline`] | a batch → per-message outcomes and net writes, in one transaction |
 //! | [`event`] | change event bodies |
-//! | [`store`] | all SQL: pool, migrations, batch writes, outbox |
+//! | [`store`] | all SQL: pool, migrations, batch writes, outbox, a source's outbox |
 //! | [`relay`] | outbox → changes exchange, deleting only what the broker confirmed |
+//! | [`source_relay`] | `scramjet relay`: a producer database's outbox → inbound exchange |
 //! | [`http`] | `/healthz`, `/readyz`, `/metrics`, the read API |
 //! | [`metrics`] | Prometheus metrics, one registry per daemon |
 //! | [`admin`] | `scramjet send`, `status` and `tail` |
@@ -55,6 +56,7 @@ pub mod redact;
 pub mod relay;
 pub mod replay;
 pub mod revalidate;
+pub mod source_relay;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

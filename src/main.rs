@@ -4,7 +4,13 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use scramjet::{
-    admin, app::App, bench, bulk, config::Settings, replay, revalidate, store, telemetry,
+    admin,
+    app::App,
+    bench, bulk,
+    config::{Secret, Settings},
+    replay, revalidate,
+    source_relay::SourceRelay,
+    store, telemetry,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +32,14 @@ enum Command {
     Run,
     /// Create the database if missing and apply pending migrations, then exit.
     Migrate,
+    /// Move the outbox of a source database (deploy/triggers/postgresql.sql)
+    /// to the inbound exchange, until SIGTERM or SIGINT.
+    Relay {
+        /// The source database, e.g. postgres://relay@db:5432/hr; overrides
+        /// relay.source_url (SCRAMJET__RELAY__SOURCE_URL).
+        #[arg(long, value_name = "URL")]
+        source_url: Option<String>,
+    },
     /// Publish one inbound message (to try things out, or from scripts).
     Send {
         /// What to do.
@@ -182,7 +196,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let settings = Settings::load(cli.config.as_deref())?;
+    let mut settings = Settings::load(cli.config.as_deref())?;
     telemetry::init(&settings.log)?;
     match cli.command {
         Command::Migrate => {
@@ -296,6 +310,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 strict,
             };
             bench::run(&settings, &options).await
+        }
+        Command::Relay { source_url } => {
+            if let Some(url) = source_url {
+                settings.relay.source_url = Some(Secret(url));
+            }
+            let relay = SourceRelay::build(settings).await?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(stop_on_signal(shutdown.clone()));
+            relay.run(shutdown).await
         }
         Command::Run => {
             let app = App::build(settings).await?;

@@ -139,6 +139,114 @@ impl Metrics {
     }
 }
 
+/// The metrics of `scramjet relay` (a process of its own, so a registry of its own).
+#[derive(Clone)]
+pub struct RelayMetrics {
+    /// Where everything below is registered.
+    registry: Registry,
+    /// Outbox rows published and confirmed by the broker, by action.
+    pub messages: IntCounterVec,
+    /// Seconds from a row's insertion into the outbox to the broker's confirm.
+    pub delay: Histogram,
+    /// Outbox rows waiting (all relays together).
+    pub pending: IntGauge,
+    /// 1 while this relay is the one draining the outbox, 0 while it stands by.
+    pub active: IntGauge,
+    /// 1 while connected, by service (source, rabbitmq).
+    pub connected: IntGaugeVec,
+    /// Reconnections, by service.
+    pub reconnects: IntCounterVec,
+}
+
+impl Default for RelayMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RelayMetrics {
+    /// Fresh metrics in a registry of their own.
+    pub fn new() -> RelayMetrics {
+        let registry = Registry::new();
+        let register = |c: Box<dyn prometheus::core::Collector>| {
+            registry.register(c).expect("registered once");
+        };
+        let messages = IntCounterVec::new(
+            Opts::new(
+                "scramjet_relay_messages_total",
+                "Source outbox rows published and confirmed by the broker, by action.",
+            ),
+            &["action"],
+        )
+        .expect("valid metric");
+        let delay = Histogram::with_opts(
+            HistogramOpts::new(
+                "scramjet_relay_delay_seconds",
+                "Seconds from a row's insertion into the source outbox to the broker's confirm.",
+            )
+            .buckets(prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets")),
+        )
+        .expect("valid metric");
+        let pending = IntGauge::new(
+            "scramjet_relay_pending",
+            "Rows waiting in the source outbox.",
+        )
+        .expect("valid metric");
+        let active = IntGauge::new(
+            "scramjet_relay_active",
+            "1 while this relay drains the source outbox, 0 while it stands by.",
+        )
+        .expect("valid metric");
+        let connected = IntGaugeVec::new(
+            Opts::new(
+                "scramjet_relay_connected",
+                "1 while the relay is connected, by service.",
+            ),
+            &["service"],
+        )
+        .expect("valid metric");
+        let reconnects = IntCounterVec::new(
+            Opts::new(
+                "scramjet_relay_reconnects_total",
+                "Relay reconnections by service.",
+            ),
+            &["service"],
+        )
+        .expect("valid metric");
+        register(Box::new(messages.clone()));
+        register(Box::new(delay.clone()));
+        register(Box::new(pending.clone()));
+        register(Box::new(active.clone()));
+        register(Box::new(connected.clone()));
+        register(Box::new(reconnects.clone()));
+        for action in ["save", "delete"] {
+            messages.with_label_values(&[action]);
+        }
+        for service in ["source", "rabbitmq"] {
+            connected.with_label_values(&[service]).set(0);
+            reconnects.with_label_values(&[service]);
+        }
+        RelayMetrics {
+            registry,
+            messages,
+            delay,
+            pending,
+            active,
+            connected,
+            reconnects,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding to memory cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,9 +32,13 @@ const CONFIG_KEYS: &[&str] = &[
     "http.listen",
     "log.format",
     "log.level",
+    "relay.source_url",
+    "relay.source_password",
+    "relay.source_password_file",
+    "relay.http_listen",
 ];
 
-/// Every metric the daemon exports on `/metrics`.
+/// Every metric the daemon (and `scramjet relay`) exports on `/metrics`.
 const METRICS: &[&str] = &[
     "scramjet_messages_total",
     "scramjet_events_published_total",
@@ -45,6 +49,12 @@ const METRICS: &[&str] = &[
     "scramjet_staging_invalid",
     "scramjet_connected",
     "scramjet_reconnects_total",
+    "scramjet_relay_messages_total",
+    "scramjet_relay_delay_seconds",
+    "scramjet_relay_pending",
+    "scramjet_relay_active",
+    "scramjet_relay_connected",
+    "scramjet_relay_reconnects_total",
 ];
 
 fn deploy_dir() -> PathBuf {
@@ -353,12 +363,26 @@ fn the_grafana_dashboard_parses_and_uses_only_exported_metrics() {
 
 #[test]
 fn the_systemd_unit_passes_systemd_analyze_verify() {
-    let unit = deploy_dir().join("systemd/scramjet.service");
-    let text = read(&unit);
-    for line in [
-        "User=scramjet",
+    verify_unit(
+        "scramjet.service",
         "ExecStart=/usr/local/bin/scramjet --config /etc/scramjet/scramjet.toml run",
-    ] {
+    );
+}
+
+#[test]
+fn the_relay_systemd_unit_passes_systemd_analyze_verify() {
+    verify_unit(
+        "scramjet-relay.service",
+        "ExecStart=/usr/local/bin/scramjet --config /etc/scramjet/scramjet.toml relay",
+    );
+}
+
+/// Checks `deploy/systemd/<name>` runs `exec_start` as the scramjet user and
+/// passes `systemd-analyze verify`.
+fn verify_unit(name: &str, exec_start: &str) {
+    let unit = deploy_dir().join("systemd").join(name);
+    let text = read(&unit);
+    for line in ["User=scramjet", exec_start] {
         assert!(text.lines().any(|l| l == line), "the unit lacks {line}");
     }
     // The scramjet user and binary do not exist here: verify a copy that runs
@@ -375,7 +399,7 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
         })
         .collect();
     let dir = tempfile::tempdir().expect("temporary directory");
-    let path = dir.path().join("scramjet.service");
+    let path = dir.path().join(name);
     std::fs::write(&path, copy).expect("write the unit copy");
 
     let output = match Command::new("systemd-analyze")
@@ -398,13 +422,24 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
     let complaints: Vec<_> = stdout
         .lines()
         .chain(stderr.lines())
-        .filter(|l| l.contains("scramjet.service"))
+        .filter(|l| l.contains(name))
         .collect();
     assert!(
         output.status.success() && complaints.is_empty(),
         "systemd-analyze verify failed ({}):\n{stdout}{stderr}",
         output.status
     );
+}
+
+#[test]
+fn the_relay_exports_exactly_the_relay_metrics_of_the_list() {
+    let exported = metric_names(&scramjet::metrics::RelayMetrics::new().render());
+    let listed: BTreeSet<String> = METRICS
+        .iter()
+        .filter(|m| m.starts_with("scramjet_relay_"))
+        .map(|m| (*m).to_owned())
+        .collect();
+    assert_eq!(exported, listed);
 }
 
 #[test]

@@ -1,11 +1,13 @@
 //! PostgreSQL: connection pool, database creation, migrations, and (in the
-//! submodules) every SQL statement the daemon runs. SQL lives only here, and
-//! every value goes in as a parameter.
+//! submodules) every SQL statement the daemon runs — and, in [`source`], the
+//! ones `scramjet relay` runs against a producer's database. SQL lives only
+//! here, and every value goes in as a parameter.
 
 pub mod batch;
 pub mod outbox;
 pub mod read;
 pub mod retention;
+pub mod source;
 pub mod sync;
 
 use std::{str::FromStr, time::Duration};

@@ -11,4 +11,5 @@ mod malformed;
 mod model;
 mod order;
 mod proxy;
+mod source_relay;
 mod tls;

@@ -1,0 +1,479 @@
+//! `scramjet relay`: moves the outbox of a source database — filled in the
+//! source's own transactions by the triggers of `deploy/triggers/postgresql.sql`
+//! — to the inbound exchange, so a database that cannot speak AMQP feeds
+//! Scramjet without code.
+//!
+//! Each round is one source transaction: take the relay lock, take the
+//! oldest rows (`FOR UPDATE SKIP LOCKED`, `seq` order), publish them with
+//! confirms, delete them, commit. A crash anywhere before the commit leaves
+//! the rows in place, so they are published again with the same
+//! `message_id` — which the daemon drops as duplicates (CONTRACT §4); nothing
+//! is lost. The lock (transaction-scoped, keyed by the outbox table) lets
+//! one relay at a time publish, so rows reach the broker strictly in `seq`
+//! order however many relays run: the others stand by and take over within
+//! `relay.poll_interval` when the active one dies.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use lapin::{BasicProperties, Connection};
+use tokio::{net::TcpListener, sync::Notify};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    amqp::{self, ConfirmPublisher, Outgoing},
+    app::connect_amqp_with_retries,
+    backoff::Backoff,
+    config::Settings,
+    health::RelayHealth,
+    http, message,
+    metrics::RelayMetrics,
+    store::{
+        StoreError,
+        source::{OutboxRow, Source},
+    },
+};
+
+/// Longest wait between two reconnection attempts.
+const RECONNECT_CAP: Duration = Duration::from_secs(30);
+/// How often the `scramjet_relay_pending` gauge is refreshed at most.
+const PENDING_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a batch may wait for the broker's confirms. A blocked broker
+/// (a memory or disk alarm) would otherwise hold the source transaction —
+/// and its row locks — open indefinitely; after this, the batch is rolled
+/// back and the connection replaced.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a relay round failed, by the side that must reconnect.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The source database failed; its connection is replaced.
+    #[error("source database: {0}")]
+    Source(#[from] StoreError),
+    /// RabbitMQ failed or refused a message; the broker connection is replaced.
+    #[error("publishing to RabbitMQ failed: {0:#}")]
+    Broker(anyhow::Error),
+}
+
+/// A broker connection with a confirm-mode channel.
+struct Broker {
+    /// The connection (its status tells whether it is still up).
+    connection: Connection,
+    /// Publishes with confirms.
+    publisher: ConfirmPublisher,
+}
+
+impl Broker {
+    /// Opens a confirm channel on `connection` (topology already declared).
+    async fn open(connection: Connection) -> anyhow::Result<Broker> {
+        let publisher = ConfirmPublisher::open(&connection).await?;
+        Ok(Broker {
+            connection,
+            publisher,
+        })
+    }
+
+    /// Connects once and declares the topology, so the inbound queue is bound
+    /// before anything is published (an unbound exchange would drop messages).
+    async fn connect(settings: &Settings) -> anyhow::Result<Broker> {
+        let connection = amqp::connect(&settings.amqp).await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .context("cannot open a RabbitMQ channel")?;
+        amqp::declare_topology(&channel, &settings.amqp).await?;
+        let _ = channel.close(200, "bye".into()).await;
+        Broker::open(connection).await
+    }
+
+    fn is_up(&self) -> bool {
+        self.connection.status().connected()
+    }
+
+    async fn close(self) {
+        self.publisher.close().await;
+        let _ = self.connection.close(200, "bye".into()).await;
+    }
+}
+
+/// A relay ready to run: both services reached once, the HTTP port bound.
+pub struct SourceRelay {
+    /// The settings it was built from.
+    settings: Arc<Settings>,
+    /// The bound HTTP listener (bound early so `http_addr` is known before `run`).
+    listener: Option<TcpListener>,
+    /// Its address.
+    http_addr: SocketAddr,
+    /// Connection state for `/readyz`.
+    health: Arc<RelayHealth>,
+    /// This relay's metrics.
+    metrics: RelayMetrics,
+    /// The bearer token `/metrics` requires, if any.
+    bearer_token: Option<Arc<str>>,
+    /// Poked by the source connection on every `NOTIFY`.
+    wake: Arc<Notify>,
+    /// The source connection opened at start-up.
+    first_source: Option<Source>,
+    /// The broker connection opened at start-up.
+    first_broker: Option<Broker>,
+}
+
+impl SourceRelay {
+    /// Reaches the source database (which must hold the outbox table) and
+    /// RabbitMQ (declaring the topology), each with `startup.connect_attempts`
+    /// tries, and binds `relay.http_listen`.
+    pub async fn build(settings: Settings) -> anyhow::Result<SourceRelay> {
+        settings.check()?;
+        settings.relay.source()?;
+        let settings = Arc::new(settings);
+        let bearer_token = settings.http.bearer_token()?.map(Arc::from);
+        let metrics = RelayMetrics::new();
+        let health = Arc::new(RelayHealth::new(&metrics));
+        let wake = Arc::new(Notify::new());
+
+        let mut attempt = 0;
+        let mut delay = Duration::from_millis(settings.startup.connect_backoff_ms);
+        let source = loop {
+            attempt += 1;
+            match Source::connect(&settings.relay, wake.clone()).await {
+                Ok(source) => break source,
+                Err(e) if attempt >= settings.startup.connect_attempts => {
+                    return Err(e.context(format!(
+                        "source database unavailable after {attempt} attempt(s)"
+                    )));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), attempt, "source database not available yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        };
+        health.set_source(true);
+        let broker = Broker::open(connect_amqp_with_retries(&settings).await?).await?;
+        health.set_amqp(true);
+
+        let listen = settings.relay.http_listen;
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen} (relay.http_listen)"))?;
+        let http_addr = listener.local_addr()?;
+        Ok(SourceRelay {
+            settings,
+            listener: Some(listener),
+            http_addr,
+            health,
+            metrics,
+            bearer_token,
+            wake,
+            first_source: Some(source),
+            first_broker: Some(broker),
+        })
+    }
+
+    /// The address of `/healthz`, `/readyz` and `/metrics`.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The relay's metrics (they stay readable after `run` returns).
+    pub fn metrics(&self) -> RelayMetrics {
+        self.metrics.clone()
+    }
+
+    /// Relays until `shutdown` fires: finishes the round in hand, closes the
+    /// connections. Either service failing is retried with backoff, forever.
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let tasks = TaskTracker::new();
+        let router = http::relay_router(http::RelayHttpState {
+            health: self.health.clone(),
+            metrics: self.metrics.clone(),
+            bearer_token: self.bearer_token.clone(),
+        });
+        let listener = self.listener.take().expect("run is called once");
+        let http_stop = shutdown.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(http_stop.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        tasks.close();
+        let r = &self.settings.relay;
+        tracing::info!(
+            http = %self.http_addr,
+            outbox = %r.outbox_table,
+            exchange = %self.settings.amqp.inbound_exchange,
+            "scramjet relay running"
+        );
+
+        let mut source = self.first_source.take();
+        let mut broker = self.first_broker.take();
+        let mut backoff = Backoff::new(RECONNECT_CAP);
+        let mut counted = None;
+        while !shutdown.is_cancelled() {
+            if let Err(e) = self.reconnect(&mut source, &mut broker).await {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "relay cannot reconnect");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => continue,
+                }
+            }
+            let (Some(s), Some(b)) = (source.as_mut(), broker.as_ref()) else {
+                unreachable!("reconnect leaves both connected or fails");
+            };
+            match self.drain(s, b, &shutdown, &mut counted).await {
+                Ok(()) => backoff.reset(),
+                Err(e) => {
+                    let service = match &e {
+                        RelayError::Source(_) => {
+                            source = None;
+                            self.health.set_source(false);
+                            "source"
+                        }
+                        RelayError::Broker(_) => {
+                            if let Some(b) = broker.take() {
+                                b.close().await;
+                            }
+                            self.health.set_amqp(false);
+                            "rabbitmq"
+                        }
+                    };
+                    self.metrics.reconnects.with_label_values(&[service]).inc();
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "relay round failed; reconnecting");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => continue,
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(r.poll_interval) => {}
+            }
+        }
+        if let Some(b) = broker.take() {
+            b.close().await;
+        }
+        drop(source);
+        self.health.set_source(false);
+        self.health.set_amqp(false);
+        tasks.wait().await;
+        tracing::info!("scramjet relay stopped");
+        Ok(())
+    }
+
+    /// Replaces a lost connection on either side (one attempt each).
+    async fn reconnect(
+        &self,
+        source: &mut Option<Source>,
+        broker: &mut Option<Broker>,
+    ) -> anyhow::Result<()> {
+        if source.as_ref().is_none_or(Source::is_closed) {
+            if source.take().is_some() {
+                self.metrics.reconnects.with_label_values(&["source"]).inc();
+            }
+            self.health.set_source(false);
+            *source = Some(Source::connect(&self.settings.relay, self.wake.clone()).await?);
+            self.health.set_source(true);
+            tracing::info!("connected to the source database");
+        }
+        if broker.as_ref().is_none_or(|b| !b.is_up()) {
+            if let Some(b) = broker.take() {
+                self.metrics
+                    .reconnects
+                    .with_label_values(&["rabbitmq"])
+                    .inc();
+                b.close().await;
+            }
+            self.health.set_amqp(false);
+            *broker = Some(Broker::connect(&self.settings).await?);
+            self.health.set_amqp(true);
+            tracing::info!("connected to RabbitMQ");
+        }
+        Ok(())
+    }
+
+    /// Rounds until the outbox is empty, another relay holds the lock, or
+    /// `shutdown` fires (the round in hand is finished first).
+    async fn drain(
+        &self,
+        source: &mut Source,
+        broker: &Broker,
+        shutdown: &CancellationToken,
+        counted: &mut Option<Instant>,
+    ) -> Result<(), RelayError> {
+        let batch_size = self.settings.relay.batch_size;
+        loop {
+            let taken = self.round(source, broker).await?;
+            if counted.is_none_or(|at| at.elapsed() >= PENDING_INTERVAL) {
+                self.metrics.pending.set(source.pending().await?);
+                *counted = Some(Instant::now());
+            }
+            match taken {
+                Some(n) if n as i64 == batch_size && !shutdown.is_cancelled() => continue,
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// One transaction: lock, take, publish with confirms, delete, commit.
+    /// Returns how many rows went out, or `None` when standing by.
+    async fn round(
+        &self,
+        source: &mut Source,
+        broker: &Broker,
+    ) -> Result<Option<usize>, RelayError> {
+        let batch = source.begin().await?;
+        let Some(rows) = batch.take(self.settings.relay.batch_size).await? else {
+            batch.rollback().await?;
+            self.metrics.active.set(0);
+            return Ok(None);
+        };
+        self.metrics.active.set(1);
+        if rows.is_empty() {
+            batch.rollback().await?;
+            return Ok(Some(0));
+        }
+        let exchange = self.settings.amqp.inbound_exchange.as_str();
+        let prepared: Vec<(String, String, BasicProperties)> = rows.iter().map(prepare).collect();
+        let messages = prepared
+            .iter()
+            .map(|(routing_key, body, properties)| Outgoing {
+                exchange,
+                routing_key,
+                body: body.as_bytes(),
+                properties: properties.clone(),
+            })
+            .collect();
+        // On failure the batch is dropped, which rolls back: the rows stay.
+        match tokio::time::timeout(PUBLISH_TIMEOUT, broker.publisher.publish_all(messages)).await {
+            Ok(published) => published.map_err(RelayError::Broker)?,
+            Err(_) => {
+                return Err(RelayError::Broker(anyhow::anyhow!(
+                    "no confirms within {} s",
+                    PUBLISH_TIMEOUT.as_secs()
+                )));
+            }
+        }
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        batch.delete_and_commit(&seqs).await?;
+        for row in &rows {
+            // Bounded label values, whatever a hand-made outbox holds.
+            let action = row
+                .action
+                .as_deref()
+                .filter(|a| matches!(*a, "save" | "delete"))
+                .unwrap_or("other");
+            self.metrics.messages.with_label_values(&[action]).inc();
+        }
+        self.metrics.delay.observe(rows[0].waited);
+        tracing::debug!(
+            published = rows.len(),
+            first_seq = seqs[0],
+            "outbox rows published"
+        );
+        Ok(Some(rows.len()))
+    }
+}
+
+/// The routing key, body and properties of one outbox row.
+///
+/// The relay does not judge rows: a row that cannot form a valid message (a
+/// NULL id, a bad type name) is published as it is, and the daemon — the one
+/// validator — dead-letters it with its reason. So a bad row never stops the
+/// relay or the rows behind it, and nothing disappears silently.
+pub fn prepare(row: &OutboxRow) -> (String, String, BasicProperties) {
+    let json = |s: &Option<String>| serde_json::to_string(s).expect("a string serializes");
+    let mut body = format!(
+        r#"{{"action":{},"type":{},"id":{},"version":{}"#,
+        json(&row.action),
+        json(&row.entity_type),
+        json(&row.id),
+        row.seq
+    );
+    if let Some(data) = &row.data {
+        // jsonb's text form: valid JSON, numbers exactly as stored.
+        body.push_str(r#","data":"#);
+        body.push_str(data);
+    }
+    body.push('}');
+    let routing_key = match (row.entity_type.as_deref(), row.action.as_deref()) {
+        (Some(t), Some(a @ ("save" | "delete"))) if message::check_type(t).is_ok() => {
+            format!("{t}.{a}")
+        }
+        _ => "invalid".to_owned(),
+    };
+    let mut properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_app_id("scramjet-relay".into());
+    match &row.message_id {
+        // An AMQP short string holds at most 255 bytes.
+        Some(id) if id.len() <= 255 => {
+            properties = properties.with_message_id(id.as_str().into());
+        }
+        Some(_) => {
+            tracing::warn!(
+                seq = row.seq,
+                "outbox message_id longer than 255 bytes; published without one"
+            );
+        }
+        None => {}
+    }
+    (routing_key, body, properties)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(action: &str, entity_type: &str, id: Option<&str>, data: Option<&str>) -> OutboxRow {
+        OutboxRow {
+            seq: 42,
+            message_id: Some("m-42".into()),
+            action: Some(action.into()),
+            entity_type: Some(entity_type.into()),
+            id: id.map(Into::into),
+            data: data.map(Into::into),
+            waited: 0.0,
+        }
+    }
+
+    #[test]
+    fn a_save_row_becomes_a_contract_message_with_its_seq_as_version() {
+        let (key, body, props) = prepare(&row(
+            "save",
+            "person",
+            Some("O'Brien \"x\""),
+            Some(r#"{"big": 12345678901234567890123, "name": "Ada"}"#),
+        ));
+        assert_eq!(key, "person.save");
+        let m = message::decode(body.as_bytes(), message::Limits::default()).unwrap();
+        assert_eq!(m.entity_type, "person");
+        assert_eq!(m.id, "O'Brien \"x\"");
+        assert_eq!(m.version, Some(42));
+        assert!(body.contains("12345678901234567890123"), "{body}");
+        assert_eq!(props.message_id().as_ref().unwrap().as_str(), "m-42");
+        assert_eq!(props.delivery_mode(), &Some(2));
+    }
+
+    #[test]
+    fn a_delete_row_carries_no_data_and_a_bad_row_is_still_published_for_the_daemon_to_judge() {
+        let (key, body, _) = prepare(&row("delete", "person", Some("p1"), None));
+        assert_eq!(key, "person.delete");
+        assert!(message::decode(body.as_bytes(), message::Limits::default()).is_ok());
+        let (key, body, _) = prepare(&row("save", "no.dots", None, Some("{}")));
+        assert_eq!(key, "invalid");
+        assert!(message::decode(body.as_bytes(), message::Limits::default()).is_err());
+    }
+}
