@@ -3,7 +3,9 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use scramjet::{admin, app::App, bench, config::Settings, replay, revalidate, store, telemetry};
+use scramjet::{
+    admin, app::App, bench, config::Settings, filter, replay, revalidate, store, telemetry,
+};
 use tokio_util::sync::CancellationToken;
 
 /// Keeps a validated cache of JSON entities and publishes exactly what changed.
@@ -76,6 +78,10 @@ enum Command {
         /// Only this type.
         #[arg(long = "type", value_name = "TYPE")]
         entity_type: Option<String>,
+        /// Only rows whose id and data match this filter (docs/filters.md),
+        /// e.g. 'age >= 30 and dept in ("a", "b")'.
+        #[arg(long = "where", value_name = "FILTER")]
+        filter: Option<String>,
     },
     /// Publish `snapshot` events of current resources (through the outbox,
     /// so a running daemon publishes them in order with live changes).
@@ -86,6 +92,10 @@ enum Command {
         /// Only resources changed at or after this RFC 3339 time.
         #[arg(long, value_name = "TIME")]
         since: Option<String>,
+        /// Only resources matching this filter (docs/filters.md),
+        /// e.g. 'dept_id in department(name = "Physics")'.
+        #[arg(long = "where", value_name = "FILTER")]
+        filter: Option<String>,
         /// Prefix for the routing key, e.g. "replay." gives "replay.<type>.snapshot".
         #[arg(long, default_value = "")]
         routing_prefix: String,
@@ -163,14 +173,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             admin::send(&settings, &request).await
         }
         Command::Status => admin::status(&settings).await,
-        Command::Revalidate { entity_type } => {
-            revalidate::revalidate(&settings, entity_type.as_deref())
+        Command::Revalidate {
+            entity_type,
+            filter,
+        } => {
+            let filter = parse_where(filter.as_deref())?;
+            revalidate::revalidate(&settings, entity_type.as_deref(), filter.as_ref())
                 .await
                 .map(drop)
         }
         Command::Replay {
             entity_type,
             since,
+            filter,
             routing_prefix,
             after,
             page,
@@ -190,9 +205,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (1..=10_000).contains(&page),
                 "--page must be from 1 to 10000"
             );
+            let filter = parse_where(filter.as_deref())?;
             let request = replay::ReplayRequest {
                 entity_type,
                 since,
+                filter,
                 routing_prefix,
                 after,
                 page,
@@ -225,6 +242,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             app.run(shutdown).await
         }
     }
+}
+
+/// The `--where` option, parsed.
+fn parse_where(text: Option<&str>) -> anyhow::Result<Option<filter::Filter>> {
+    text.map(|t| filter::parse(t).map_err(|e| anyhow::anyhow!("--where: {e}")))
+        .transpose()
 }
 
 /// Reloads the schemas on every SIGHUP; a broken schema keeps the old ones.

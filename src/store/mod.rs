@@ -1,6 +1,7 @@
 //! PostgreSQL: connection pool, database creation, migrations, and (in the
-//! submodules) every SQL statement the daemon runs. SQL lives only here, and
-//! every value goes in as a parameter.
+//! submodules) every SQL statement the daemon runs. SQL lives only here (and
+//! in the expressions [`crate::filter`] renders for the statements here to
+//! embed), and every value goes in as a parameter.
 
 pub mod batch;
 pub mod outbox;

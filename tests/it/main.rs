@@ -5,6 +5,7 @@ mod api;
 mod cli;
 mod events;
 mod faults;
+mod filters;
 mod helpers;
 mod malformed;
 mod model;
