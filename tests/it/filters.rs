@@ -111,6 +111,47 @@ async fn each_operator_on_the_list_endpoint_selects_exactly_the_matching_resourc
 }
 
 #[tokio::test]
+async fn a_rendered_filter_is_never_null_so_its_negation_selects_the_rest() {
+    let mut app = spawn_app().await;
+    seed(&mut app).await;
+    for (filter, negated) in [
+        // p4 has no age: the condition is false for it, so NOT selects it.
+        ("age != 36", &["p1", "p4"][..]),
+        ("age > 29", &["p2", "p4"]),
+        (r#"rank >= "0""#, &["p1", "p3", "p4"]),
+        (r#"address.city in ("Oslo")"#, &["p2", "p3", "p4"]),
+        (r#"dept in department(name = "Physics")"#, &["p2", "p4"]),
+        // p1 has no `active`: false for it too, so only p4 matches.
+        (
+            r#"id in ("p1", "p4") and active != true"#,
+            &["p1", "p2", "p3"],
+        ),
+    ] {
+        let parsed = scramjet::filter::parse(filter).unwrap();
+        let mut params = scramjet::filter::SqlParams::new();
+        let t = params.push("person".to_owned());
+        let sql = parsed.to_sql("r", &mut params);
+        let rows = app
+            .db
+            .query(
+                &format!(
+                    "SELECT r.id, ({sql}) IS NULL FROM resources r \
+                     WHERE r.type = {t} AND (NOT {sql} OR ({sql}) IS NULL) ORDER BY r.id"
+                ),
+                &params.as_refs(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{filter}: {e}"));
+        let ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        assert_eq!(ids, negated, "NOT ({filter})");
+        assert!(
+            rows.iter().all(|r| !r.get::<_, bool>(1)),
+            "{filter} gave NULL"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_filtered_list_pages_with_the_same_cursor_and_a_bad_filter_is_a_400() {
     let mut app = spawn_app().await;
     seed(&mut app).await;
