@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use crate::{
+    filter,
     health::{Health, RelayHealth},
     message,
     metrics::{Metrics, RelayMetrics},
@@ -277,15 +278,15 @@ fn reject_unknown(params: &HashMap<String, String>, known: &[&str]) -> Result<()
     }
 }
 
-/// `GET /v1/resources/{type}?updated_since=…&after=…&limit=…`: a page of
-/// resources in id order; `next` is the cursor for the following page.
+/// `GET /v1/resources/{type}?updated_since=…&where=…&after=…&limit=…`: a page
+/// of resources in id order; `next` is the cursor for the following page.
 async fn resources(
     State(state): State<HttpState>,
     Path(entity_type): Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     check_type(&entity_type)?;
-    reject_unknown(&params, &["updated_since", "after", "limit"])?;
+    reject_unknown(&params, &["updated_since", "where", "after", "limit"])?;
     let (limit, after) = paging(&params)?;
     let updated_since = match params.get("updated_since") {
         None => None,
@@ -295,11 +296,16 @@ async fn resources(
             )
         })?),
     };
+    let filter = params
+        .get("where")
+        .map(|text| filter::parse(text).map_err(|e| ApiError::bad_request(format!("where: {e}"))))
+        .transpose()?;
     let rows = read::resources_page(
         &state.pool,
         &entity_type,
         after.as_deref(),
         updated_since,
+        filter.as_ref(),
         limit,
     )
     .await?;

@@ -25,6 +25,7 @@
 //! | [`pipeline`] | a batch → per-message outcomes and net writes, in one transaction |
 //! | [`event`] | change event bodies |
 //! | [`store`] | all SQL: pool, migrations, batch writes, outbox, a source's outbox |
+//! | [`filter`] | `--where` / `?where=` filters: parsed, then rendered to parameterized SQL |
 //! | [`relay`] | outbox → changes exchange, deleting only what the broker confirmed |
 //! | [`source_relay`] | `scramjet relay`: a producer database's outbox → inbound exchange |
 //! | [`http`] | `/healthz`, `/readyz`, `/metrics`, the read API |
@@ -47,6 +48,7 @@ pub mod canonical;
 pub mod config;
 pub mod consumer;
 pub mod event;
+pub mod filter;
 pub mod health;
 pub mod http;
 pub mod message;

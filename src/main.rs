@@ -8,7 +8,7 @@ use scramjet::{
     app::App,
     bench, bulk,
     config::{Secret, Settings},
-    replay, revalidate,
+    filter, replay, revalidate,
     source_relay::SourceRelay,
     store, telemetry,
 };
@@ -92,6 +92,10 @@ enum Command {
         /// Only this type.
         #[arg(long = "type", value_name = "TYPE")]
         entity_type: Option<String>,
+        /// Only rows whose id and data match this filter (docs/filters.md),
+        /// e.g. 'age >= 30 and dept in ("a", "b")'.
+        #[arg(long = "where", value_name = "FILTER")]
+        filter: Option<String>,
     },
     /// Publish `snapshot` events of current resources (through the outbox,
     /// so a running daemon publishes them in order with live changes).
@@ -102,6 +106,10 @@ enum Command {
         /// Only resources changed at or after this RFC 3339 time.
         #[arg(long, value_name = "TIME")]
         since: Option<String>,
+        /// Only resources matching this filter (docs/filters.md),
+        /// e.g. 'dept_id in department(name = "Physics")'.
+        #[arg(long = "where", value_name = "FILTER")]
+        filter: Option<String>,
         /// Prefix for the routing key, e.g. "replay." gives "replay.<type>.snapshot".
         #[arg(long, default_value = "")]
         routing_prefix: String,
@@ -145,6 +153,11 @@ enum Command {
         /// With --full-set, refuse to delete more than this share of the type.
         #[arg(long, default_value_t = 0.5, value_name = "RATIO")]
         max_delete_ratio: f64,
+        /// With --full-set: the input is the full set of only the resources
+        /// matching this filter (docs/filters.md), e.g. 'dept = "physics"';
+        /// no other resource is deleted.
+        #[arg(long = "where", value_name = "FILTER", requires = "full_set")]
+        filter: Option<String>,
         /// Report what would happen; change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -234,6 +247,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             full_set,
             allow_delete_all,
             max_delete_ratio,
+            filter,
             dry_run,
             chunk,
         } => {
@@ -250,6 +264,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 max_delete_ratio,
                 dry_run,
                 chunk,
+                scope: parse_where(filter.as_deref())?,
                 ..bulk::IngestOptions::new(entity_type)
             };
             bulk::command::ingest(&settings, &input, format, &options).await
@@ -257,14 +272,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Delete { entity_type, ids } => {
             bulk::command::delete(&settings, &entity_type, &ids).await
         }
-        Command::Revalidate { entity_type } => {
-            revalidate::revalidate(&settings, entity_type.as_deref())
+        Command::Revalidate {
+            entity_type,
+            filter,
+        } => {
+            let filter = parse_where(filter.as_deref())?;
+            revalidate::revalidate(&settings, entity_type.as_deref(), filter.as_ref())
                 .await
                 .map(drop)
         }
         Command::Replay {
             entity_type,
             since,
+            filter,
             routing_prefix,
             after,
             page,
@@ -284,9 +304,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (1..=10_000).contains(&page),
                 "--page must be from 1 to 10000"
             );
+            let filter = parse_where(filter.as_deref())?;
             let request = replay::ReplayRequest {
                 entity_type,
                 since,
+                filter,
                 routing_prefix,
                 after,
                 page,
@@ -328,6 +350,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             app.run(shutdown).await
         }
     }
+}
+
+/// The `--where` option, parsed.
+fn parse_where(text: Option<&str>) -> anyhow::Result<Option<filter::Filter>> {
+    text.map(|t| filter::parse(t).map_err(|e| anyhow::anyhow!("--where: {e}")))
+        .transpose()
 }
 
 /// Reloads the schemas on every SIGHUP; a broken schema keeps the old ones.

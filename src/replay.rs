@@ -17,6 +17,7 @@ use crate::{
     canonical,
     config::Settings,
     event::{self, Event, EventFields, Op},
+    filter::Filter,
     message, store,
 };
 
@@ -27,6 +28,8 @@ pub struct ReplayRequest {
     pub entity_type: String,
     /// Only resources changed at or after this time.
     pub since: Option<OffsetDateTime>,
+    /// Only resources matching this filter (`--where`).
+    pub filter: Option<Filter>,
     /// Put before `<type>.snapshot` in the routing key, e.g. `replay.`.
     pub routing_prefix: String,
     /// Resume after this id (byte order).
@@ -56,6 +59,7 @@ pub async fn replay(settings: &Settings, req: &ReplayRequest) -> anyhow::Result<
             &req.entity_type,
             after.as_deref(),
             req.since,
+            req.filter.as_ref(),
             req.page,
         )
         .await?;

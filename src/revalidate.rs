@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use crate::{
     config::Settings,
+    filter::Filter,
     message::{Action, Inbound},
     pipeline::{self, Outcome, Prepared},
     store::{self, StoreError},
@@ -37,8 +38,13 @@ pub struct Summary {
     pub still_invalid: u64,
 }
 
-/// Revalidates the rejected rows of `entity_type` (all types when `None`).
-pub async fn revalidate(settings: &Settings, entity_type: Option<&str>) -> anyhow::Result<Summary> {
+/// Revalidates the rejected rows of `entity_type` (all types when `None`)
+/// whose `id` and `data` match `filter` (all when `None`).
+pub async fn revalidate(
+    settings: &Settings,
+    entity_type: Option<&str>,
+    filter: Option<&Filter>,
+) -> anyhow::Result<Summary> {
     let schemas = SchemaRegistry::load(
         &settings.validation.schema_dir,
         settings.validation.unknown_types,
@@ -48,7 +54,7 @@ pub async fn revalidate(settings: &Settings, entity_type: Option<&str>) -> anyho
     let mut after: Option<(String, String)> = None;
     loop {
         let page = loop {
-            match page(&pool, &schemas, entity_type, after.as_ref()).await {
+            match page(&pool, &schemas, entity_type, filter, after.as_ref()).await {
                 Err(StoreError::Transient(e)) => {
                     tracing::warn!(error = %e, "revalidation page failed; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -85,11 +91,12 @@ async fn page(
     pool: &deadpool_postgres::Pool,
     schemas: &SchemaRegistry,
     entity_type: Option<&str>,
+    filter: Option<&Filter>,
     after: Option<&(String, String)>,
 ) -> Result<Option<((String, String), Summary)>, StoreError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let rows = store::read::lock_rejected(&tx, entity_type, after, PAGE).await?;
+    let rows = store::read::lock_rejected(&tx, entity_type, after, filter, PAGE).await?;
     let Some(last) = rows.last().map(|r| (r.0.clone(), r.1.clone())) else {
         return Ok(None);
     };

@@ -58,6 +58,7 @@ pub use input::{BadRecord, Format, Record, RecordShape, Records};
 
 use crate::{
     config::Settings,
+    filter::Filter,
     health::Health,
     message::{Action, Inbound, Limits},
     metrics::Metrics,
@@ -106,6 +107,9 @@ pub struct IngestOptions {
     pub dry_run: bool,
     /// Records per transaction.
     pub chunk: usize,
+    /// With `full_set`: the input is the full set of only these resources
+    /// (e.g. one department's people); resources outside it are never deleted.
+    pub scope: Option<Filter>,
 }
 
 impl IngestOptions {
@@ -121,6 +125,7 @@ impl IngestOptions {
             max_delete_ratio: 0.5,
             dry_run: false,
             chunk: DEFAULT_CHUNK,
+            scope: None,
         }
     }
 }
@@ -319,14 +324,16 @@ impl Scramjet {
             .context("interrupted")
     }
 
-    /// Up to `limit` resources of a type, in id order after `after`.
+    /// Up to `limit` resources of a type matching `filter` (all when
+    /// `None`), in id order after `after`.
     pub async fn list(
         &self,
         entity_type: &str,
+        filter: Option<&Filter>,
         after: Option<&str>,
         limit: i64,
     ) -> anyhow::Result<Vec<read::Resource>> {
-        Ok(read::resources_page(&self.pool, entity_type, after, None, limit).await?)
+        Ok(read::resources_page(&self.pool, entity_type, after, None, filter, limit).await?)
     }
 
     /// Deletes the resources `ids` of `entity_type` (the original's
@@ -569,8 +576,9 @@ impl Scramjet {
                 summary.refused.len()
             )));
         }
-        let unseen = sync::count_unseen(client, entity_type, began).await?;
-        let total = sync::count_resources(client, entity_type).await?;
+        let scope = options.scope.as_ref();
+        let unseen = sync::count_unseen(client, entity_type, scope, began).await?;
+        let total = sync::count_scope(client, entity_type, scope).await?;
         if summary.records == 0 && unseen > 0 && !options.allow_delete_all {
             return Ok(DeleteStep::Refused(format!(
                 "the input is empty; it would delete all {unseen} resource(s) \
@@ -592,9 +600,7 @@ impl Scramjet {
         let mut after = String::new();
         let mut done = 0u64;
         loop {
-            let (ids, outcomes) = self
-                .delete_page(client, entity_type, began, &after, options.chunk)
-                .await?;
+            let (ids, outcomes) = self.delete_page(client, options, began, &after).await?;
             let Some(last) = ids.last() else { break };
             after = last.clone();
             for outcome in outcomes {
@@ -614,17 +620,18 @@ impl Scramjet {
     async fn delete_page(
         &self,
         client: &mut deadpool_postgres::Client,
-        entity_type: &str,
+        options: &IngestOptions,
         began: time::OffsetDateTime,
         after: &str,
-        limit: usize,
     ) -> anyhow::Result<(Vec<String>, Vec<Outcome>)> {
+        let entity_type = options.entity_type.as_str();
+        let (scope, limit) = (options.scope.as_ref(), options.chunk as i64);
         let mut delay = Duration::from_millis(100);
         loop {
             let attempt = async {
                 let tx = client.transaction().await?;
                 let ids =
-                    sync::lock_unseen_page(&tx, entity_type, began, after, limit as i64).await?;
+                    sync::lock_unseen_page(&tx, entity_type, scope, began, after, limit).await?;
                 let prepared: Vec<Prepared> = ids
                     .iter()
                     .map(|id| self.prepare_delete(entity_type, id))

@@ -1,7 +1,8 @@
 //! PostgreSQL: connection pool, database creation, migrations, and (in the
 //! submodules) every SQL statement the daemon runs — and, in [`source`], the
 //! ones `scramjet relay` runs against a producer's database. SQL lives only
-//! here, and every value goes in as a parameter.
+//! here (and in the expressions [`crate::filter`] renders for the statements
+//! here to embed), and every value goes in as a parameter.
 
 pub mod batch;
 pub mod outbox;

@@ -1,10 +1,14 @@
-//! Read-only queries for the HTTP API and the metrics gauges.
+//! Read-only queries for the HTTP API and the metrics gauges, and the
+//! locking page reads of `replay` and `revalidate`. A statement that takes a
+//! [`Filter`] splices in the SQL the filter renders, which holds only
+//! constants and placeholders; its values travel as parameters.
 
-use deadpool_postgres::Pool;
+use deadpool_postgres::{GenericClient, Pool};
 use serde_json::Value;
 use time::OffsetDateTime;
 
 use super::StoreError;
+use crate::filter::{Filter, SqlParams};
 
 /// A `resources` row as the API shows it.
 #[derive(Debug)]
@@ -83,27 +87,20 @@ pub async fn resource_by_id(
 }
 
 /// Up to `limit` resources of a type with ids after `after` (byte order),
-/// changed at or after `updated_since` when given. Paging by id is stable:
-/// rows added or changed meanwhile never shift the pages.
+/// changed at or after `updated_since` when given, matching `filter` when
+/// given. Paging by id is stable: rows added or changed meanwhile never
+/// shift the pages.
 pub async fn resources_page(
     pool: &Pool,
     entity_type: &str,
     after: Option<&str>,
     updated_since: Option<OffsetDateTime>,
+    filter: Option<&Filter>,
     limit: i64,
 ) -> Result<Vec<Resource>, StoreError> {
     let client = pool.get().await?;
-    let stmt = client
-        .prepare_cached(
-            "SELECT type, id, hash, data, version, created_at, updated_at \
-             FROM resources \
-             WHERE type = $1 AND ($2::text IS NULL OR id > $2) \
-               AND ($3::timestamptz IS NULL OR updated_at >= $3) \
-             ORDER BY id LIMIT $4",
-        )
-        .await?;
-    client
-        .query(&stmt, &[&entity_type, &after, &updated_since, &limit])
+    let (sql, params) = resources_page_sql(entity_type, after, updated_since, filter, limit, "");
+    query(&client, &sql, &params, filter.is_some())
         .await?
         .iter()
         .map(resource)
@@ -117,22 +114,67 @@ pub async fn lock_resources_page(
     entity_type: &str,
     after: Option<&str>,
     updated_since: Option<OffsetDateTime>,
+    filter: Option<&Filter>,
     limit: i64,
 ) -> Result<Vec<Resource>, StoreError> {
-    let stmt = tx
-        .prepare_cached(
-            "SELECT type, id, hash, data, version, created_at, updated_at \
-             FROM resources \
-             WHERE type = $1 AND ($2::text IS NULL OR id > $2) \
-               AND ($3::timestamptz IS NULL OR updated_at >= $3) \
-             ORDER BY id LIMIT $4 FOR SHARE",
-        )
-        .await?;
-    tx.query(&stmt, &[&entity_type, &after, &updated_since, &limit])
+    let (sql, params) = resources_page_sql(
+        entity_type,
+        after,
+        updated_since,
+        filter,
+        limit,
+        " FOR SHARE OF r",
+    );
+    query(tx, &sql, &params, filter.is_some())
         .await?
         .iter()
         .map(resource)
         .collect()
+}
+
+/// The statement behind [`resources_page`] and [`lock_resources_page`].
+fn resources_page_sql(
+    entity_type: &str,
+    after: Option<&str>,
+    updated_since: Option<OffsetDateTime>,
+    filter: Option<&Filter>,
+    limit: i64,
+    lock: &str,
+) -> (String, SqlParams) {
+    let mut params = SqlParams::new();
+    let t = params.push(entity_type.to_owned());
+    let a = params.push(after.map(str::to_owned));
+    let u = params.push(updated_since);
+    let l = params.push(limit);
+    let matching = filter.map_or_else(|| "true".to_owned(), |f| f.to_sql("r", &mut params));
+    let sql = format!(
+        "SELECT r.type, r.id, r.hash, r.data, r.version, r.created_at, r.updated_at \
+         FROM resources r \
+         WHERE r.type = {t} AND ({a}::text IS NULL OR r.id > {a}) \
+           AND ({u}::timestamptz IS NULL OR r.updated_at >= {u}) \
+           AND {matching} \
+         ORDER BY r.id LIMIT {l}{lock}"
+    );
+    (sql, params)
+}
+
+/// Runs a statement that may embed a filter. Without one its text is fixed
+/// and goes through the per-connection statement cache; with one the text
+/// varies with the filter, so it is prepared for this call only (caching it
+/// would let the cache grow with every distinct filter).
+async fn query(
+    client: &impl GenericClient,
+    sql: &str,
+    params: &SqlParams,
+    filtered: bool,
+) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+    let refs = params.as_refs();
+    if filtered {
+        Ok(client.query(sql, &refs).await?)
+    } else {
+        let stmt = client.prepare_cached(sql).await?;
+        Ok(client.query(&stmt, &refs).await?)
+    }
 }
 
 /// Up to `limit` rejected staging rows of a type with ids after `after`.
@@ -166,26 +208,35 @@ pub async fn rejected_page(
 }
 
 /// Locks (`FOR UPDATE`) and returns up to `limit` rejected staging rows, of
-/// one type or all, after the key `after`, in key order.
+/// one type or all, after the key `after`, in key order; only those whose
+/// `id` and `data` match `filter` when given.
 pub async fn lock_rejected(
     tx: &deadpool_postgres::Transaction<'_>,
     entity_type: Option<&str>,
     after: Option<&(String, String)>,
+    filter: Option<&Filter>,
     limit: i64,
 ) -> Result<Vec<(String, String, Option<Value>)>, StoreError> {
-    let stmt = tx
-        .prepare_cached(
-            "SELECT type, id, data FROM staging \
-             WHERE is_valid = false AND ($1::text IS NULL OR type = $1) \
-               AND ($2::text IS NULL OR (type, id) > ($2::text COLLATE \"C\", $3::text COLLATE \"C\")) \
-             ORDER BY type, id LIMIT $4 FOR UPDATE",
-        )
-        .await?;
     let (after_type, after_id) = match after {
-        Some((t, i)) => (Some(t.as_str()), Some(i.as_str())),
+        Some((t, i)) => (Some(t.clone()), Some(i.clone())),
         None => (None, None),
     };
-    tx.query(&stmt, &[&entity_type, &after_type, &after_id, &limit])
+    let mut params = SqlParams::new();
+    let t = params.push(entity_type.map(str::to_owned));
+    let at = params.push(after_type);
+    let ai = params.push(after_id);
+    let l = params.push(limit);
+    let matching = filter.map_or_else(|| "true".to_owned(), |f| f.to_sql("st", &mut params));
+    // The filter's sub-filters read `resources`; `FOR UPDATE OF st` locks
+    // only the staging rows, not the resources a sub-filter looked at.
+    let sql = format!(
+        "SELECT st.type, st.id, st.data FROM staging st \
+         WHERE st.is_valid = false AND ({t}::text IS NULL OR st.type = {t}) \
+           AND ({at}::text IS NULL OR (st.type, st.id) > ({at}::text COLLATE \"C\", {ai}::text COLLATE \"C\")) \
+           AND {matching} \
+         ORDER BY st.type, st.id LIMIT {l} FOR UPDATE OF st"
+    );
+    query(tx, &sql, &params, filter.is_some())
         .await?
         .iter()
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))

@@ -9,6 +9,7 @@ use deadpool_postgres::{Client, Transaction};
 use time::OffsetDateTime;
 
 use super::StoreError;
+use crate::filter::{Filter, SqlParams};
 
 /// Creates (or empties) the session's table of seen ids.
 pub async fn begin_seen(client: &Client) -> Result<(), StoreError> {
@@ -48,50 +49,88 @@ pub async fn now(client: &Client) -> Result<OffsetDateTime, StoreError> {
     Ok(client.query_one("SELECT now()", &[]).await?.try_get(0)?)
 }
 
-/// Counts the resources of `entity_type`.
-pub async fn count_resources(client: &Client, entity_type: &str) -> Result<i64, StoreError> {
-    let stmt = client
-        .prepare_cached("SELECT count(*) FROM resources WHERE type = $1")
-        .await?;
-    Ok(client.query_one(&stmt, &[&entity_type]).await?.try_get(0)?)
+/// The scope of a sync: the resources of `entity_type` matching `filter`.
+fn scope(entity_type: &str, filter: Option<&Filter>, params: &mut SqlParams) -> String {
+    let t = params.push(entity_type.to_owned());
+    match filter {
+        None => format!("r.type = {t}"),
+        Some(f) => format!("r.type = {t} AND ({})", f.to_sql("r", params)),
+    }
 }
 
-/// The condition shared by the two statements below: a resource of `$1`
-/// not seen in the input and not changed since the sync began (`$2`), so
-/// that a save the daemon committed meanwhile is never deleted.
-const UNSEEN: &str = "r.type = $1 AND r.updated_at < $2 \
-     AND NOT EXISTS (SELECT 1 FROM scramjet_seen s WHERE s.id = r.id)";
+/// The resources of the scope not seen in the input and not changed since
+/// the sync began, so that a save the daemon committed meanwhile is never
+/// deleted.
+fn unseen(
+    entity_type: &str,
+    filter: Option<&Filter>,
+    began: OffsetDateTime,
+    params: &mut SqlParams,
+) -> String {
+    let scope = scope(entity_type, filter, params);
+    let b = params.push(began);
+    format!(
+        "{scope} AND r.updated_at < {b} \
+         AND NOT EXISTS (SELECT 1 FROM scramjet_seen s WHERE s.id = r.id)"
+    )
+}
+
+/// Counts the resources in the scope of a sync.
+pub async fn count_scope(
+    client: &Client,
+    entity_type: &str,
+    filter: Option<&Filter>,
+) -> Result<i64, StoreError> {
+    let mut params = SqlParams::new();
+    let sql = format!(
+        "SELECT count(*) FROM resources r WHERE {}",
+        scope(entity_type, filter, &mut params)
+    );
+    Ok(client
+        .query_one(&sql, &params.as_refs())
+        .await?
+        .try_get(0)?)
+}
 
 /// Counts the resources a sync would delete.
 pub async fn count_unseen(
     client: &Client,
     entity_type: &str,
-    started: OffsetDateTime,
+    filter: Option<&Filter>,
+    began: OffsetDateTime,
 ) -> Result<i64, StoreError> {
-    let sql = format!("SELECT count(*) FROM resources r WHERE {UNSEEN}");
-    let stmt = client.prepare_cached(&sql).await?;
+    let mut params = SqlParams::new();
+    let sql = format!(
+        "SELECT count(*) FROM resources r WHERE {}",
+        unseen(entity_type, filter, began, &mut params)
+    );
     Ok(client
-        .query_one(&stmt, &[&entity_type, &started])
+        .query_one(&sql, &params.as_refs())
         .await?
         .try_get(0)?)
 }
 
 /// Locks (`FOR UPDATE`) and returns up to `limit` ids to delete, in id
 /// order after `after`. The condition is checked again on rows changed
-/// while this waited for their lock, so a row updated meanwhile is skipped.
+/// while this waited for their lock, so a row updated meanwhile is skipped
+/// (and a page may come back short: only an empty one ends the step).
 pub async fn lock_unseen_page(
     tx: &Transaction<'_>,
     entity_type: &str,
-    started: OffsetDateTime,
+    filter: Option<&Filter>,
+    began: OffsetDateTime,
     after: &str,
     limit: i64,
 ) -> Result<Vec<String>, StoreError> {
+    let mut params = SqlParams::new();
+    let condition = unseen(entity_type, filter, began, &mut params);
+    let after = params.push(after.to_owned());
+    let limit = params.push(limit);
     let sql = format!(
-        "SELECT r.id FROM resources r WHERE {UNSEEN} AND r.id > $3 \
-         ORDER BY r.id LIMIT $4 FOR UPDATE OF r"
+        "SELECT r.id FROM resources r WHERE {condition} AND r.id > {after} \
+         ORDER BY r.id LIMIT {limit} FOR UPDATE OF r"
     );
-    let stmt = tx.prepare_cached(&sql).await?;
-    tx.query(&stmt, &[&entity_type, &started, &after, &limit])
+    tx.query(&sql, &params.as_refs())
         .await?
         .iter()
         .map(|r| r.try_get(0).map_err(StoreError::from))

@@ -423,3 +423,42 @@ async fn an_ingest_beside_the_daemon_on_the_same_ids_never_loses_the_newer_save(
         "{summary}"
     );
 }
+
+#[tokio::test]
+async fn a_full_set_with_a_scope_deletes_only_inside_it() {
+    let mut app = spawn_app().await;
+    let people = vec![
+        json!({"id": "a1", "name": "x", "dept": "a"}),
+        json!({"id": "a2", "name": "x", "dept": "a"}),
+        json!({"id": "a3", "name": "x", "dept": "a"}),
+        json!({"id": "b1", "name": "x", "dept": "b"}),
+        json!({"id": "b2", "name": "x", "dept": "b"}),
+    ];
+    ingest(&app, &people, &IngestOptions::new("person")).await;
+    assert_eq!(all_events(&mut app).await.len(), 5);
+
+    // Department a's feed: a3 is gone; department b is not part of it.
+    let options = IngestOptions {
+        full_set: true,
+        scope: Some(scramjet::filter::parse(r#"dept = "a""#).unwrap()),
+        ..IngestOptions::new("person")
+    };
+    let s = ingest(&app, &people[..2], &options).await;
+    assert_eq!(s.deletes, Some(DeleteStep::Done(1)), "{s}");
+    assert_eq!(all_events(&mut app).await, pairs(&[("a3", "deleted")]));
+    assert_eq!(
+        names_by_id(&app).await.keys().collect::<Vec<_>>(),
+        ["a1", "a2", "b1", "b2"]
+    );
+
+    // An injection attempt in the scope is data: it matches nothing, so
+    // nothing is deleted.
+    let options = IngestOptions {
+        full_set: true,
+        scope: Some(scramjet::filter::parse(r#"dept = "a' OR '1'='1""#).unwrap()),
+        ..IngestOptions::new("person")
+    };
+    let s = ingest(&app, &people[..1], &options).await;
+    assert_eq!(s.deletes, Some(DeleteStep::Done(0)), "{s}");
+    assert_eq!(app.count("resources").await, 4);
+}

@@ -8,6 +8,7 @@ use std::{
 
 use crate::helpers::*;
 
+/// The built binary, with no `SCRAMJET__` setting or `RUST_LOG` inherited.
 pub(crate) fn scramjet() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_scramjet"));
     cmd.env_remove("RUST_LOG");

@@ -6,6 +6,7 @@ mod bulk;
 mod cli;
 mod events;
 mod faults;
+mod filters;
 mod helpers;
 mod malformed;
 mod model;
