@@ -28,6 +28,8 @@ use lapin::{
 };
 use tokio_postgres::NoTls;
 
+mod ingest;
+
 use crate::{amqp, config::Settings, store};
 
 /// What to run.
@@ -43,6 +45,11 @@ pub struct BenchOptions {
     pub latency_rate: u64,
     /// Exit non-zero when a target is missed (a wrong outcome always does).
     pub strict: bool,
+    /// Run the ingest benchmark instead: a full-set sync of this many
+    /// records (see `bench/ingest.rs`).
+    pub ingest: Option<usize>,
+    /// With `ingest`: also send the same changes through the daemon.
+    pub ingest_through_daemon: bool,
 }
 
 /// One scenario's result.
@@ -237,6 +244,12 @@ pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<()> {
     settings.http.listen = format!("127.0.0.1:{port}").parse()?;
 
     let bench = Bench::new(settings, names).await?;
+    if let Some(records) = opts.ingest {
+        let result = bench.ingest(records, opts.ingest_through_daemon).await;
+        bench.cleanup().await;
+        println!("{}", result?);
+        return Ok(());
+    }
     let result = bench.all(opts).await;
     bench.cleanup().await;
     // A wrong outcome has already failed the run (`result?`); a missed
@@ -1024,6 +1037,12 @@ fn clock_ticks() -> f64 {
 
 /// utime + stime of a process, in clock ticks.
 fn process_cpu_ticks(pid: u32) -> u64 {
+    stat_ticks(pid, false)
+}
+
+/// utime + stime of a process, plus cutime + cstime (its children that
+/// have exited and been waited for) when `children`.
+fn stat_ticks(pid: u32, children: bool) -> u64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0;
     };
@@ -1039,23 +1058,28 @@ fn process_cpu_ticks(pid: u32) -> u64 {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    get(11) + get(12)
+    let own = get(11) + get(12);
+    if children {
+        own + get(13) + get(14)
+    } else {
+        own
+    }
 }
 
 /// CPU ticks of the local RabbitMQ node (its `beam.smp` process), 0 if not found.
 fn broker_cpu_ticks() -> u64 {
-    cpu_ticks_of("beam.smp")
+    cpu_ticks_of("beam.smp", false)
 }
 
-/// CPU ticks of the local PostgreSQL server (all its processes). Backends
-/// that exit during a run take their ticks with them, so this undercounts
-/// when connections come and go.
+/// CPU ticks of the local PostgreSQL server: all its processes, and the
+/// backends that have exited (counted in the postmaster's children's time),
+/// so connections that come and go during a run are counted too.
 fn postgres_cpu_ticks() -> u64 {
-    cpu_ticks_of("postgres")
+    cpu_ticks_of("postgres", true)
 }
 
 /// CPU ticks of every process whose command name is `comm`.
-fn cpu_ticks_of(comm: &str) -> u64 {
+fn cpu_ticks_of(comm: &str, children: bool) -> u64 {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return 0;
     };
@@ -1065,6 +1089,6 @@ fn cpu_ticks_of(comm: &str) -> u64 {
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
         })
-        .map(process_cpu_ticks)
+        .map(|pid| stat_ticks(pid, children))
         .sum()
 }

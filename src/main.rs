@@ -83,6 +83,14 @@ enum Command {
         /// outcome always exits non-zero).
         #[arg(long)]
         strict: bool,
+        /// Instead, measure `scramjet ingest --full-set` of this many ~1 KB
+        /// records against a table holding them (10 % changed, 1 % new,
+        /// 1 % gone), e.g. 1000000.
+        #[arg(long, value_name = "RECORDS")]
+        ingest: Option<usize>,
+        /// With --ingest: also send the same changes through the daemon.
+        #[arg(long, requires = "ingest")]
+        through_daemon: bool,
     },
     /// Counts per type (resources, rejected rows), outbox backlog, queue depths.
     Status,
@@ -323,6 +331,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             latency_seconds,
             latency_rate,
             strict,
+            ingest,
+            through_daemon,
         } => {
             let options = bench::BenchOptions {
                 messages,
@@ -330,6 +340,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 latency_seconds,
                 latency_rate,
                 strict,
+                ingest,
+                ingest_through_daemon: through_daemon,
             };
             bench::run(&settings, &options).await
         }

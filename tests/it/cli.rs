@@ -317,6 +317,34 @@ fn the_benchmark_runs_end_to_end_and_checks_its_outcomes() {
     assert!(stdout.contains("Latency at 200 msgs/s"), "{stdout}");
 }
 
+#[test]
+fn the_ingest_benchmark_runs_both_paths_and_checks_their_outcomes() {
+    // A small run: the command works, cleans up, and checks rows and events.
+    let out = scramjet()
+        .args(["bench", "--ingest", "1000", "--through-daemon"])
+        .env("SCRAMJET__LOG__LEVEL", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("100 changed, 10 new, 10 gone (120 events)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| `scramjet ingest --full-set` | 1000 |"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| daemon (the same changes as messages) | 1010 |"),
+        "{stdout}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_prints_counts_per_type_the_outbox_and_queue_depths() {
     let mut app = spawn_app().await;
