@@ -33,7 +33,7 @@
 //! | [`admin`] | `scramjet send`, `status` and `tail` |
 //! | [`replay`] | `scramjet replay`: snapshot events through the outbox |
 //! | [`revalidate`] | `scramjet revalidate`: rejected rows again, after a schema change |
-//! | [`bulk`] | the library API: ingest (full-set sync), remove, apply, list; `scramjet ingest` and `delete` |
+//! | [`bulk`] | the library API: stash, validate, traject, ingest (full-set sync), remove, apply, list; `scramjet ingest` and `delete` |
 //! | [`bench`] | `scramjet bench`: throughput, latency, memory, CPU |
 //! | [`tls`] | rustls for PostgreSQL (`sslmode`) and RabbitMQ (`amqps://`) |
 //! | [`health`], [`backoff`], [`redact`] | small shared pieces |

@@ -28,16 +28,32 @@
 //! # async fn run() -> anyhow::Result<()> {
 //! let settings = scramjet::config::Settings::load(None)?;
 //! let scramjet = Scramjet::connect(&settings).await?;
-//! let feed = std::io::BufReader::new(std::fs::File::open("people.ndjson")?);
+//!
+//! // A nightly full set, scoped to one department.
+//! let feed = std::io::BufReader::new(std::fs::File::open("physics.csv")?);
 //! let options = IngestOptions {
 //!     full_set: true,
+//!     scope: Some(scramjet::filter::parse(r#"dept = "physics""#)?),
 //!     ..IngestOptions::new("person")
 //! };
-//! let summary = scramjet.ingest(feed, Format::Ndjson, &options, |_| {}).await?;
+//! let summary = scramjet.ingest(feed, Format::Csv, &options, |_| {}).await?;
 //! println!("{summary}");
+//!
+//! // The stages one by one, as the original library allowed.
+//! let record = serde_json::json!({"name": "Ada"}).as_object().unwrap().clone();
+//! scramjet.stash("person", &[("p1".to_owned(), record)]).await?;
+//! scramjet.validate("person", None).await?;
+//! let physics = scramjet::filter::parse(r#"dept = "physics""#)?;
+//! scramjet.traject("person", Some(&physics)).await?;
+//! for resource in scramjet.list("person", Some(&physics), None, 100).await? {
+//!     println!("{} {}", resource.id, resource.hash);
+//! }
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! The guide, with the guards and the rule for running beside the daemon,
+//! is `docs/bulk.md`.
 
 pub mod command;
 pub mod input;
@@ -63,7 +79,7 @@ use crate::{
     message::{Action, Inbound, Limits},
     metrics::Metrics,
     pipeline::{self, Outcome, Pipeline, Prepared, PreparedKind},
-    store::{self, StoreError, read, sync},
+    store::{self, StoreError, read, stage::Staged, sync},
     validate::SchemaRegistry,
 };
 
@@ -196,6 +212,18 @@ impl Summary {
         *counter += 1;
     }
 
+    /// Adds the counts of `other` (a page of a stage).
+    fn add(&mut self, other: &Summary) {
+        self.records += other.records;
+        self.created += other.created;
+        self.updated += other.updated;
+        self.unchanged += other.unchanged;
+        self.rejected += other.rejected;
+        self.stale += other.stale;
+        self.deleted += other.deleted;
+        self.absent += other.absent;
+    }
+
     fn bad(&mut self, bad: BadRecord) {
         self.bad_count += 1;
         if self.bad.len() < KEEP_BAD {
@@ -322,6 +350,154 @@ impl Scramjet {
             .process(prepared, &CancellationToken::new())
             .await
             .context("interrupted")
+    }
+
+    /// Stage 1 on its own (the original's stash): writes `records` (id,
+    /// entity) of `entity_type` into `staging`, not yet validated
+    /// (`is_valid` NULL). Nothing else changes until [`Scramjet::validate`]
+    /// and [`Scramjet::traject`] run. Returns how many rows were written.
+    pub async fn stash(
+        &self,
+        entity_type: &str,
+        records: &[(String, Map<String, Value>)],
+    ) -> anyhow::Result<u64> {
+        crate::message::check_type(entity_type).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut written = 0;
+        for chunk in records.chunks(DEFAULT_CHUNK) {
+            let mut ids = Vec::with_capacity(chunk.len());
+            let mut data = Vec::with_capacity(chunk.len());
+            for (id, entity) in chunk {
+                crate::message::check_id(id).map_err(|e| anyhow::anyhow!("id {id:?}: {e}"))?;
+                crate::message::check_data(entity, self.limits)
+                    .map_err(|e| anyhow::anyhow!("id {id:?}: {e}"))?;
+                ids.push(id.as_str());
+                data.push(crate::canonical::object_to_canonical(entity));
+            }
+            let data: Vec<&str> = data.iter().map(String::as_str).collect();
+            let client = self.pool.get().await.map_err(StoreError::from)?;
+            written += store::stage::stash(&client, entity_type, &ids, &data).await?;
+        }
+        Ok(written)
+    }
+
+    /// Stage 2 on its own: validates the stashed rows of `entity_type`
+    /// (those matching `filter`, when given). A valid row is marked so
+    /// (`is_valid` true) and waits for [`Scramjet::traject`]; an invalid
+    /// one is rejected as the daemon rejects a save (`is_valid` false, its
+    /// errors, a `rejected` event). Counts: `records`, `rejected`.
+    pub async fn validate(
+        &self,
+        entity_type: &str,
+        filter: Option<&Filter>,
+    ) -> anyhow::Result<Summary> {
+        self.stage_pages(
+            entity_type,
+            Staged::Unvalidated,
+            filter,
+            |prepared, summary| {
+                let (valid, invalid): (Vec<Prepared>, Vec<Prepared>) = prepared
+                    .into_iter()
+                    .partition(|p| matches!(p.kind, PreparedKind::Save { errors: None, .. }));
+                summary.records += (valid.len() + invalid.len()) as u64;
+                (valid, invalid)
+            },
+        )
+        .await
+    }
+
+    /// Stage 3 on its own: moves the validated rows of `entity_type` (those
+    /// matching `filter`, when given) into `resources`, with the daemon's
+    /// outcomes and events; their staging rows are cleared. A row no longer
+    /// valid under the current schemas is rejected instead.
+    pub async fn traject(
+        &self,
+        entity_type: &str,
+        filter: Option<&Filter>,
+    ) -> anyhow::Result<Summary> {
+        self.stage_pages(entity_type, Staged::Valid, filter, |prepared, summary| {
+            summary.records += prepared.len() as u64;
+            (Vec::new(), prepared)
+        })
+        .await
+    }
+
+    /// Pages through the staging rows of `entity_type` in `state`. Each page
+    /// is one transaction: the keys' advisory locks first (as a daemon batch
+    /// takes them, so neither can deadlock the other), then the staging
+    /// rows, still in `state`, are locked and read. `split` sorts the page
+    /// into rows to mark valid and rows to apply through the pipeline.
+    async fn stage_pages(
+        &self,
+        entity_type: &str,
+        state: Staged,
+        filter: Option<&Filter>,
+        split: impl Fn(Vec<Prepared>, &mut Summary) -> (Vec<Prepared>, Vec<Prepared>),
+    ) -> anyhow::Result<Summary> {
+        crate::message::check_type(entity_type).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let started = Instant::now();
+        let mut summary = Summary::default();
+        let mut after = String::new();
+        loop {
+            let mut delay = Duration::from_millis(100);
+            let page = loop {
+                let attempt = async {
+                    let mut client = self.pool.get().await?;
+                    let tx = client.transaction().await?;
+                    let ids = store::stage::page_ids(
+                        &tx,
+                        entity_type,
+                        state,
+                        filter,
+                        &after,
+                        DEFAULT_CHUNK as i64,
+                    )
+                    .await?;
+                    let Some(last) = ids.last().cloned() else {
+                        return Ok(None);
+                    };
+                    let keys: Vec<(String, String)> = ids
+                        .iter()
+                        .map(|id| (entity_type.to_owned(), id.clone()))
+                        .collect();
+                    store::batch::lock_keys(&tx, &keys).await?;
+                    let rows = store::stage::lock(&tx, entity_type, &ids, state).await?;
+                    let mut page = Summary::default();
+                    let prepared = rows
+                        .into_iter()
+                        .filter_map(|(id, data)| match data {
+                            Value::Object(data) => {
+                                Some(self.prepare_save(entity_type, &id, data, None))
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    let (mark, apply) = split(prepared, &mut page);
+                    let marked: Vec<&str> = mark.iter().map(|p| p.id.as_str()).collect();
+                    store::stage::mark_valid(&tx, entity_type, &marked).await?;
+                    for outcome in pipeline::apply_in_transaction(&tx, &apply).await? {
+                        page.count(outcome);
+                    }
+                    tx.commit().await?;
+                    Ok::<_, StoreError>(Some((last, page)))
+                };
+                match attempt.await {
+                    Ok(page) => break page,
+                    Err(StoreError::Transient(reason)) => {
+                        tracing::warn!(%reason, "a stage page failed for a moment; retrying");
+                        tokio::time::sleep(crate::backoff::jitter(delay)).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                    Err(StoreError::Permanent(reason)) => {
+                        anyhow::bail!("the stage failed: {reason}")
+                    }
+                }
+            };
+            let Some((last, page)) = page else { break };
+            after = last;
+            summary.add(&page);
+        }
+        summary.elapsed = started.elapsed();
+        Ok(summary)
     }
 
     /// Up to `limit` resources of a type matching `filter` (all when

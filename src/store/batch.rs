@@ -196,6 +196,16 @@ pub async fn claim_and_lock(
     Ok((fresh, current))
 }
 
+/// Takes the advisory lock of every key in `keys` (as every batch does
+/// first), for callers that lock other rows of these keys before applying
+/// a batch: locking in the same order as the pipeline cannot deadlock.
+pub async fn lock_keys(tx: &Transaction<'_>, keys: &[Key]) -> Result<(), StoreError> {
+    let stmt = tx.prepare_cached(sql::LOCK_KEYS).await?;
+    let (types, ids) = split_keys(keys);
+    tx.query_one(&stmt, &[&types, &ids]).await?;
+    Ok(())
+}
+
 /// A statement parameter.
 type Param<'a> = dyn tokio_postgres::types::ToSql + Sync + 'a;
 

@@ -9,6 +9,7 @@ pub mod outbox;
 pub mod read;
 pub mod retention;
 pub mod source;
+pub mod stage;
 pub mod sync;
 
 use std::{str::FromStr, time::Duration};

@@ -462,3 +462,72 @@ async fn a_full_set_with_a_scope_deletes_only_inside_it() {
     assert_eq!(s.deletes, Some(DeleteStep::Done(0)), "{s}");
     assert_eq!(app.count("resources").await, 4);
 }
+
+#[tokio::test]
+async fn each_stage_runs_on_its_own_stash_then_validate_then_traject_by_filter() {
+    let mut app = spawn_app().await;
+    let scramjet = Scramjet::connect(&app.settings).await.unwrap();
+    let record = |id: &str, data: Value| (id.to_owned(), data.as_object().unwrap().clone());
+    let stashed = scramjet
+        .stash(
+            "person",
+            &[
+                record("p1", json!({"name": "Ada", "dept": "a"})),
+                record("p2", json!({"name": "Bob", "dept": "b"})),
+                record("p3", json!({"nickname": "no name"})),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(stashed, 3);
+    let unvalidated: i64 = app
+        .db
+        .query_one("SELECT count(*) FROM staging WHERE is_valid IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unvalidated, 3);
+    assert_eq!(app.count("resources").await, 0);
+    assert_eq!(
+        all_events(&mut app).await,
+        vec![],
+        "stashing publishes nothing"
+    );
+
+    let s = scramjet.validate("person", None).await.unwrap();
+    assert_eq!((s.records, s.rejected), (3, 1), "{s}");
+    assert_eq!(all_events(&mut app).await, pairs(&[("p3", "rejected")]));
+    let states: Vec<(String, Option<bool>)> = app
+        .db
+        .query("SELECT id, is_valid FROM staging ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            ("p1".to_owned(), Some(true)),
+            ("p2".to_owned(), Some(true)),
+            ("p3".to_owned(), Some(false))
+        ]
+    );
+
+    // Traject one department first, then the rest.
+    let dept_b = scramjet::filter::parse(r#"dept = "b""#).unwrap();
+    let s = scramjet.traject("person", Some(&dept_b)).await.unwrap();
+    assert_eq!((s.records, s.created), (1, 1), "{s}");
+    assert_eq!(all_events(&mut app).await, pairs(&[("p2", "created")]));
+    let s = scramjet.traject("person", None).await.unwrap();
+    assert_eq!((s.records, s.created), (1, 1), "{s}");
+    assert_eq!(all_events(&mut app).await, pairs(&[("p1", "created")]));
+    assert_eq!(app.count("staging").await, 1, "only the rejected p3 stays");
+
+    let listed = scramjet
+        .list("person", Some(&dept_b), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, "p2");
+}
