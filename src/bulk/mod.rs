@@ -438,60 +438,41 @@ impl Scramjet {
         let mut summary = Summary::default();
         let mut after = String::new();
         loop {
-            let mut delay = Duration::from_millis(100);
-            let page = loop {
-                let attempt = async {
-                    let mut client = self.pool.get().await?;
-                    let tx = client.transaction().await?;
-                    let ids = store::stage::page_ids(
-                        &tx,
-                        entity_type,
-                        state,
-                        filter,
-                        &after,
-                        DEFAULT_CHUNK as i64,
-                    )
-                    .await?;
-                    let Some(last) = ids.last().cloned() else {
-                        return Ok(None);
-                    };
-                    let keys: Vec<(String, String)> = ids
-                        .iter()
-                        .map(|id| (entity_type.to_owned(), id.clone()))
-                        .collect();
-                    store::batch::lock_keys(&tx, &keys).await?;
-                    let rows = store::stage::lock(&tx, entity_type, &ids, state).await?;
-                    let mut page = Summary::default();
-                    let prepared = rows
-                        .into_iter()
-                        .filter_map(|(id, data)| match data {
-                            Value::Object(data) => {
-                                Some(self.prepare_save(entity_type, &id, data, None))
-                            }
-                            _ => None,
-                        })
-                        .collect();
-                    let (mark, apply) = split(prepared, &mut page);
-                    let marked: Vec<&str> = mark.iter().map(|p| p.id.as_str()).collect();
-                    store::stage::mark_valid(&tx, entity_type, &marked).await?;
-                    for outcome in pipeline::apply_in_transaction(&tx, &apply).await? {
-                        page.count(outcome);
-                    }
-                    tx.commit().await?;
-                    Ok::<_, StoreError>(Some((last, page)))
+            let page = retry_transient("a stage page", async || {
+                let mut client = self.pool.get().await?;
+                let tx = client.transaction().await?;
+                let limit = DEFAULT_CHUNK as i64;
+                let ids =
+                    store::stage::page_ids(&tx, entity_type, state, filter, &after, limit).await?;
+                let Some(last) = ids.last().cloned() else {
+                    return Ok(None);
                 };
-                match attempt.await {
-                    Ok(page) => break page,
-                    Err(StoreError::Transient(reason)) => {
-                        tracing::warn!(%reason, "a stage page failed for a moment; retrying");
-                        tokio::time::sleep(crate::backoff::jitter(delay)).await;
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
-                    Err(StoreError::Permanent(reason)) => {
-                        anyhow::bail!("the stage failed: {reason}")
-                    }
+                let keys: Vec<(String, String)> = ids
+                    .iter()
+                    .map(|id| (entity_type.to_owned(), id.clone()))
+                    .collect();
+                store::batch::lock_keys(&tx, &keys).await?;
+                let rows = store::stage::lock(&tx, entity_type, &ids, state).await?;
+                let mut page = Summary::default();
+                let prepared = rows
+                    .into_iter()
+                    .filter_map(|(id, data)| match data {
+                        Value::Object(data) => {
+                            Some(self.prepare_save(entity_type, &id, data, None))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let (mark, apply) = split(prepared, &mut page);
+                let marked: Vec<&str> = mark.iter().map(|p| p.id.as_str()).collect();
+                store::stage::mark_valid(&tx, entity_type, &marked).await?;
+                for outcome in pipeline::apply_in_transaction(&tx, &apply).await? {
+                    page.count(outcome);
                 }
-            };
+                tx.commit().await?;
+                Ok(Some((last, page)))
+            })
+            .await?;
             let Some((last, page)) = page else { break };
             after = last;
             summary.add(&page);
@@ -525,48 +506,37 @@ impl Scramjet {
         crate::message::check_type(entity_type).map_err(|e| anyhow::anyhow!("{e}"))?;
         let started = Instant::now();
         let mut summary = Summary::default();
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(2);
-        let size = chunk.max(1);
-        let reader = {
-            let this = self.clone();
-            let entity_type = entity_type.to_owned();
-            tokio::task::spawn_blocking(move || {
-                let mut chunk = Chunk::empty(size);
-                for (n, line) in ids.lines().enumerate() {
-                    let number = n as u64 + 1;
+        let this = self.clone();
+        let entity_type_owned = entity_type.to_owned();
+        let (reader, mut rx) = chunks_on_a_thread(chunk.max(1), move || {
+            let mut failed = false;
+            ids.lines()
+                .enumerate()
+                // After a read error the input cannot be trusted to go on.
+                .take_while(move |(_, line)| !std::mem::replace(&mut failed, line.is_err()))
+                .filter_map(move |(n, line)| {
+                    let line_number = n as u64 + 1;
                     let id = match line {
                         Ok(line) => line.trim().to_owned(),
                         Err(e) => {
-                            chunk.bad.push(BadRecord {
-                                line: number,
+                            return Some(Err(BadRecord {
+                                line: line_number,
                                 reason: format!("cannot read the input: {e}"),
-                            });
-                            break;
+                            }));
                         }
                     };
                     if id.is_empty() {
-                        continue;
+                        return None;
                     }
-                    match crate::message::check_id(&id) {
-                        Ok(()) => {
-                            chunk.prepared.push(this.prepare_delete(&entity_type, &id));
-                            chunk.lines.push(number);
-                        }
-                        Err(e) => chunk.bad.push(BadRecord {
-                            line: number,
+                    Some(match crate::message::check_id(&id) {
+                        Ok(()) => Ok((line_number, this.prepare_delete(&entity_type_owned, &id))),
+                        Err(e) => Err(BadRecord {
+                            line: line_number,
                             reason: e.0,
                         }),
-                    }
-                    if chunk.prepared.len() >= size {
-                        let full = std::mem::replace(&mut chunk, Chunk::empty(size));
-                        if tx.blocking_send(full).is_err() {
-                            return;
-                        }
-                    }
-                }
-                let _ = tx.blocking_send(chunk);
-            })
-        };
+                    })
+                })
+        });
         while let Some(chunk) = rx.recv().await {
             self.apply_chunk(&chunk, false, &mut summary).await?;
             summary.elapsed = started.elapsed();
@@ -610,48 +580,28 @@ impl Scramjet {
             None => None,
         };
 
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(2);
-        let reader = {
-            let schemas = self.schemas.clone();
-            let shape = RecordShape {
-                id_field: options.id_field.clone(),
-                version_field: options.version_field.clone(),
-                limits: self.limits,
-            };
-            let entity_type = options.entity_type.clone();
-            let size = options.chunk;
-            // Reading, parsing, validating and hashing run on their own
-            // thread, overlapping with the database work of the chunk before.
-            tokio::task::spawn_blocking(move || {
-                let mut chunk = Chunk::empty(size);
-                for record in Records::new(input, format, shape) {
-                    match record {
-                        Ok(r) => {
-                            chunk.lines.push(r.line);
-                            chunk.prepared.push(Prepared::new(
-                                Inbound {
-                                    entity_type: entity_type.clone(),
-                                    id: r.id,
-                                    version: r.version,
-                                    action: Action::Save { data: r.data },
-                                },
-                                None,
-                                None,
-                                &schemas,
-                            ));
-                        }
-                        Err(bad) => chunk.bad.push(bad),
-                    }
-                    if chunk.prepared.len() >= size {
-                        let full = std::mem::replace(&mut chunk, Chunk::empty(size));
-                        if tx.blocking_send(full).is_err() {
-                            return;
-                        }
-                    }
-                }
-                let _ = tx.blocking_send(chunk);
-            })
+        let schemas = self.schemas.clone();
+        let shape = RecordShape {
+            id_field: options.id_field.clone(),
+            version_field: options.version_field.clone(),
+            limits: self.limits,
         };
+        let entity_type = options.entity_type.clone();
+        // Reading, parsing, validating and hashing run on their own thread,
+        // overlapping with the database work of the chunk before.
+        let (reader, mut rx) = chunks_on_a_thread(options.chunk, move || {
+            Records::new(input, format, shape).map(move |record| {
+                record.map(|r| {
+                    let inbound = Inbound {
+                        entity_type: entity_type.clone(),
+                        id: r.id,
+                        version: r.version,
+                        action: Action::Save { data: r.data },
+                    };
+                    (r.line, Prepared::new(inbound, None, None, &schemas))
+                })
+            })
+        });
 
         while let Some(chunk) = rx.recv().await {
             if let Some(client) = &seen {
@@ -802,33 +752,76 @@ impl Scramjet {
     ) -> anyhow::Result<(Vec<String>, Vec<Outcome>)> {
         let entity_type = options.entity_type.as_str();
         let (scope, limit) = (options.scope.as_ref(), options.chunk as i64);
-        let mut delay = Duration::from_millis(100);
-        loop {
-            let attempt = async {
-                let tx = client.transaction().await?;
-                let ids =
-                    sync::lock_unseen_page(&tx, entity_type, scope, began, after, limit).await?;
-                let prepared: Vec<Prepared> = ids
-                    .iter()
-                    .map(|id| self.prepare_delete(entity_type, id))
-                    .collect();
-                let outcomes = pipeline::apply_in_transaction(&tx, &prepared).await?;
-                tx.commit().await?;
-                Ok::<_, StoreError>((ids, outcomes))
-            };
-            match attempt.await {
-                Ok(done) => return Ok(done),
-                Err(StoreError::Transient(reason)) => {
-                    tracing::warn!(%reason, "delete step failed for a moment; retrying");
-                    tokio::time::sleep(crate::backoff::jitter(delay)).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+        retry_transient("the delete step", async || {
+            let tx = client.transaction().await?;
+            let ids = sync::lock_unseen_page(&tx, entity_type, scope, began, after, limit).await?;
+            let prepared: Vec<Prepared> = ids
+                .iter()
+                .map(|id| self.prepare_delete(entity_type, id))
+                .collect();
+            let outcomes = pipeline::apply_in_transaction(&tx, &prepared).await?;
+            tx.commit().await?;
+            Ok((ids, outcomes))
+        })
+        .await
+    }
+}
+
+/// Runs `attempt` until it succeeds or fails for good: a transient database
+/// error (a lost connection, a deadlock broken by PostgreSQL) is retried
+/// with a growing, jittered pause.
+async fn retry_transient<T>(
+    what: &str,
+    mut attempt: impl AsyncFnMut() -> Result<T, StoreError>,
+) -> anyhow::Result<T> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match attempt().await {
+            Ok(done) => return Ok(done),
+            Err(StoreError::Transient(reason)) => {
+                tracing::warn!(%reason, "{what} failed for a moment; retrying");
+                tokio::time::sleep(crate::backoff::jitter(delay)).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(StoreError::Permanent(reason)) => anyhow::bail!("{what} failed: {reason}"),
+        }
+    }
+}
+
+/// Runs `records` (made on the thread, where the reading happens) on a
+/// blocking thread and hands them over in chunks of `size` good records.
+/// At most two chunks wait, so a fast reader never runs far ahead.
+fn chunks_on_a_thread<I>(
+    size: usize,
+    records: impl FnOnce() -> I + Send + 'static,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::Receiver<Chunk>,
+)
+where
+    I: Iterator<Item = Result<(u64, Prepared), BadRecord>>,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(2);
+    let handle = tokio::task::spawn_blocking(move || {
+        let mut chunk = Chunk::empty(size);
+        for record in records() {
+            match record {
+                Ok((line, prepared)) => {
+                    chunk.lines.push(line);
+                    chunk.prepared.push(prepared);
                 }
-                Err(StoreError::Permanent(reason)) => {
-                    anyhow::bail!("the delete step failed: {reason}")
+                Err(bad) => chunk.bad.push(bad),
+            }
+            if chunk.prepared.len() >= size {
+                let full = std::mem::replace(&mut chunk, Chunk::empty(size));
+                if tx.blocking_send(full).is_err() {
+                    return;
                 }
             }
         }
-    }
+        let _ = tx.blocking_send(chunk);
+    });
+    (handle, rx)
 }
 
 impl Chunk {
