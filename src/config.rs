@@ -245,6 +245,13 @@ pub enum QueueType {
     Quorum,
 }
 
+/// Most keys one transaction may lock. Every batch takes one advisory lock
+/// per key, and PostgreSQL's shared lock table holds, by default, about
+/// 6,400 locks for all sessions together (`max_locks_per_transaction` 64 ×
+/// `max_connections` 100); this leaves room for a daemon, an ingest and a
+/// revalidation at once.
+pub const MAX_KEYS_PER_TRANSACTION: usize = 2000;
+
 /// What to do with a save whose type has no schema.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -504,8 +511,8 @@ impl Settings {
     /// Rejects values that deserialize but cannot work.
     pub fn check(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
-            self.pipeline.batch_size >= 1,
-            "invalid configuration: pipeline.batch_size must be at least 1"
+            (1..=MAX_KEYS_PER_TRANSACTION).contains(&self.pipeline.batch_size),
+            "invalid configuration: pipeline.batch_size must be from 1 to {MAX_KEYS_PER_TRANSACTION}"
         );
         anyhow::ensure!(
             self.amqp.prefetch >= 1,
@@ -639,6 +646,18 @@ mod tests {
         assert_eq!(s.relay.batch_size, d.relay.batch_size);
         assert_eq!(s.relay.poll_interval, d.relay.poll_interval);
         assert_eq!(s.relay.http_listen, d.relay.http_listen);
+    }
+
+    #[test]
+    fn a_batch_size_beyond_what_the_lock_table_allows_is_refused() {
+        let mut s = Settings::default();
+        s.pipeline.batch_size = MAX_KEYS_PER_TRANSACTION;
+        assert!(s.check().is_ok());
+        s.pipeline.batch_size = MAX_KEYS_PER_TRANSACTION + 1;
+        let error = s.check().unwrap_err().to_string();
+        assert!(error.contains("pipeline.batch_size"), "{error}");
+        s.pipeline.batch_size = 0;
+        assert!(s.check().is_err());
     }
 
     #[test]

@@ -508,7 +508,8 @@ impl Scramjet {
         let mut summary = Summary::default();
         let this = self.clone();
         let entity_type_owned = entity_type.to_owned();
-        let (reader, mut rx) = chunks_on_a_thread(chunk.max(1), move || {
+        let chunk = chunk.clamp(1, crate::config::MAX_KEYS_PER_TRANSACTION);
+        let (reader, mut rx) = chunks_on_a_thread(chunk, move || {
             let mut failed = false;
             ids.lines()
                 .enumerate()
@@ -560,7 +561,11 @@ impl Scramjet {
         mut progress: impl FnMut(&Summary),
     ) -> anyhow::Result<Summary> {
         crate::message::check_type(&options.entity_type).map_err(|e| anyhow::anyhow!("{e}"))?;
-        anyhow::ensure!(options.chunk > 0, "the chunk size must be at least 1");
+        let most = crate::config::MAX_KEYS_PER_TRANSACTION;
+        anyhow::ensure!(
+            (1..=most).contains(&options.chunk),
+            "the chunk size must be from 1 to {most}"
+        );
         anyhow::ensure!(
             (0.0..=1.0).contains(&options.max_delete_ratio),
             "the largest share of deletes must be between 0 and 1"
