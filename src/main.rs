@@ -169,7 +169,7 @@ enum Command {
         /// Report what would happen; change nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Records per transaction.
+        /// Records per transaction (1 to 2000).
         #[arg(long, default_value_t = scramjet::bulk::DEFAULT_CHUNK)]
         chunk: usize,
     },
