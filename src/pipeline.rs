@@ -20,7 +20,7 @@ use crate::{
     message::{Action, Inbound},
     store::{
         StoreError,
-        batch::{self, Current, Key, ResourceWrite, StagingInvalid, Writes},
+        batch::{self, Current, Key, ResourceWrite, StagingInvalid, TransactionStatus, Writes},
     },
     validate::{SchemaRegistry, ValidationError},
 };
@@ -482,14 +482,53 @@ impl Pipeline {
         shutdown: &CancellationToken,
     ) -> Result<Result<Vec<Outcome>, String>, Interrupted> {
         let mut delay = Duration::from_millis(100);
+        // A transaction whose COMMIT was sent but not answered: it may have
+        // committed. Applying the batch again would then repeat its changes
+        // as events (a save A then B replayed over B publishes B→A→B), so
+        // its fate is looked up first.
+        let mut unsettled: Option<(i64, Vec<Outcome>)> = None;
         loop {
-            match self.apply_once(prepared).await {
+            let attempt = match unsettled.take() {
+                Some((xid, outcomes)) => match self.settle(xid).await {
+                    Ok(TransactionStatus::Committed) => {
+                        tracing::info!(
+                            xid,
+                            "the batch's COMMIT had gone through; not applying it again"
+                        );
+                        Ok(outcomes)
+                    }
+                    Ok(TransactionStatus::Aborted) => self.apply_once(prepared).await,
+                    Ok(TransactionStatus::InProgress) => {
+                        unsettled = Some((xid, outcomes));
+                        Err(Attempt::Failed(StoreError::Transient(format!(
+                            "transaction {xid} is still finishing"
+                        ))))
+                    }
+                    Err(e) => {
+                        unsettled = Some((xid, outcomes));
+                        Err(Attempt::Failed(e))
+                    }
+                },
+                None => self.apply_once(prepared).await,
+            };
+            let error = match attempt {
                 Ok(outcomes) => {
                     self.health.set_postgres(true);
                     return Ok(Ok(outcomes));
                 }
-                Err(StoreError::Permanent(reason)) => return Ok(Err(reason)),
-                Err(StoreError::Transient(reason)) => {
+                Err(Attempt::Failed(e)) => e,
+                Err(Attempt::CommitUnknown {
+                    xid,
+                    outcomes,
+                    reason,
+                }) => {
+                    unsettled = Some((xid, outcomes));
+                    StoreError::Transient(reason)
+                }
+            };
+            match error {
+                StoreError::Permanent(reason) => return Ok(Err(reason)),
+                StoreError::Transient(reason) => {
                     self.health.set_postgres(false);
                     self.metrics
                         .reconnects
@@ -506,7 +545,13 @@ impl Pipeline {
         }
     }
 
-    async fn apply_once(&self, prepared: &[Prepared]) -> Result<Vec<Outcome>, StoreError> {
+    /// What became of transaction `xid`.
+    async fn settle(&self, xid: i64) -> Result<TransactionStatus, StoreError> {
+        let client = self.pool.get().await?;
+        batch::transaction_status(&client, xid).await
+    }
+
+    async fn apply_once(&self, prepared: &[Prepared]) -> Result<Vec<Outcome>, Attempt> {
         let mut keys: Vec<Key> = prepared.iter().map(Prepared::key).collect();
         keys.sort_unstable();
         keys.dedup();
@@ -514,8 +559,19 @@ impl Pipeline {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let begun = started.elapsed();
-        let (outcomes, locked, planned, written) = apply_in(&tx, prepared, &keys, started).await?;
-        tx.commit().await?;
+        let (outcomes, xid, locked, planned, written) =
+            apply_in(&tx, prepared, &keys, started).await?;
+        if let Err(e) = tx.commit().await {
+            return Err(match StoreError::from(e) {
+                // No answer: the server may or may not have committed.
+                StoreError::Transient(reason) => Attempt::CommitUnknown {
+                    xid,
+                    outcomes,
+                    reason,
+                },
+                refused => Attempt::Failed(refused),
+            });
+        }
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         tracing::debug!(
             size = prepared.len(),
@@ -538,7 +594,7 @@ async fn apply_in(
     prepared: &[Prepared],
     keys: &[Key],
     started: std::time::Instant,
-) -> Result<(Vec<Outcome>, Duration, Duration, Duration), StoreError> {
+) -> Result<(Vec<Outcome>, i64, Duration, Duration, Duration), StoreError> {
     let (duplicate, current) = claim_and_lock(tx, prepared, keys).await?;
     let locked = started.elapsed();
     // A bug in planning (patch computation, say) must not take the daemon
@@ -552,7 +608,7 @@ async fn apply_in(
     let planned = started.elapsed();
     batch::apply(tx, &writes).await?;
     let written = started.elapsed();
-    Ok((outcomes, locked, planned, written))
+    Ok((outcomes, current.xid, locked, planned, written))
 }
 
 /// Applies `prepared` inside `tx`, for callers that lock more rows in the
@@ -592,6 +648,26 @@ async fn claim_and_lock(
         })
         .collect();
     Ok((duplicate, current))
+}
+
+/// How one attempt at a batch failed.
+#[derive(Debug)]
+enum Attempt {
+    /// Nothing was committed.
+    Failed(StoreError),
+    /// COMMIT was sent and no answer came: transaction `xid` may have
+    /// committed with these `outcomes`.
+    CommitUnknown {
+        xid: i64,
+        outcomes: Vec<Outcome>,
+        reason: String,
+    },
+}
+
+impl<E: Into<StoreError>> From<E> for Attempt {
+    fn from(e: E) -> Attempt {
+        Attempt::Failed(e.into())
+    }
 }
 
 /// The message of a caught panic.

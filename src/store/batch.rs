@@ -21,6 +21,9 @@ pub struct Current {
     pub rows: HashMap<Key, Stored>,
     /// Versions of deleted entities (`tombstones`).
     pub tombstones: HashMap<Key, i64>,
+    /// The transaction's id (`txid_current()`), to settle a COMMIT whose
+    /// reply was lost: see [`transaction_status`].
+    pub xid: i64,
 }
 
 /// A row of `resources` as the pipeline needs it.
@@ -90,7 +93,7 @@ mod sql {
     /// two transactions with overlapping keys queue instead of deadlocking.
     /// Row locks alone do not cover a key with no row yet: two writers could
     /// both plan a `created` and the second would overwrite the first.
-    pub const LOCK_KEYS: &str = "SELECT count(pg_advisory_xact_lock(k)) FROM ( \
+    pub const LOCK_KEYS: &str = "SELECT count(pg_advisory_xact_lock(k)), txid_current() FROM ( \
            SELECT DISTINCT hashtextextended(t || chr(31) || i, 5930) AS k \
            FROM unnest($1::text[], $2::text[]) AS u(t, i) ORDER BY k) AS s";
     pub const LOCK_ROWS: &str = "SELECT r.type, r.id, r.hash, r.data, r.version \
@@ -167,7 +170,7 @@ pub async fn claim_and_lock(
             tx.query(&claim, &[&message_ids]).await
         }
     };
-    let (_, claimed, rows, graves) = futures_util::try_join!(
+    let (locked, claimed, rows, graves) = futures_util::try_join!(
         tx.query_one(&lock_keys, &params),
         claimed,
         tx.query(&lock_rows, &params),
@@ -177,7 +180,10 @@ pub async fn claim_and_lock(
         .iter()
         .map(|r| r.try_get(0))
         .collect::<Result<HashSet<String>, _>>()?;
-    let mut current = Current::default();
+    let mut current = Current {
+        xid: locked.try_get(1)?,
+        ..Current::default()
+    };
     for row in rows {
         current.rows.insert(
             (row.try_get(0)?, row.try_get(1)?),
@@ -204,6 +210,34 @@ pub async fn lock_keys(tx: &Transaction<'_>, keys: &[Key]) -> Result<(), StoreEr
     let (types, ids) = split_keys(keys);
     tx.query_one(&stmt, &[&types, &ids]).await?;
     Ok(())
+}
+
+/// What became of a transaction, by its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransactionStatus {
+    /// It committed.
+    Committed,
+    /// It rolled back (or PostgreSQL no longer knows it, which takes
+    /// billions of transactions: not within a retry).
+    Aborted,
+    /// It has not finished yet.
+    InProgress,
+}
+
+/// `txid_status(xid)`: whether a transaction committed, for a COMMIT whose
+/// reply never arrived.
+pub async fn transaction_status(
+    client: &deadpool_postgres::Client,
+    xid: i64,
+) -> Result<TransactionStatus, StoreError> {
+    let row = client
+        .query_one("SELECT txid_status($1)::text", &[&xid])
+        .await?;
+    Ok(match row.try_get::<_, Option<String>>(0)?.as_deref() {
+        Some("committed") => TransactionStatus::Committed,
+        Some("in progress") => TransactionStatus::InProgress,
+        _ => TransactionStatus::Aborted,
+    })
 }
 
 /// A statement parameter.

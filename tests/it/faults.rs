@@ -129,6 +129,55 @@ async fn losing_postgresql_mid_stream_loses_nothing_and_readyz_says_503_meanwhil
     survive_an_outage(Service::Postgres, 22, Duration::from_millis(1500)).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_commit_went_through_but_whose_reply_was_lost_is_not_applied_again() {
+    let proxy = Proxy::start(postgres_addr()).await;
+    let mut app = spawn_app_with(|s| {
+        s.postgres.url = via(&s.postgres.url, proxy.addr);
+        // Both saves of p1 in one batch.
+        s.pipeline.linger_ms = 300;
+    })
+    .await;
+    assert_eq!(app.wait_ready().await, 200);
+    proxy.lose_the_next_commit_reply();
+    app.save("person", "p1", r#"{"name":"A"}"#).await;
+    app.save("person", "p1", r#"{"name":"B"}"#).await;
+    app.save("person", "sentinel", r#"{"name":"S"}"#).await;
+    let events = app.events_until("sentinel").await;
+
+    // Applying the batch again over B would have published B→A→B as well.
+    let p1: Vec<(String, String)> = events
+        .iter()
+        .filter(|e| e.id() == "p1")
+        .map(|e| {
+            (
+                e.op().to_owned(),
+                e.body["data"]["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        p1,
+        [
+            ("created".to_owned(), "A".to_owned()),
+            ("updated".to_owned(), "B".to_owned())
+        ]
+    );
+    // The commit's reply really was lost: the pipeline saw the database fail.
+    let (_, metrics) = app.get("/metrics").await;
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("scramjet_reconnects_total{service=\"postgres\"}")
+                && !l.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
+    let extra = tokio::time::timeout(Duration::from_millis(1500), app.events.next()).await;
+    assert!(extra.is_err(), "no event more: {extra:?}");
+    let rows = app.resources().await;
+    assert_eq!(rows[0].3, serde_json::json!({"name": "B"}));
+}
+
 /// The real binary, with its PostgreSQL and RabbitMQ behind the test's proxies.
 struct Daemon {
     _schemas: tempfile::TempDir,
