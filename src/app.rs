@@ -108,15 +108,7 @@ impl App {
             bearer_token: self.bearer_token.clone(),
         });
         let listener = self.listener.take().expect("run is called once");
-        let http_stop = shutdown.clone();
-        tasks.spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(http_stop.cancelled_owned())
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        tasks.spawn(http::serve(listener, router, shutdown.clone()));
         tasks.spawn(refresh_gauges(
             self.pool.clone(),
             self.metrics.clone(),

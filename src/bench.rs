@@ -626,22 +626,34 @@ impl Bench {
         ops: &[Op],
     ) -> anyhow::Result<()> {
         for chunk in ops.chunks(1000) {
-            for op in chunk {
-                self.publisher
-                    .basic_publish(
-                        exchange.into(),
-                        routing_key.into(),
-                        BasicPublishOptions::default(),
-                        op.body.as_bytes(),
-                        BasicProperties::default().with_delivery_mode(2),
-                    )
-                    .await?;
-            }
-            ensure!(
-                self.publisher.wait_for_confirms().await?.is_empty(),
-                "unroutable messages"
-            );
+            self.publish_confirmed(exchange, routing_key, chunk.iter().map(|op| &op.body))
+                .await?;
         }
+        Ok(())
+    }
+
+    /// Publishes `bodies` (persistent), then waits for every confirm.
+    async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        bodies: impl IntoIterator<Item = &String>,
+    ) -> anyhow::Result<()> {
+        for body in bodies {
+            self.publisher
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?;
+        }
+        ensure!(
+            self.publisher.wait_for_confirms().await?.is_empty(),
+            "unroutable messages"
+        );
         Ok(())
     }
 
@@ -973,15 +985,7 @@ impl Daemon {
     }
 
     fn peak_rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmHWM:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse().ok())
-            })
-            .unwrap_or(0)
+        peak_rss_kib(self.child.id())
     }
 
     async fn stop(&mut self) -> anyhow::Result<()> {
@@ -1033,6 +1037,19 @@ fn clock_ticks() -> f64 {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(100.0)
+}
+
+/// Peak RSS (`VmHWM`) of a process, in KiB; 0 once it has exited.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// utime + stime of a process, in clock ticks.

@@ -17,6 +17,7 @@ use axum::{
 use deadpool_postgres::Pool;
 use serde_json::{Value, json};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     filter,
@@ -43,7 +44,18 @@ pub struct HttpState {
     pub bearer_token: Option<Arc<str>>,
 }
 
-/// The router.
+/// Serves `router` on `listener` until `stop` fires (then finishes the
+/// requests in hand); a failure is logged, never fatal to the process.
+pub async fn serve(listener: tokio::net::TcpListener, router: Router, stop: CancellationToken) {
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "HTTP server failed");
+    }
+}
+
+/// The daemon's router.
 pub fn router(state: HttpState) -> Router {
     let protected = Router::new()
         .route("/metrics", get(metrics))

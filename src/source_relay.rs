@@ -195,15 +195,7 @@ impl SourceRelay {
             bearer_token: self.bearer_token.clone(),
         });
         let listener = self.listener.take().expect("run is called once");
-        let http_stop = shutdown.clone();
-        tasks.spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(http_stop.cancelled_owned())
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        tasks.spawn(http::serve(listener, router, shutdown.clone()));
         tasks.close();
         let r = &self.settings.relay;
         tracing::info!(

@@ -16,9 +16,8 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use futures_util::StreamExt;
-use lapin::{BasicProperties, options::BasicPublishOptions};
 
-use super::{Bench, Daemon, clock_ticks, postgres_cpu_ticks, process_cpu_ticks};
+use super::{Bench, Daemon, clock_ticks, peak_rss_kib, postgres_cpu_ticks, process_cpu_ticks};
 use crate::canonical;
 
 /// The filler of every document: about 1 KB per record.
@@ -280,12 +279,12 @@ impl Bench {
         for body in all {
             bodies.push(body);
             if bodies.len() == 1000 {
-                self.publish_bodies(exchange, &bodies).await?;
+                self.publish_confirmed(exchange, "bench", &bodies).await?;
                 published += bodies.len();
                 bodies.clear();
             }
         }
-        self.publish_bodies(exchange, &bodies).await?;
+        self.publish_confirmed(exchange, "bench", &bodies).await?;
         published += bodies.len();
         eprintln!(
             "published {published} messages in {:.1} s",
@@ -323,25 +322,6 @@ impl Bench {
             postgres_cpu: postgres_cpu / clock_ticks() / seconds,
             rss_kib: rss,
         })
-    }
-
-    async fn publish_bodies(&self, exchange: &str, bodies: &[String]) -> anyhow::Result<()> {
-        for body in bodies {
-            self.publisher
-                .basic_publish(
-                    exchange.into(),
-                    "bench".into(),
-                    BasicPublishOptions::default(),
-                    body.as_bytes(),
-                    BasicProperties::default().with_delivery_mode(2),
-                )
-                .await?;
-        }
-        ensure!(
-            self.publisher.wait_for_confirms().await?.is_empty(),
-            "unroutable messages"
-        );
-        Ok(())
     }
 
     /// The rows of `entity_type` and (for the ingest, whose events are
@@ -393,18 +373,6 @@ impl Bench {
         }
         Ok(())
     }
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

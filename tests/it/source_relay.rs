@@ -528,17 +528,38 @@ impl Drop for RelayProcess {
 const ROWS: i64 = 100;
 const UPDATES: i64 = 100;
 
-/// Creates `item` with `ROWS` rows at n = 0, attached as type `item`.
-async fn create_items(source: &SourceDb) {
+/// Creates `item` with `rows` rows at n = 0, attached as type `item`, and
+/// `marker` (type `marker`), whose row `sentinel` ends a test's events.
+async fn create_items(source: &SourceDb, rows: i64) {
     source
         .db
         .batch_execute(&format!(
             "CREATE TABLE item (id int PRIMARY KEY, n int NOT NULL);
              SELECT scramjet.attach('item', 'item', 'id');
-             INSERT INTO item SELECT i, 0 FROM generate_series(1, {ROWS}) AS i;"
+             CREATE TABLE marker (id text PRIMARY KEY);
+             SELECT scramjet.attach('marker', 'marker', 'id');
+             INSERT INTO item SELECT i, 0 FROM generate_series(1, {rows}) AS i;"
         ))
         .await
         .unwrap();
+}
+
+/// Collects change events (on a queue named after `suffix`) until the
+/// sentinel marker; `received` counts them as they come.
+async fn watch_until_sentinel(
+    watcher: &Connection,
+    app: &TestApp,
+    suffix: &str,
+) -> (Arc<AtomicUsize>, JoinHandle<Vec<ReceivedEvent>>) {
+    let received = Arc::new(AtomicUsize::new(0));
+    let stream = watch_changes(
+        watcher,
+        &app.settings,
+        &format!("{}.{suffix}", app.names.prefix),
+    )
+    .await;
+    let collector = collect_until(stream, "sentinel", received.clone());
+    (received, collector)
 }
 
 /// `count` statements, each `n = n + 1` on every row of `item` (one
@@ -581,26 +602,8 @@ async fn a_burst_of_10000_updates_to_100_rows_survives_a_sigkilled_relay_without
     let watcher = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .unwrap();
-    let received = Arc::new(AtomicUsize::new(0));
-    let collector = collect_until(
-        watch_changes(
-            &watcher,
-            &app.settings,
-            &format!("{}.burst", app.names.prefix),
-        )
-        .await,
-        "sentinel",
-        received.clone(),
-    );
-    source
-        .db
-        .batch_execute(
-            "CREATE TABLE marker (id text PRIMARY KEY);
-             SELECT scramjet.attach('marker', 'marker', 'id');",
-        )
-        .await
-        .unwrap();
-    create_items(&source).await;
+    let (received, collector) = watch_until_sentinel(&watcher, &app, "burst").await;
+    create_items(&source, ROWS).await;
     let mut relay = RelayProcess::new(&app, &source, 100);
     relay.start().await;
 
@@ -671,28 +674,8 @@ async fn two_relays_on_one_outbox_publish_every_change_in_order_and_one_takes_ov
     let watcher = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .unwrap();
-    let received = Arc::new(AtomicUsize::new(0));
-    let collector = collect_until(
-        watch_changes(
-            &watcher,
-            &app.settings,
-            &format!("{}.two", app.names.prefix),
-        )
-        .await,
-        "sentinel",
-        received.clone(),
-    );
-    source
-        .db
-        .batch_execute(&format!(
-            "CREATE TABLE item (id int PRIMARY KEY, n int NOT NULL);
-             SELECT scramjet.attach('item', 'item', 'id');
-             CREATE TABLE marker (id text PRIMARY KEY);
-             SELECT scramjet.attach('marker', 'marker', 'id');
-             INSERT INTO item SELECT i, 0 FROM generate_series(1, {SMALL_ROWS}) AS i;"
-        ))
-        .await
-        .unwrap();
+    let (received, collector) = watch_until_sentinel(&watcher, &app, "two").await;
+    create_items(&source, SMALL_ROWS).await;
     let mut first = InProcessRelay::start(&app, &source, 20).await;
     let second = InProcessRelay::start(&app, &source, 20).await;
     let total = (SMALL_ROWS * (UPDATES + 1)) as usize;
@@ -775,28 +758,8 @@ async fn the_relay_rides_out_losing_the_source_database_and_rabbitmq_and_loses_n
     let watcher = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .unwrap();
-    let received = Arc::new(AtomicUsize::new(0));
-    let collector = collect_until(
-        watch_changes(
-            &watcher,
-            &app.settings,
-            &format!("{}.outage", app.names.prefix),
-        )
-        .await,
-        "sentinel",
-        received.clone(),
-    );
-    source
-        .db
-        .batch_execute(&format!(
-            "CREATE TABLE item (id int PRIMARY KEY, n int NOT NULL);
-             SELECT scramjet.attach('item', 'item', 'id');
-             CREATE TABLE marker (id text PRIMARY KEY);
-             SELECT scramjet.attach('marker', 'marker', 'id');
-             INSERT INTO item SELECT i, 0 FROM generate_series(1, {FEW_ROWS}) AS i;"
-        ))
-        .await
-        .unwrap();
+    let (received, collector) = watch_until_sentinel(&watcher, &app, "outage").await;
+    create_items(&source, FEW_ROWS).await;
     let mut through_proxies = app.settings.clone();
     through_proxies.amqp.url = via(&amqp_url(), mq.addr);
     through_proxies.relay.source_url = Some(Secret(via(&source.url(), pg.addr)));
