@@ -85,6 +85,22 @@ ensure_postgres() {
     fi
 }
 
+# The tests rotate the password of a role of their own under the daemon, so
+# PostgreSQL must check passwords for such roles: members of
+# scramjet_password_auth log in over loopback with scram-sha-256 (a line put
+# before the trust lines; everyone else is unaffected).
+ensure_password_auth_role() {
+    local hba
+    hba=$(as_postgres psql -X -tAc 'SHOW hba_file' </dev/null) || die "cannot reach PostgreSQL over its socket to configure it"
+    as_postgres psql -X -q -tAc "DO \$\$ BEGIN CREATE ROLE scramjet_password_auth NOLOGIN; \
+        EXCEPTION WHEN duplicate_object THEN NULL; END \$\$" </dev/null >/dev/null
+    if ! as_root grep -q '+scramjet_password_auth' "$hba"; then
+        say "checking passwords of members of scramjet_password_auth over loopback ($hba)"
+        as_root sed -i '1i host all +scramjet_password_auth 127.0.0.1/32 scram-sha-256\nhost all +scramjet_password_auth ::1/128 scram-sha-256' "$hba"
+        as_postgres psql -X -tAc 'SELECT pg_reload_conf()' </dev/null >/dev/null
+    fi
+}
+
 ensure_rabbitmq() {
     if ! command -v rabbitmq-server >/dev/null && [ ! -x /usr/sbin/rabbitmq-server ]; then
         apt_install rabbitmq-server
@@ -98,4 +114,5 @@ ensure_rabbitmq() {
 }
 
 ensure_postgres
+ensure_password_auth_role
 ensure_rabbitmq

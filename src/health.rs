@@ -1,20 +1,46 @@
 //! Connection state shared by the workers, the readiness probe and the
 //! `scramjet_connected` gauge.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
-use prometheus::IntGaugeVec;
+use prometheus::{IntCounterVec, IntGaugeVec};
 
 use crate::metrics::{Metrics, RelayMetrics};
 
 /// Connection state as the workers see it. `/readyz` reads the RabbitMQ
-/// flag (PostgreSQL it pings itself); both feed `scramjet_connected`.
+/// flag and the outages (PostgreSQL it also pings itself); they feed
+/// `scramjet_connected` and `scramjet_outages_total`.
 #[derive(Debug)]
 pub struct Health {
     /// A RabbitMQ session is established (topology declared, consuming).
     amqp: AtomicBool,
+    /// The outage each worker is waiting out, by worker ("pipeline",
+    /// "publisher"). A ping that succeeds says nothing of a database that
+    /// refuses writes or a role that lost a privilege: the workers say it.
+    outages: Mutex<BTreeMap<&'static str, Outage>>,
     /// `scramjet_connected{service}`.
     gauge: IntGaugeVec,
+    /// `scramjet_outages_total{service,reason}`.
+    outages_total: IntCounterVec,
+}
+
+/// An outage a worker is waiting out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outage {
+    /// The service at fault: "postgres" or "rabbitmq".
+    pub service: &'static str,
+    /// A short, stable reason (a metric label), e.g. "read_only".
+    pub reason: String,
+    /// The service's own words, for the operator.
+    pub detail: String,
+    /// When it began (RFC 3339).
+    pub since: String,
 }
 
 impl Health {
@@ -22,8 +48,52 @@ impl Health {
     pub fn new(metrics: &Metrics) -> Health {
         Health {
             amqp: AtomicBool::new(false),
+            outages: Mutex::new(BTreeMap::new()),
             gauge: metrics.connected.clone(),
+            outages_total: metrics.outages.clone(),
         }
+    }
+
+    /// Records that `worker` waits out an outage of `service`. Counted once
+    /// per outage: again only when the reason changes.
+    pub fn outage(&self, worker: &'static str, service: &'static str, reason: &str, detail: &str) {
+        let mut outages = self.outages.lock().expect("never poisoned");
+        let same = outages
+            .get(worker)
+            .is_some_and(|o| o.service == service && o.reason == reason);
+        if same {
+            if let Some(o) = outages.get_mut(worker) {
+                o.detail = detail.to_owned();
+            }
+            return;
+        }
+        self.outages_total
+            .with_label_values(&[service, reason])
+            .inc();
+        outages.insert(
+            worker,
+            Outage {
+                service,
+                reason: reason.to_owned(),
+                detail: detail.to_owned(),
+                since: crate::event::now_rfc3339(),
+            },
+        );
+    }
+
+    /// Records that `worker`'s outage, if any, is over.
+    pub fn recovered(&self, worker: &'static str) {
+        self.outages.lock().expect("never poisoned").remove(worker);
+    }
+
+    /// The outages being waited out now, by worker.
+    pub fn outages(&self) -> Vec<(&'static str, Outage)> {
+        self.outages
+            .lock()
+            .expect("never poisoned")
+            .iter()
+            .map(|(w, o)| (*w, o.clone()))
+            .collect()
     }
 
     /// Records PostgreSQL's state (the last use succeeded or not).

@@ -201,11 +201,27 @@ async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// 200 when PostgreSQL answers and a RabbitMQ session is up; 503 otherwise.
+/// 200 when PostgreSQL answers, a RabbitMQ session is up, and no worker is
+/// waiting out an outage (a read-only database, a revoked privilege, …,
+/// which a ping cannot see); 503 otherwise, with the outages and why.
 async fn readyz(State(state): State<HttpState>) -> (StatusCode, Json<Value>) {
     let postgres = store::ping(&state.pool, Duration::from_secs(2)).await;
     let rabbitmq = state.health.amqp();
-    let ready = postgres && rabbitmq;
+    let outages: Vec<Value> = state
+        .health
+        .outages()
+        .into_iter()
+        .map(|(worker, o)| {
+            json!({
+                "worker": worker,
+                "service": o.service,
+                "reason": o.reason,
+                "detail": o.detail,
+                "since": o.since,
+            })
+        })
+        .collect();
+    let ready = postgres && rabbitmq && outages.is_empty();
     let status = if ready {
         StatusCode::OK
     } else {
@@ -213,7 +229,12 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, Json<Value>) {
     };
     (
         status,
-        Json(json!({"ready": ready, "postgres": postgres, "rabbitmq": rabbitmq})),
+        Json(json!({
+            "ready": ready,
+            "postgres": postgres,
+            "rabbitmq": rabbitmq,
+            "outages": outages,
+        })),
     )
 }
 

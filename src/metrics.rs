@@ -29,6 +29,8 @@ pub struct Metrics {
     pub connected: IntGaugeVec,
     /// Reconnections, by service.
     pub reconnects: IntCounterVec,
+    /// Outages begun, by service and reason (see [`crate::store::Cause`]).
+    pub outages: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -111,6 +113,17 @@ impl Metrics {
             "1 while connected, by service.",
             "service",
         );
+        let outages = IntCounterVec::new(
+            Opts::new(
+                "scramjet_outages_total",
+                "Outages begun (the environment, not a message, failed), by service and reason.",
+            ),
+            &["service", "reason"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(outages.clone()))
+            .expect("registered once");
         for service in ["postgres", "rabbitmq"] {
             connected.with_label_values(&[service]).set(0);
             reconnects.with_label_values(&[service]);
@@ -126,6 +139,7 @@ impl Metrics {
             staging_invalid,
             connected,
             reconnects,
+            outages,
         }
     }
 

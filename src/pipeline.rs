@@ -19,7 +19,7 @@ use crate::{
     event::{self, Event, EventFields, Op},
     message::{Action, Inbound},
     store::{
-        StoreError,
+        Cause, StoreError,
         batch::{self, Current, Key, ResourceWrite, StagingInvalid, TransactionStatus, Writes},
     },
     validate::{SchemaRegistry, ValidationError},
@@ -429,6 +429,29 @@ pub struct Pipeline {
     metrics: crate::metrics::Metrics,
 }
 
+/// The name under which the pipeline reports its outages to [`crate::health::Health`].
+const WORKER: &str = "pipeline";
+
+/// Longest pause between two attempts at a batch during an outage.
+const RETRY_CAP: Duration = Duration::from_secs(5);
+
+/// How one call of [`Pipeline::apply_retrying`] ended.
+enum Applied {
+    /// Committed, with these outcomes.
+    Done(Vec<Outcome>),
+    /// Refused for its data (a dead-letter candidate when alone).
+    Refused(Refusal),
+    /// Too big to go through now (a statement timeout): try halves.
+    TooBig,
+}
+
+/// The database's reason for refusing a message, and its SQLSTATE.
+#[derive(Debug)]
+struct Refusal {
+    sqlstate: Option<String>,
+    reason: String,
+}
+
 impl Pipeline {
     /// A pipeline over `pool`.
     pub fn new(
@@ -443,10 +466,15 @@ impl Pipeline {
         }
     }
 
-    /// Applies `prepared` in one transaction, retrying transient errors in
-    /// place (never by requeueing, which would break per-id order). If the
-    /// database refuses the batch, applies the messages one by one so that
-    /// only the offending ones fail.
+    /// Applies `prepared` in one transaction. What the environment causes —
+    /// a lost connection, a read-only database, a revoked privilege, … — is
+    /// an outage: the batch waits and retries in place (never by
+    /// requeueing, which would break per-id order), with `/readyz` 503 and
+    /// the outage counted. A batch a statement timeout stops is applied in
+    /// halves, in order. If the database refuses the batch for its data,
+    /// the messages are applied one by one so that only the offending ones
+    /// fail — unless every one fails with the same SQLSTATE, which says the
+    /// cause is not in the messages: an outage too.
     pub async fn process(
         &self,
         prepared: &[Prepared],
@@ -455,57 +483,104 @@ impl Pipeline {
         if prepared.is_empty() {
             return Ok(Vec::new());
         }
-        match self.apply_retrying(prepared, shutdown).await? {
-            Ok(outcomes) => Ok(outcomes.into_iter().map(Ok).collect()),
-            Err(reason) if prepared.len() == 1 => Ok(vec![Err(reason)]),
-            Err(reason) => {
-                tracing::warn!(
-                    size = prepared.len(),
-                    %reason,
-                    "database refused a batch; applying its messages one by one"
-                );
-                let mut results = Vec::with_capacity(prepared.len());
-                for p in prepared {
-                    let one = self
-                        .apply_retrying(std::slice::from_ref(p), shutdown)
-                        .await?;
-                    results.push(one.map(|mut o| o.remove(0)));
+        let mut backoff = crate::backoff::Backoff::new(RETRY_CAP);
+        loop {
+            let refusal = match self.apply_retrying(prepared, shutdown).await? {
+                Applied::Done(outcomes) => return Ok(outcomes.into_iter().map(Ok).collect()),
+                Applied::TooBig => {
+                    let (first, second) = prepared.split_at(prepared.len() / 2);
+                    tracing::warn!(
+                        size = prepared.len(),
+                        "a statement timeout stopped the batch; applying it in two halves"
+                    );
+                    let mut results = Box::pin(self.process(first, shutdown)).await?;
+                    results.extend(Box::pin(self.process(second, shutdown)).await?);
+                    return Ok(results);
                 }
-                Ok(results)
+                Applied::Refused(refusal) if prepared.len() == 1 => {
+                    return Ok(vec![Err(refusal.reason)]);
+                }
+                Applied::Refused(refusal) => refusal,
+            };
+            tracing::warn!(
+                size = prepared.len(),
+                reason = %refusal.reason,
+                "database refused a batch; applying its messages one by one"
+            );
+            let mut refusals = Vec::with_capacity(prepared.len());
+            let mut results = Vec::with_capacity(prepared.len());
+            for p in prepared {
+                match self
+                    .apply_retrying(std::slice::from_ref(p), shutdown)
+                    .await?
+                {
+                    Applied::Done(mut outcomes) => results.push(Ok(outcomes.remove(0))),
+                    Applied::Refused(r) => {
+                        results.push(Err(r.reason.clone()));
+                        refusals.push(r);
+                    }
+                    Applied::TooBig => unreachable!("a single message is never split"),
+                }
             }
+            let first = &refusals[0].sqlstate;
+            let all_alike = refusals.len() == prepared.len()
+                && first.is_some()
+                && refusals.iter().all(|r| &r.sqlstate == first);
+            if !all_alike {
+                return Ok(results);
+            }
+            // Nothing was committed: every message was refused.
+            let sqlstate = first.as_deref().unwrap_or_default();
+            let detail = format!(
+                "every message of a batch of {} was refused with SQLSTATE {sqlstate}: {}",
+                prepared.len(),
+                refusals[0].reason
+            );
+            self.wait_out(
+                &StoreError::unavailable(Cause::RefusedAll, detail),
+                &mut backoff,
+                shutdown,
+            )
+            .await?;
         }
     }
 
+    /// Applies `prepared` in one transaction, waiting out outages. Returns
+    /// the outcomes, the data's refusal, or — for a batch of several
+    /// messages that a statement timeout stopped — that it is too big.
     async fn apply_retrying(
         &self,
         prepared: &[Prepared],
         shutdown: &CancellationToken,
-    ) -> Result<Result<Vec<Outcome>, String>, Interrupted> {
-        let mut delay = Duration::from_millis(100);
+    ) -> Result<Applied, Interrupted> {
+        let mut backoff = crate::backoff::Backoff::new(RETRY_CAP);
         // A transaction whose COMMIT was sent but not answered: it may have
         // committed. Applying the batch again would then repeat its changes
         // as events (a save A then B replayed over B publishes B→A→B), so
-        // its fate is looked up first.
-        let mut unsettled: Option<(i64, Vec<Outcome>)> = None;
+        // its fate is looked up first — on the same server, the only one
+        // whose answer about that transaction id means anything.
+        let mut unsettled: Option<Unsettled> = None;
         loop {
             let attempt = match unsettled.take() {
-                Some((xid, outcomes)) => match self.settle(xid).await {
+                Some(u) => match self.settle(&u).await {
                     Ok(TransactionStatus::Committed) => {
                         tracing::info!(
-                            xid,
+                            xid = u.xid,
                             "the batch's COMMIT had gone through; not applying it again"
                         );
-                        Ok(outcomes)
+                        Ok(u.outcomes)
                     }
                     Ok(TransactionStatus::Aborted) => self.apply_once(prepared).await,
                     Ok(TransactionStatus::InProgress) => {
-                        unsettled = Some((xid, outcomes));
-                        Err(Attempt::Failed(StoreError::Transient(format!(
-                            "transaction {xid} is still finishing"
-                        ))))
+                        let xid = u.xid;
+                        unsettled = Some(u);
+                        Err(Attempt::Failed(StoreError::unavailable(
+                            Cause::CommitUnknown,
+                            format!("transaction {xid} is still finishing"),
+                        )))
                     }
                     Err(e) => {
-                        unsettled = Some((xid, outcomes));
+                        unsettled = Some(u);
                         Err(Attempt::Failed(e))
                     }
                 },
@@ -514,41 +589,93 @@ impl Pipeline {
             let error = match attempt {
                 Ok(outcomes) => {
                     self.health.set_postgres(true);
-                    return Ok(Ok(outcomes));
+                    self.health.recovered(WORKER);
+                    return Ok(Applied::Done(outcomes));
                 }
                 Err(Attempt::Failed(e)) => e,
-                Err(Attempt::CommitUnknown {
-                    xid,
-                    outcomes,
-                    reason,
-                }) => {
-                    unsettled = Some((xid, outcomes));
-                    StoreError::Transient(reason)
+                Err(Attempt::CommitUnknown(u, reason)) => {
+                    unsettled = Some(u);
+                    StoreError::unavailable(Cause::CommitUnknown, reason)
                 }
             };
             match error {
-                StoreError::Permanent(reason) => return Ok(Err(reason)),
-                StoreError::Transient(reason) => {
-                    self.health.set_postgres(false);
-                    self.metrics
-                        .reconnects
-                        .with_label_values(&["postgres"])
-                        .inc();
-                    tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "database unavailable; retrying the batch");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Err(Interrupted),
-                        _ = tokio::time::sleep(crate::backoff::jitter(delay)) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                StoreError::Refused { sqlstate, detail } => {
+                    return Ok(Applied::Refused(Refusal {
+                        sqlstate,
+                        reason: detail,
+                    }));
                 }
+                StoreError::Unavailable { cause, detail }
+                    if cause.shrinks() && prepared.len() > 1 && unsettled.is_none() =>
+                {
+                    self.health
+                        .outage(WORKER, "postgres", cause.as_str(), &detail);
+                    return Ok(Applied::TooBig);
+                }
+                outage => self.wait_out(&outage, &mut backoff, shutdown).await?,
             }
         }
     }
 
-    /// What became of transaction `xid`.
-    async fn settle(&self, xid: i64) -> Result<TransactionStatus, StoreError> {
+    /// Reports `error` (an outage, or a conflict worth no report) and
+    /// sleeps before the next attempt, unless shutdown comes first.
+    async fn wait_out(
+        &self,
+        error: &StoreError,
+        backoff: &mut crate::backoff::Backoff,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Interrupted> {
+        let delay = backoff.next_delay();
+        if let StoreError::Unavailable { cause, detail } = error
+            && cause.is_outage()
+        {
+            // The connection is gone (a COMMIT goes unanswered when it drops).
+            if matches!(cause, Cause::Connection | Cause::CommitUnknown) {
+                self.health.set_postgres(false);
+                self.metrics
+                    .reconnects
+                    .with_label_values(&["postgres"])
+                    .inc();
+            }
+            self.health
+                .outage(WORKER, "postgres", cause.as_str(), detail);
+        }
+        tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "database unavailable; the batch waits and retries");
+        tokio::select! {
+            _ = shutdown.cancelled() => Err(Interrupted),
+            _ = tokio::time::sleep(delay) => Ok(()),
+        }
+    }
+
+    /// What became of the transaction of `u`. Never the data's fault: any
+    /// error here is an outage, and an answer from another server (a
+    /// failover) is no answer.
+    async fn settle(&self, u: &Unsettled) -> Result<TransactionStatus, StoreError> {
         let client = self.pool.get().await?;
-        batch::transaction_status(&client, xid).await
+        let answer = match batch::transaction_status(&client, u.xid).await {
+            Ok((status, server)) if server == u.server => Ok(status),
+            Ok((_, server)) => Err(StoreError::unavailable(
+                Cause::CommitUnknown,
+                format!(
+                    "a COMMIT went unanswered on server {}/{} and the database now answers from \
+                     {}/{} (a failover?): the batch stays unacked until that server can say \
+                     what became of transaction {}",
+                    u.server.system, u.server.timeline, server.system, server.timeline, u.xid
+                ),
+            )),
+            Err(StoreError::Refused { detail, .. }) => {
+                Err(StoreError::unavailable(Cause::CommitUnknown, detail))
+            }
+            Err(e) => Err(e),
+        };
+        if answer
+            .as_ref()
+            .err()
+            .is_some_and(StoreError::retires_connection)
+        {
+            drop(deadpool_postgres::Object::take(client));
+        }
+        answer
     }
 
     async fn apply_once(&self, prepared: &[Prepared]) -> Result<Vec<Outcome>, Attempt> {
@@ -557,21 +684,44 @@ impl Pipeline {
         keys.dedup();
         let started = std::time::Instant::now();
         let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let begun = started.elapsed();
-        let (outcomes, xid, locked, planned, written) =
-            apply_in(&tx, prepared, &keys, started).await?;
-        if let Err(e) = tx.commit().await {
-            return Err(match StoreError::from(e) {
-                // No answer: the server may or may not have committed.
-                StoreError::Transient(reason) => Attempt::CommitUnknown {
-                    xid,
-                    outcomes,
-                    reason,
-                },
-                refused => Attempt::Failed(refused),
-            });
+        let result = async {
+            let tx = client.transaction().await?;
+            let begun = started.elapsed();
+            let (outcomes, current, locked, planned, written) =
+                apply_in(&tx, prepared, &keys, started).await?;
+            if let Err(e) = tx.commit().await {
+                return Err(match StoreError::from(e) {
+                    // No answer: the server may or may not have committed.
+                    StoreError::Unavailable {
+                        cause: Cause::Connection,
+                        detail,
+                    } => Attempt::CommitUnknown(
+                        Unsettled {
+                            xid: current.xid,
+                            server: current.server,
+                            outcomes,
+                        },
+                        detail,
+                    ),
+                    refused => Attempt::Failed(refused),
+                });
+            }
+            Ok((outcomes, begun, locked, planned, written))
         }
+        .await;
+        let (outcomes, begun, locked, planned, written) = match result {
+            Ok(done) => done,
+            Err(attempt) => {
+                let retire = match &attempt {
+                    Attempt::Failed(e) => e.retires_connection(),
+                    Attempt::CommitUnknown(..) => true,
+                };
+                if retire {
+                    drop(deadpool_postgres::Object::take(client));
+                }
+                return Err(attempt);
+            }
+        };
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         tracing::debug!(
             size = prepared.len(),
@@ -586,6 +736,17 @@ impl Pipeline {
     }
 }
 
+/// A batch whose COMMIT was sent and not answered.
+#[derive(Debug)]
+struct Unsettled {
+    /// Its transaction id.
+    xid: i64,
+    /// The server it ran on.
+    server: batch::ServerId,
+    /// Its outcomes, if it did commit.
+    outcomes: Vec<Outcome>,
+}
+
 /// Applies `prepared` inside `tx` (which the caller commits): claim message
 /// ids, lock the keys, plan, write. Returns the outcomes and, for the log,
 /// the elapsed times after locking, planning and writing.
@@ -594,7 +755,7 @@ async fn apply_in(
     prepared: &[Prepared],
     keys: &[Key],
     started: std::time::Instant,
-) -> Result<(Vec<Outcome>, i64, Duration, Duration, Duration), StoreError> {
+) -> Result<(Vec<Outcome>, Current, Duration, Duration, Duration), StoreError> {
     let (duplicate, current) = claim_and_lock(tx, prepared, keys).await?;
     let locked = started.elapsed();
     // A bug in planning (patch computation, say) must not take the daemon
@@ -604,11 +765,14 @@ async fn apply_in(
     let (writes, outcomes) = std::panic::catch_unwind(AssertUnwindSafe(|| {
         plan(prepared, &duplicate, &current, &now)
     }))
-    .map_err(|panic| StoreError::Permanent(format!("internal error: {}", panic_text(&*panic))))?;
+    .map_err(|panic| StoreError::Refused {
+        sqlstate: None,
+        detail: format!("internal error: {}", panic_text(&*panic)),
+    })?;
     let planned = started.elapsed();
     batch::apply(tx, &writes).await?;
     let written = started.elapsed();
-    Ok((outcomes, current.xid, locked, planned, written))
+    Ok((outcomes, current, locked, planned, written))
 }
 
 /// Applies `prepared` inside `tx`, for callers that lock more rows in the
@@ -655,13 +819,9 @@ async fn claim_and_lock(
 enum Attempt {
     /// Nothing was committed.
     Failed(StoreError),
-    /// COMMIT was sent and no answer came: transaction `xid` may have
-    /// committed with these `outcomes`.
-    CommitUnknown {
-        xid: i64,
-        outcomes: Vec<Outcome>,
-        reason: String,
-    },
+    /// COMMIT was sent and no answer came (the driver's words): the
+    /// transaction may have committed.
+    CommitUnknown(Unsettled, String),
 }
 
 impl<E: Into<StoreError>> From<E> for Attempt {

@@ -21,6 +21,8 @@ use crate::{
 /// How often the relay looks at the outbox without being told to (events
 /// left by a crash, or committed by another daemon sharing the database).
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// The name under which the relay reports its outages to [`Health`].
+const WORKER: &str = "publisher";
 /// How long a shutdown waits for the final flush.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -58,8 +60,17 @@ impl Relay {
         let mut backoff = Backoff::new(Duration::from_secs(5));
         loop {
             match self.drain().await {
-                Ok(_) => backoff.reset(),
+                Ok(_) => {
+                    backoff.reset();
+                    self.health.recovered(WORKER);
+                }
                 Err(RelayError::Database(e)) => {
+                    if let StoreError::Unavailable { cause, detail } = &e
+                        && cause.is_outage()
+                    {
+                        self.health
+                            .outage(WORKER, "postgres", cause.as_str(), detail);
+                    }
                     self.health.set_postgres(false);
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "outbox relay cannot read the database");
@@ -108,6 +119,16 @@ impl Relay {
 
     async fn round(&self) -> Result<usize, RelayError> {
         let mut client = self.pool.get().await.map_err(StoreError::from)?;
+        let result = self.round_on(&mut client).await;
+        if let Err(RelayError::Database(e)) = &result
+            && e.retires_connection()
+        {
+            drop(deadpool_postgres::Object::take(client));
+        }
+        result
+    }
+
+    async fn round_on(&self, client: &mut deadpool_postgres::Client) -> Result<usize, RelayError> {
         let tx = client.transaction().await.map_err(StoreError::from)?;
         let taken = std::time::Instant::now();
         let (pending, waited) = outbox::take_oldest(&tx).await?;

@@ -783,12 +783,12 @@ async fn retry_transient<T>(
     loop {
         match attempt().await {
             Ok(done) => return Ok(done),
-            Err(StoreError::Transient(reason)) => {
+            Err(reason @ StoreError::Unavailable { .. }) => {
                 tracing::warn!(%reason, "{what} failed for a moment; retrying");
                 tokio::time::sleep(crate::backoff::jitter(delay)).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
-            Err(StoreError::Permanent(reason)) => anyhow::bail!("{what} failed: {reason}"),
+            Err(StoreError::Refused { detail, .. }) => anyhow::bail!("{what} failed: {detail}"),
         }
     }
 }

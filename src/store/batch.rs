@@ -24,6 +24,21 @@ pub struct Current {
     /// The transaction's id (`txid_current()`), to settle a COMMIT whose
     /// reply was lost: see [`transaction_status`].
     pub xid: i64,
+    /// The server the transaction runs on: a transaction id means something
+    /// only there.
+    pub server: ServerId,
+}
+
+/// Which server (and which history of it) a transaction ran on: the
+/// cluster's system identifier and its WAL timeline. A promoted standby
+/// shares the identifier but starts a new timeline, on which the same
+/// transaction id can name another transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerId {
+    /// `pg_control_system().system_identifier`.
+    pub system: i64,
+    /// The current timeline, as the first 8 hex digits of a WAL file name.
+    pub timeline: String,
 }
 
 /// A row of `resources` as the pipeline needs it.
@@ -93,7 +108,9 @@ mod sql {
     /// two transactions with overlapping keys queue instead of deadlocking.
     /// Row locks alone do not cover a key with no row yet: two writers could
     /// both plan a `created` and the second would overwrite the first.
-    pub const LOCK_KEYS: &str = "SELECT count(pg_advisory_xact_lock(k)), txid_current() FROM ( \
+    pub const LOCK_KEYS: &str = "SELECT count(pg_advisory_xact_lock(k)), txid_current(), \
+           (SELECT system_identifier FROM pg_control_system()), \
+           substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) FROM ( \
            SELECT DISTINCT hashtextextended(t || chr(31) || i, 5930) AS k \
            FROM unnest($1::text[], $2::text[]) AS u(t, i) ORDER BY k) AS s";
     pub const LOCK_ROWS: &str = "SELECT r.type, r.id, r.hash, r.data, r.version \
@@ -182,6 +199,10 @@ pub async fn claim_and_lock(
         .collect::<Result<HashSet<String>, _>>()?;
     let mut current = Current {
         xid: locked.try_get(1)?,
+        server: ServerId {
+            system: locked.try_get(2)?,
+            timeline: locked.try_get(3)?,
+        },
         ..Current::default()
     };
     for row in rows {
@@ -225,19 +246,29 @@ pub enum TransactionStatus {
 }
 
 /// `txid_status(xid)`: whether a transaction committed, for a COMMIT whose
-/// reply never arrived.
+/// reply never arrived, and the server that answers (the answer holds only
+/// if that is the server the transaction ran on).
 pub async fn transaction_status(
     client: &deadpool_postgres::Client,
     xid: i64,
-) -> Result<TransactionStatus, StoreError> {
+) -> Result<(TransactionStatus, ServerId), StoreError> {
     let row = client
-        .query_one("SELECT txid_status($1)::text", &[&xid])
+        .query_one(
+            "SELECT txid_status($1)::text, (SELECT system_identifier FROM pg_control_system()), \
+             substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)",
+            &[&xid],
+        )
         .await?;
-    Ok(match row.try_get::<_, Option<String>>(0)?.as_deref() {
+    let status = match row.try_get::<_, Option<String>>(0)?.as_deref() {
         Some("committed") => TransactionStatus::Committed,
         Some("in progress") => TransactionStatus::InProgress,
         _ => TransactionStatus::Aborted,
-    })
+    };
+    let server = ServerId {
+        system: row.try_get(1)?,
+        timeline: row.try_get(2)?,
+    };
+    Ok((status, server))
 }
 
 /// A statement parameter.

@@ -32,36 +32,151 @@ mod embedded {
 /// when several daemons start against one database at once.
 const MIGRATION_LOCK: i64 = 0x5c7a_3e70_0001;
 
-/// An error from the database, sorted by what the caller should do.
+/// An error from the database, sorted by whose fault it is — which decides
+/// what the caller does. Only [`StoreError::Refused`] may dead-letter a
+/// message: everything the environment causes is [`StoreError::Unavailable`],
+/// an outage to wait out.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// Worth retrying as is: the connection dropped, the server is restarting,
-    /// a serialization failure or deadlock.
-    #[error("transient database error: {0}")]
-    Transient(String),
-    /// Retrying the same input fails again (bad data, constraint, limits).
-    #[error("database rejected the data: {0}")]
-    Permanent(String),
+    /// The environment failed: the connection, the server's state (read-only
+    /// after a failover, shutting down, out of resources), credentials,
+    /// privileges, the schema under a cached statement, a timeout, or a
+    /// conflict with another transaction. Retrying the same input can succeed
+    /// once the cause is gone.
+    #[error("database unavailable ({}): {detail}", cause.as_str())]
+    Unavailable {
+        /// What kind of outage (a metric label).
+        cause: Cause,
+        /// The database's or the driver's words.
+        detail: String,
+    },
+    /// The statement's own input was refused (a data exception, an integrity
+    /// violation, a program limit): retrying the same data fails again.
+    #[error("database rejected the data: {detail}")]
+    Refused {
+        /// The SQLSTATE, when the server gave one.
+        sqlstate: Option<String>,
+        /// The database's words.
+        detail: String,
+    },
+}
+
+/// Why the database is unavailable; the `reason` label of
+/// `scramjet_outages_total` and the `reason` `/readyz` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Cause {
+    /// No connection: refused, dropped, or timed out (SQLSTATE class 08, or none).
+    Connection,
+    /// The server takes no writes: a standby or a read-only database (25006, 55000).
+    ReadOnly,
+    /// The credentials were refused (class 28).
+    Authentication,
+    /// The role lacks a privilege (42501).
+    Privilege,
+    /// The schema changed under the daemon: a cached plan, a missing table
+    /// or column, a dropped database (0A000, 26000, 3D000, class 42).
+    Schema,
+    /// `statement_timeout` cancelled a statement (57014).
+    StatementTimeout,
+    /// The server is shutting down or restarting (class 57).
+    Shutdown,
+    /// The server ran out of a resource: memory, disk, connections, locks (class 53).
+    Resources,
+    /// A deadlock or serialization failure with another transaction (class 40,
+    /// 55P03): retried, but not an outage.
+    Conflict,
+    /// A COMMIT went unanswered and the server cannot say yet what became of it.
+    CommitUnknown,
+    /// Every message of a batch was refused with the same SQLSTATE: the
+    /// cause is not in the messages.
+    RefusedAll,
+    /// Anything else: an internal or system error on the server, an error in the driver.
+    Server,
+}
+
+impl Cause {
+    /// The label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Connection => "connection",
+            Cause::ReadOnly => "read_only",
+            Cause::Authentication => "authentication",
+            Cause::Privilege => "privilege",
+            Cause::Schema => "schema",
+            Cause::StatementTimeout => "statement_timeout",
+            Cause::Shutdown => "shutdown",
+            Cause::Resources => "resources",
+            Cause::Conflict => "conflict",
+            Cause::CommitUnknown => "commit_unknown",
+            Cause::RefusedAll => "refused_all",
+            Cause::Server => "server",
+        }
+    }
+
+    /// Whether the cause is an outage (`/readyz` 503, counted), rather than
+    /// a momentary conflict with another transaction.
+    pub fn is_outage(self) -> bool {
+        self != Cause::Conflict
+    }
+
+    /// Whether a smaller batch may get through where this one did not.
+    pub fn shrinks(self) -> bool {
+        self == Cause::StatementTimeout
+    }
+}
+
+impl StoreError {
+    /// An outage of the given cause.
+    pub fn unavailable(cause: Cause, detail: impl Into<String>) -> StoreError {
+        StoreError::Unavailable {
+            cause,
+            detail: detail.into(),
+        }
+    }
+
+    /// Whether the connection this error came from should be closed rather
+    /// than reused: after an outage its session may carry what caused it (a
+    /// read-only default, statements prepared against an old schema, a
+    /// revoked login).
+    pub fn retires_connection(&self) -> bool {
+        matches!(self, StoreError::Unavailable { cause, .. } if cause.is_outage())
+    }
+}
+
+/// Sorts a SQLSTATE into whose fault it is: `None` for the data's (only
+/// data exceptions, class 22, integrity violations, 23, and program limits,
+/// 54, belong to the data of one statement), else the environment's cause.
+pub fn classify(code: &SqlState) -> Option<Cause> {
+    let code = code.code();
+    let class = &code[..2];
+    Some(match (class, code) {
+        ("22" | "23" | "54", _) => return None,
+        ("08", _) => Cause::Connection,
+        (_, "25006" | "55000") => Cause::ReadOnly,
+        ("28", _) => Cause::Authentication,
+        (_, "42501") => Cause::Privilege,
+        (_, "0A000" | "26000" | "3D000") | ("42", _) => Cause::Schema,
+        (_, "57014") => Cause::StatementTimeout,
+        ("57", _) => Cause::Shutdown,
+        ("53", _) => Cause::Resources,
+        ("40", _) | (_, "55P03") => Cause::Conflict,
+        _ => Cause::Server,
+    })
 }
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
-        let text = db_error_text(&e);
+        let detail = db_error_text(&e);
         match e.code() {
             // No SQLSTATE: I/O, a closed connection, a protocol error.
-            None => StoreError::Transient(text),
-            Some(code) => {
-                let class = &code.code()[..2];
-                // 08 connection, 40 rollback (serialization, deadlock), 53
-                // resources, 57 operator intervention (shutdown), 58 system, XX internal.
-                if matches!(class, "08" | "40" | "53" | "57" | "58" | "XX")
-                    || *code == SqlState::LOCK_NOT_AVAILABLE
-                {
-                    StoreError::Transient(text)
-                } else {
-                    StoreError::Permanent(text)
-                }
-            }
+            None => StoreError::unavailable(Cause::Connection, detail),
+            Some(code) => match classify(code) {
+                Some(cause) => StoreError::unavailable(cause, detail),
+                None => StoreError::Refused {
+                    sqlstate: Some(code.code().to_owned()),
+                    detail,
+                },
+            },
         }
     }
 }
@@ -70,7 +185,7 @@ impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         match e {
             deadpool_postgres::PoolError::Backend(e) => e.into(),
-            other => StoreError::Transient(other.to_string()),
+            other => StoreError::unavailable(Cause::Connection, other.to_string()),
         }
     }
 }
@@ -266,6 +381,33 @@ pub async fn ping(pool: &Pool, timeout: Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_data_exceptions_integrity_violations_and_program_limits_are_the_datas_fault() {
+        for refused in ["22P02", "22003", "23505", "23514", "54000", "54001"] {
+            assert_eq!(classify(&SqlState::from_code(refused)), None, "{refused}");
+        }
+        for (code, cause) in [
+            ("25006", Cause::ReadOnly),
+            ("28P01", Cause::Authentication),
+            ("28000", Cause::Authentication),
+            ("42501", Cause::Privilege),
+            ("0A000", Cause::Schema),
+            ("42P01", Cause::Schema),
+            ("57014", Cause::StatementTimeout),
+            ("57P01", Cause::Shutdown),
+            ("08006", Cause::Connection),
+            ("53300", Cause::Resources),
+            ("40P01", Cause::Conflict),
+            ("XX000", Cause::Server),
+            ("58030", Cause::Server),
+            ("P0001", Cause::Server),
+        ] {
+            assert_eq!(classify(&SqlState::from_code(code)), Some(cause), "{code}");
+        }
+        assert!(!Cause::Conflict.is_outage());
+        assert!(Cause::ReadOnly.is_outage());
+    }
 
     #[test]
     fn identifiers_are_quoted() {

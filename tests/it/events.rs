@@ -402,7 +402,7 @@ async fn healthz_and_readyz_answer_200_when_connected() {
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
         body,
-        json!({"ready": true, "postgres": true, "rabbitmq": true})
+        json!({"ready": true, "postgres": true, "rabbitmq": true, "outages": []})
     );
 }
 

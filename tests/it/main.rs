@@ -11,6 +11,7 @@ mod helpers;
 mod malformed;
 mod model;
 mod order;
+mod outages;
 mod proxy;
 mod source_relay;
 mod tls;
