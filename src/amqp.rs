@@ -2,7 +2,7 @@
 //! with confirms.
 
 use anyhow::Context;
-use futures_util::future::try_join_all;
+use futures_util::{StreamExt, future::try_join_all};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
     options::{
@@ -11,6 +11,8 @@ use lapin::{
     },
     types::{AMQPValue, FieldTable},
 };
+
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{AmqpSettings, QueueType},
@@ -212,6 +214,34 @@ impl ConfirmPublisher {
     /// Closes the channel politely.
     pub async fn close(&self) {
         let _ = self.channel.close(200, "bye".into()).await;
+    }
+}
+
+/// Cancels `lost` as soon as `connection` reports an error or closes, or
+/// `channel` is no longer open: the consumer must then not commit the batch
+/// in hand, which the broker redelivers. Returns when `lost` is cancelled
+/// (by this watch or by whoever ends the session).
+pub async fn watch_session(connection: &Connection, channel: &Channel, lost: CancellationToken) {
+    let mut events = std::pin::pin!(connection.events_listener());
+    // The channel has no event stream of its own: its state is polled.
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = lost.cancelled() => return,
+            event = events.next() => match event {
+                Some(lapin::Event::Error(e)) => {
+                    tracing::warn!(error = %one_line(&e.to_string()), "the broker connection failed");
+                    lost.cancel();
+                }
+                None => lost.cancel(),
+                Some(_) => {}
+            },
+            _ = tick.tick() => {
+                if !connection.status().connected() || !channel.status().connected() {
+                    lost.cancel();
+                }
+            }
+        }
     }
 }
 

@@ -427,6 +427,49 @@ pub struct Pipeline {
     health: Arc<crate::health::Health>,
     /// Counts database reconnections.
     metrics: crate::metrics::Metrics,
+    /// The broker session whose deliveries this pipeline commits, if any.
+    session: Option<Arc<Session>>,
+}
+
+/// A consumer's broker session, as the pipeline needs to know it: a batch
+/// whose session has ended must not commit, since the broker redelivers its
+/// messages to another consumer, which may already have applied them and
+/// newer ones.
+#[derive(Debug)]
+pub struct Session {
+    /// The queue consumed; `consumer_epochs` is keyed by it.
+    queue: String,
+    /// The epoch registered by the session's first committed batch.
+    epoch: std::sync::Mutex<Option<i64>>,
+    /// Cancelled when the broker connection or channel of the session is lost.
+    lost: CancellationToken,
+}
+
+impl Session {
+    /// A session on `queue` that ends when `lost` is cancelled.
+    pub fn new(queue: &str, lost: CancellationToken) -> Session {
+        Session {
+            queue: queue.to_owned(),
+            epoch: std::sync::Mutex::new(None),
+            lost,
+        }
+    }
+
+    fn epoch(&self) -> Option<i64> {
+        *self.epoch.lock().expect("never poisoned")
+    }
+
+    fn registered(&self, epoch: Option<i64>) {
+        *self.epoch.lock().expect("never poisoned") = epoch;
+    }
+
+    /// What the next batch does at the fence.
+    fn fence(&self) -> batch::Fence<'_> {
+        match self.epoch() {
+            None => batch::Fence::Register(&self.queue),
+            Some(_) => batch::Fence::Check(&self.queue),
+        }
+    }
 }
 
 /// The name under which the pipeline reports its outages to [`crate::health::Health`].
@@ -463,7 +506,20 @@ impl Pipeline {
             pool,
             health,
             metrics,
+            session: None,
         }
+    }
+
+    /// The pipeline of a consumer's broker `session`: its batches pass the
+    /// fence of `consumer_epochs`, and none commits once the session is lost.
+    pub fn for_session(mut self, session: Session) -> Self {
+        self.session = Some(Arc::new(session));
+        self
+    }
+
+    /// Whether the broker session (if any) has ended.
+    fn session_lost(&self) -> bool {
+        self.session.as_ref().is_some_and(|s| s.lost.is_cancelled())
     }
 
     /// Applies `prepared` in one transaction. What the environment causes —
@@ -568,6 +624,9 @@ impl Pipeline {
                             xid = u.xid,
                             "the batch's COMMIT had gone through; not applying it again"
                         );
+                        if let (Some(session), Some(epoch)) = (&self.session, u.registered) {
+                            session.registered(Some(epoch));
+                        }
                         Ok(u.outcomes)
                     }
                     Ok(TransactionStatus::Aborted) => self.apply_once(prepared).await,
@@ -593,6 +652,10 @@ impl Pipeline {
                     return Ok(Applied::Done(outcomes));
                 }
                 Err(Attempt::Failed(e)) => e,
+                Err(Attempt::Abandoned(why)) => {
+                    tracing::warn!(%why, "batch abandoned, not committed; the broker redelivers it");
+                    return Err(Interrupted);
+                }
                 Err(Attempt::CommitUnknown(u, reason)) => {
                     unsettled = Some(u);
                     StoreError::unavailable(Cause::CommitUnknown, reason)
@@ -641,8 +704,18 @@ impl Pipeline {
                 .outage(WORKER, "postgres", cause.as_str(), detail);
         }
         tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "database unavailable; the batch waits and retries");
+        let lost = async {
+            match &self.session {
+                Some(s) => s.lost.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => Err(Interrupted),
+            _ = lost => {
+                tracing::warn!("the broker session ended while the batch waited; abandoning it (the broker redelivers it)");
+                Err(Interrupted)
+            }
             _ = tokio::time::sleep(delay) => Ok(()),
         }
     }
@@ -684,11 +757,33 @@ impl Pipeline {
         keys.dedup();
         let started = std::time::Instant::now();
         let mut client = self.pool.get().await?;
+        let fence = self.session.as_deref().map(Session::fence);
         let result = async {
             let tx = client.transaction().await?;
             let begun = started.elapsed();
             let (outcomes, current, locked, planned, written) =
-                apply_in(&tx, prepared, &keys, started).await?;
+                apply_in(&tx, fence, prepared, &keys, started).await?;
+            // A registration's epoch becomes the session's once committed.
+            let mut registered = None;
+            if let Some(session) = &self.session {
+                match session.epoch() {
+                    None => registered = current.epoch,
+                    Some(mine) if current.epoch != Some(mine) => {
+                        return Err(Attempt::Abandoned(format!(
+                            "another consumer of {} took over (epoch {:?}, this session's {mine})",
+                            session.queue, current.epoch
+                        )));
+                    }
+                    Some(_) => {}
+                }
+            }
+            // The last moment to learn that the broker session is gone; past
+            // it, the fence's share lock keeps a successor from committing first.
+            if self.session_lost() {
+                return Err(Attempt::Abandoned(
+                    "the broker session ended before the batch committed".into(),
+                ));
+            }
             if let Err(e) = tx.commit().await {
                 return Err(match StoreError::from(e) {
                     // No answer: the server may or may not have committed.
@@ -699,12 +794,16 @@ impl Pipeline {
                         Unsettled {
                             xid: current.xid,
                             server: current.server,
+                            registered,
                             outcomes,
                         },
                         detail,
                     ),
                     refused => Attempt::Failed(refused),
                 });
+            }
+            if let (Some(session), Some(epoch)) = (&self.session, registered) {
+                session.registered(Some(epoch));
             }
             Ok((outcomes, begun, locked, planned, written))
         }
@@ -715,6 +814,7 @@ impl Pipeline {
                 let retire = match &attempt {
                     Attempt::Failed(e) => e.retires_connection(),
                     Attempt::CommitUnknown(..) => true,
+                    Attempt::Abandoned(_) => false,
                 };
                 if retire {
                     drop(deadpool_postgres::Object::take(client));
@@ -743,6 +843,8 @@ struct Unsettled {
     xid: i64,
     /// The server it ran on.
     server: batch::ServerId,
+    /// The epoch it registered for the session, if it did commit.
+    registered: Option<i64>,
     /// Its outcomes, if it did commit.
     outcomes: Vec<Outcome>,
 }
@@ -752,11 +854,12 @@ struct Unsettled {
 /// the elapsed times after locking, planning and writing.
 async fn apply_in(
     tx: &deadpool_postgres::Transaction<'_>,
+    fence: Option<batch::Fence<'_>>,
     prepared: &[Prepared],
     keys: &[Key],
     started: std::time::Instant,
 ) -> Result<(Vec<Outcome>, Current, Duration, Duration, Duration), StoreError> {
-    let (duplicate, current) = claim_and_lock(tx, prepared, keys).await?;
+    let (duplicate, current) = claim_and_lock(tx, fence, prepared, keys).await?;
     let locked = started.elapsed();
     // A bug in planning (patch computation, say) must not take the daemon
     // down: report it like a refused batch, so the messages are retried
@@ -784,7 +887,7 @@ pub async fn apply_in_transaction(
     let mut keys: Vec<Key> = prepared.iter().map(Prepared::key).collect();
     keys.sort_unstable();
     keys.dedup();
-    let (outcomes, ..) = apply_in(tx, prepared, &keys, std::time::Instant::now()).await?;
+    let (outcomes, ..) = apply_in(tx, None, prepared, &keys, std::time::Instant::now()).await?;
     Ok(outcomes)
 }
 
@@ -792,6 +895,7 @@ pub async fn apply_in_transaction(
 /// whether it is a duplicate (claimed before, or earlier in the same batch).
 async fn claim_and_lock(
     tx: &deadpool_postgres::Transaction<'_>,
+    fence: Option<batch::Fence<'_>>,
     prepared: &[Prepared],
     keys: &[Key],
 ) -> Result<(Vec<bool>, Current), StoreError> {
@@ -802,7 +906,7 @@ async fn claim_and_lock(
         }
     }
     let ids: Vec<&str> = first_seen.keys().copied().collect();
-    let (fresh, current) = batch::claim_and_lock(tx, &ids, keys).await?;
+    let (fresh, current) = batch::claim_and_lock(tx, fence, &ids, keys).await?;
     let duplicate = prepared
         .iter()
         .enumerate()
@@ -822,6 +926,9 @@ enum Attempt {
     /// COMMIT was sent and no answer came (the driver's words): the
     /// transaction may have committed.
     CommitUnknown(Unsettled, String),
+    /// Not committed, and must not be: the broker session ended, or
+    /// another consumer took the queue over (why).
+    Abandoned(String),
 }
 
 impl<E: Into<StoreError>> From<E> for Attempt {

@@ -27,6 +27,9 @@ pub struct Current {
     /// The server the transaction runs on: a transaction id means something
     /// only there.
     pub server: ServerId,
+    /// The epoch the [`Fence`] registered or read (`None` without a fence,
+    /// or when the queue has no epoch yet).
+    pub epoch: Option<i64>,
 }
 
 /// Which server (and which history of it) a transaction ran on: the
@@ -100,8 +103,27 @@ pub struct Writes {
     pub events: Vec<Event>,
 }
 
+/// What a batch transaction does to prove that its consumer session is
+/// still the one the broker delivers the queue to (see `consumer_epochs`).
+#[derive(Debug, Clone, Copy)]
+pub enum Fence<'a> {
+    /// The session's first batch: register a new epoch for `queue`.
+    Register(&'a str),
+    /// A later batch: read the newest epoch of `queue` under a share lock,
+    /// for the caller to compare with its own.
+    Check(&'a str),
+}
+
 /// SQL of the statements below, prepared once per connection (`prepare_cached`).
 mod sql {
+    /// A new epoch; the row lock it takes waits for a batch of the
+    /// replaced session that is committing now (it holds the share lock).
+    pub const REGISTER_EPOCH: &str = "INSERT INTO consumer_epochs (queue, epoch) VALUES ($1, 1) \
+         ON CONFLICT (queue) DO UPDATE \
+         SET epoch = consumer_epochs.epoch + 1, registered_at = now() RETURNING epoch";
+    /// The share lock keeps a new session from registering until this
+    /// batch has committed or rolled back.
+    pub const CHECK_EPOCH: &str = "SELECT epoch FROM consumer_epochs WHERE queue = $1 FOR SHARE";
     pub const CLAIM: &str = "INSERT INTO inbox (message_id) SELECT unnest($1::text[]) \
          ON CONFLICT (message_id) DO NOTHING RETURNING message_id";
     /// One advisory lock per key, in the order of the lock keys, so that
@@ -155,20 +177,29 @@ mod sql {
     pub const OUTBOX: &str = super::super::outbox::INSERT;
 }
 
-/// Records `message_ids` as processed and returns those that were not
-/// already, then reads and locks (`FOR UPDATE`) the `resources` rows and
-/// tombstones of `keys` — four statements in one round trip, the first
-/// taking an advisory lock per key.
+/// Passes `fence` (when given), records `message_ids` as processed and
+/// returns those that were not already, then reads and locks (`FOR UPDATE`)
+/// the `resources` rows and tombstones of `keys` — up to five statements in
+/// one round trip, the fence first (so that it never waits while holding a
+/// key lock), then an advisory lock per key.
 ///
 /// A concurrent transaction claiming the same message id makes this wait for
 /// it, so an id is claimed exactly once. Rows are locked in key order so that
 /// two transactions locking overlapping keys cannot deadlock.
 pub async fn claim_and_lock(
     tx: &Transaction<'_>,
+    fence: Option<Fence<'_>>,
     message_ids: &[&str],
     keys: &[Key],
 ) -> Result<(HashSet<String>, Current), StoreError> {
-    let (lock_keys, claim, lock_rows, lock_graves) = futures_util::try_join!(
+    let (fence_stmt, lock_keys, claim, lock_rows, lock_graves) = futures_util::try_join!(
+        async {
+            match fence {
+                None => Ok(None),
+                Some(Fence::Register(_)) => tx.prepare_cached(sql::REGISTER_EPOCH).await.map(Some),
+                Some(Fence::Check(_)) => tx.prepare_cached(sql::CHECK_EPOCH).await.map(Some),
+            }
+        },
         tx.prepare_cached(sql::LOCK_KEYS),
         tx.prepare_cached(sql::CLAIM),
         tx.prepare_cached(sql::LOCK_ROWS),
@@ -187,7 +218,16 @@ pub async fn claim_and_lock(
             tx.query(&claim, &[&message_ids]).await
         }
     };
-    let (locked, claimed, rows, graves) = futures_util::try_join!(
+    let fenced = async {
+        match (&fence_stmt, fence) {
+            (Some(stmt), Some(Fence::Register(queue) | Fence::Check(queue))) => {
+                tx.query_opt(stmt, &[&queue]).await
+            }
+            _ => Ok(None),
+        }
+    };
+    let (epoch, locked, claimed, rows, graves) = futures_util::try_join!(
+        fenced,
         tx.query_one(&lock_keys, &params),
         claimed,
         tx.query(&lock_rows, &params),
@@ -203,6 +243,7 @@ pub async fn claim_and_lock(
             system: locked.try_get(2)?,
             timeline: locked.try_get(3)?,
         },
+        epoch: epoch.map(|row| row.try_get(0)).transpose()?,
         ..Current::default()
     };
     for row in rows {
