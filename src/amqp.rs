@@ -1,10 +1,21 @@
 //! RabbitMQ: connecting, declaring the topology (CONTRACT §1), and publishing
 //! with confirms.
+//!
+//! The daemon keeps two connections: one that only consumes and acks, and one
+//! that only publishes (events and dead letters). A broker short of memory or
+//! disk blocks the connections that publish, and a blocked connection carries
+//! nothing at all, acks included: kept apart, the consumer goes on draining
+//! the inbound queue while events wait in the outbox. Every wait on the broker
+//! has a deadline ([`CONFIRM_TIMEOUT`], [`REPLY_TIMEOUT`]), since a blocked
+//! connection answers nothing and reports no error.
+
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use futures_util::{StreamExt, future::try_join_all};
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ConnectionStatus,
+    ExchangeKind,
     options::{
         BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
         QueueDeclareOptions,
@@ -12,12 +23,24 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{AmqpSettings, QueueType},
     redact,
 };
+
+/// How long publisher confirms may take. A blocked broker never sends them
+/// (nor an error); past this the publish counts as failed and the connection
+/// it went over is replaced.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a step that needs no confirm may take — opening a connection and
+/// declaring, an ack, closing a channel or a connection — before the
+/// connection counts as lost.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a publisher held back by a blocked connection looks again.
+pub const BLOCKED_POLL: Duration = Duration::from_millis(250);
 
 /// Opens a connection (one attempt), with the password and CA file from
 /// `settings` when set.
@@ -154,6 +177,8 @@ pub async fn declare_topology(channel: &Channel, s: &AmqpSettings) -> anyhow::Re
 pub struct ConfirmPublisher {
     /// The channel; `confirm_select` has been called on it.
     channel: Channel,
+    /// Its connection's state, to tell a blocked connection from a lost one.
+    connection: ConnectionStatus,
 }
 
 /// One message to publish.
@@ -179,7 +204,17 @@ impl ConfirmPublisher {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .context("cannot enable publisher confirms")?;
-        Ok(Self { channel })
+        Ok(Self {
+            channel,
+            connection: connection.status().clone(),
+        })
+    }
+
+    /// Whether the broker has blocked the connection (`connection.blocked`:
+    /// a memory or disk alarm). Nothing published on it goes out until the
+    /// broker unblocks it; another connection would be blocked as well.
+    pub fn blocked(&self) -> bool {
+        self.connection.blocked()
     }
 
     /// Publishes all messages back to back (confirms pipelined), then waits
@@ -211,9 +246,114 @@ impl ConfirmPublisher {
         Ok(())
     }
 
-    /// Closes the channel politely.
+    /// [`publish_all`](Self::publish_all) with a deadline on everything,
+    /// the confirms included.
+    pub async fn publish_all_within(
+        &self,
+        messages: Vec<Outgoing<'_>>,
+        limit: Duration,
+    ) -> anyhow::Result<()> {
+        tokio::time::timeout(limit, self.publish_all(messages))
+            .await
+            .map_err(|_| anyhow::anyhow!("no confirms within {} s", limit.as_secs()))?
+    }
+
+    /// Closes the channel politely, giving up after [`REPLY_TIMEOUT`] (a
+    /// blocked connection never answers).
     pub async fn close(&self) {
-        let _ = self.channel.close(200, "bye".into()).await;
+        let _ = tokio::time::timeout(REPLY_TIMEOUT, self.channel.close(200, "bye".into())).await;
+    }
+}
+
+/// Closes a connection politely, giving up after [`REPLY_TIMEOUT`]: a blocked
+/// connection sends nothing, not even its close. Dropping it then lets the
+/// broker requeue whatever it delivered and was not acked.
+pub async fn close_connection(connection: &Connection) {
+    let _ = tokio::time::timeout(REPLY_TIMEOUT, connection.close(200, "bye".into())).await;
+}
+
+/// Creates the hand-over of the dead-letter channel from the owner of the
+/// publishing connection (the outbox publisher) to the consumer.
+pub fn dead_letter_link() -> (DeadLetterSlot, DeadLetters) {
+    let (current, receiver) = watch::channel(None);
+    let broken = Arc::new(Notify::new());
+    (
+        DeadLetterSlot {
+            current,
+            broken: broken.clone(),
+        },
+        DeadLetters {
+            current: receiver,
+            broken,
+        },
+    )
+}
+
+/// The owner's side: offers the dead-letter channel of each new publishing
+/// connection, and hears when the consumer found it broken.
+pub struct DeadLetterSlot {
+    /// The channel on offer; `None` while there is no publishing connection.
+    current: watch::Sender<Option<ConfirmPublisher>>,
+    /// Notified by [`DeadLetters`] when publishing on the offered channel failed.
+    broken: Arc<Notify>,
+}
+
+impl DeadLetterSlot {
+    /// Offers `publisher` (or withdraws the offer, with `None`).
+    pub fn offer(&self, publisher: Option<ConfirmPublisher>) {
+        self.current.send_replace(publisher);
+    }
+
+    /// Completes when the consumer reports the offered channel broken.
+    pub async fn broken(&self) {
+        self.broken.notified().await
+    }
+}
+
+/// The consumer's side: publishes dead letters on whatever channel is offered.
+#[derive(Clone)]
+pub struct DeadLetters {
+    /// The channel on offer.
+    current: watch::Receiver<Option<ConfirmPublisher>>,
+    /// Tells the owner that the offered channel failed, so it replaces it.
+    broken: Arc<Notify>,
+}
+
+impl DeadLetters {
+    /// Publishes `messages` and waits for their confirms, all within `limit`
+    /// — including the wait for a publishing connection when there is none,
+    /// or for the broker to unblock it: publishing into a blocked connection
+    /// would only queue copies that all go out once it unblocks. A channel
+    /// that fails is reported to its owner for replacement; a blocked one is
+    /// not, since a new connection would be blocked too.
+    pub async fn publish_all(
+        &self,
+        messages: Vec<Outgoing<'_>>,
+        limit: Duration,
+    ) -> anyhow::Result<()> {
+        let mut current = self.current.clone();
+        let published = tokio::time::timeout(limit, async {
+            let publisher = current
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| anyhow::anyhow!("the publisher stopped"))?
+                .clone()
+                .expect("waited for Some");
+            while publisher.blocked() {
+                tokio::time::sleep(BLOCKED_POLL).await;
+            }
+            publisher.publish_all(messages).await.inspect_err(|_| {
+                self.broken.notify_one();
+            })
+        })
+        .await;
+        match published {
+            Ok(result) => result,
+            Err(_) => Err(anyhow::anyhow!(
+                "dead letters not confirmed within {} s (is the broker blocking publishers?)",
+                limit.as_secs()
+            )),
+        }
     }
 }
 

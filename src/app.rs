@@ -14,14 +14,14 @@ use tokio::{net::TcpListener, sync::Notify};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    amqp::{self, ConfirmPublisher},
+    amqp::{self, DeadLetters, REPLY_TIMEOUT},
     backoff::Backoff,
     config::Settings,
     consumer::Consumer,
     health::Health,
     http,
     metrics::Metrics,
-    pipeline::Pipeline,
+    pipeline::{Pipeline, Session},
     relay::Relay,
     store,
     validate::Schemas,
@@ -98,7 +98,8 @@ impl App {
     }
 
     /// Runs until `shutdown` fires: finishes the batch in hand, flushes the
-    /// outbox, closes connections.
+    /// outbox, closes connections — within `shutdown.timeout` of the request,
+    /// even with the broker blocked.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let tasks = TaskTracker::new();
         let router = http::router(http::HttpState {
@@ -122,112 +123,155 @@ impl App {
         tasks.close();
         tracing::info!(http = %self.http_addr(), queue = %self.settings.amqp.inbound_queue, "scramjet running");
 
+        // The outbox publisher outlives sessions: it has its own connection,
+        // so a blocked or lost one never stops consuming (see `amqp`).
         let notify = Arc::new(Notify::new());
-        let mut backoff = Backoff::new(RECONNECT_CAP);
-        while !shutdown.is_cancelled() {
-            match self.session(&shutdown, &notify, &mut backoff).await {
-                Ok(()) => break,
-                Err(e) => {
-                    self.health.set_amqp(false);
-                    self.metrics
-                        .reconnects
-                        .with_label_values(&["rabbitmq"])
-                        .inc();
-                    let delay = backoff.next_delay();
-                    tracing::error!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "RabbitMQ session ended; reconnecting");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(delay) => {}
+        let (slot, dead_letters) = amqp::dead_letter_link();
+        let relay = Relay {
+            pool: self.pool.clone(),
+            amqp: self.settings.amqp.clone(),
+            dead_letters: slot,
+            notify: notify.clone(),
+            health: self.health.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let relay_stop = CancellationToken::new();
+        let relay_task =
+            tokio::spawn(relay.run(relay_stop.clone(), self.settings.shutdown.timeout));
+        let relay_abort = relay_task.abort_handle();
+
+        let timeout = self.settings.shutdown.timeout;
+        let wind_down = async {
+            let mut backoff = Backoff::new(RECONNECT_CAP);
+            while !shutdown.is_cancelled() {
+                match self
+                    .session(&shutdown, &notify, &dead_letters, &mut backoff)
+                    .await
+                {
+                    Ok(()) => break,
+                    Err(e) => {
+                        self.health.set_amqp(false);
+                        self.metrics
+                            .reconnects
+                            .with_label_values(&["rabbitmq"])
+                            .inc();
+                        let delay = backoff.next_delay();
+                        tracing::error!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "RabbitMQ session ended; reconnecting");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
                     }
                 }
             }
+            // Consuming has stopped; let the relay flush what the last batch committed.
+            relay_stop.cancel();
+            if let Err(e) = relay_task.await {
+                tracing::error!(error = %e, "the outbox relay panicked");
+            }
+            tasks.wait().await;
+        };
+        // Every broker wait has its own deadline, but they add up: this one
+        // bounds the whole shutdown, whatever the broker does. Cutting it short
+        // is safe — what was not acked is redelivered, what was not published
+        // stays in the outbox.
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(timeout).await;
+        };
+        tokio::select! {
+            _ = wind_down => {}
+            _ = deadline => {
+                relay_abort.abort();
+                tracing::warn!(timeout_ms = timeout.as_millis() as u64, "shutdown.timeout passed; stopping now: unacked messages are redelivered, unpublished events stay in the outbox");
+            }
         }
-        tasks.wait().await;
         self.pool.close();
         tracing::info!("scramjet stopped");
         Ok(())
     }
 
-    /// One RabbitMQ connection's life: declare, consume and relay until
-    /// `shutdown` (→ `Ok`) or a broker failure (→ `Err`).
+    /// One consuming connection's life: declare, consume until `shutdown`
+    /// (→ `Ok`) or a broker failure (→ `Err`). It only consumes and acks;
+    /// dead letters go over the relay's publishing connection.
     async fn session(
         &mut self,
         shutdown: &CancellationToken,
         notify: &Arc<Notify>,
+        dead_letters: &DeadLetters,
         backoff: &mut Backoff,
     ) -> anyhow::Result<()> {
         let s = &self.settings.amqp;
-        let connection = match self.first_connection.take() {
-            Some(c) => c,
-            None => amqp::connect(s).await?,
-        };
-        let channel = connection
-            .create_channel()
-            .await
-            .context("cannot open a channel")?;
-        amqp::declare_topology(&channel, s).await?;
-        channel
-            .basic_qos(s.prefetch, BasicQosOptions::default())
-            .await
-            .context("cannot set the prefetch")?;
-        let stream = channel
-            .basic_consume(
-                s.inbound_queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
+        let first = self.first_connection.take();
+        let (connection, channel, stream) = tokio::time::timeout(REPLY_TIMEOUT, async {
+            let connection = match first {
+                Some(c) => c,
+                None => amqp::connect(s).await?,
+            };
+            let channel = connection
+                .create_channel()
+                .await
+                .context("cannot open a channel")?;
+            amqp::declare_topology(&channel, s).await?;
+            channel
+                .basic_qos(s.prefetch, BasicQosOptions::default())
+                .await
+                .context("cannot set the prefetch")?;
+            let stream = channel
+                .basic_consume(
+                    s.inbound_queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .with_context(|| format!("cannot consume from {}", s.inbound_queue))?;
+            anyhow::Ok((connection, channel, stream))
+        })
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "RabbitMQ did not answer within {} s",
+                REPLY_TIMEOUT.as_secs()
             )
-            .await
-            .with_context(|| format!("cannot consume from {}", s.inbound_queue))?;
-        let dead_letters = ConfirmPublisher::open(&connection).await?;
-        let relay_publisher = ConfirmPublisher::open(&connection).await?;
+        })??;
         self.health.set_amqp(true);
         backoff.reset();
         tracing::info!("connected to RabbitMQ; consuming");
 
-        // The relay ends the session by cancelling it if the broker fails under it.
-        let session = shutdown.child_token();
-        let relay_stop = CancellationToken::new();
-        let relay = Relay {
-            pool: self.pool.clone(),
-            publisher: relay_publisher.clone(),
-            exchange: s.changes_exchange.clone(),
-            notify: notify.clone(),
-            health: self.health.clone(),
-            metrics: self.metrics.clone(),
-        };
-        let relay_task = tokio::spawn({
-            let session = session.clone();
-            let relay_stop = relay_stop.clone();
-            async move {
-                let result = relay.run(relay_stop).await;
-                if result.is_err() {
-                    session.cancel();
-                }
-                result
-            }
-        });
-
+        // Cancelled when this session's connection or channel is lost: the
+        // batch in hand is then abandoned, never committed late, since the
+        // broker redelivers it to whoever consumes next.
+        let lost = CancellationToken::new();
+        let mut pipeline =
+            Pipeline::new(self.pool.clone(), self.health.clone(), self.metrics.clone());
+        if s.single_active_consumer {
+            // Competing consumers (no single active one) would fence each
+            // other out; they keep no per-id order anyway.
+            pipeline = pipeline.for_session(Session::new(&s.inbound_queue, lost.clone()));
+        }
         let consumer = Consumer {
             settings: self.settings.clone(),
-            pipeline: Pipeline::new(self.pool.clone(), self.health.clone(), self.metrics.clone()),
+            pipeline,
             metrics: self.metrics.clone(),
             schemas: self.schemas.clone(),
             dead_letters: dead_letters.clone(),
             relay_notify: notify.clone(),
         };
-        let consumed = consumer.run(stream, &session).await;
-        // Consuming has stopped; let the relay flush what the last batch committed.
-        relay_stop.cancel();
-        let relayed = relay_task.await.context("the outbox relay panicked")?;
+        let consuming = async {
+            let consumed = consumer.run(stream, shutdown).await;
+            lost.cancel();
+            consumed
+        };
+        let (consumed, ()) = tokio::join!(
+            consuming,
+            amqp::watch_session(&connection, &channel, lost.clone())
+        );
         self.health.set_amqp(false);
         // Closing the channel returns unacked (prefetched) deliveries to the queue.
-        let _ = channel.close(200, "bye".into()).await;
-        dead_letters.close().await;
-        relay_publisher.close().await;
-        let _ = connection.close(200, "bye".into()).await;
+        let _ = tokio::time::timeout(REPLY_TIMEOUT, channel.close(200, "bye".into())).await;
+        amqp::close_connection(&connection).await;
         consumed?;
-        relayed?;
         anyhow::ensure!(
             shutdown.is_cancelled(),
             "the session stopped without a shutdown request"

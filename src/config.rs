@@ -39,6 +39,8 @@ pub struct Settings {
     pub retention: RetentionSettings,
     /// `scramjet relay`: a source database's outbox → the inbound exchange.
     pub relay: RelaySettings,
+    /// How the daemon stops.
+    pub shutdown: ShutdownSettings,
 }
 
 /// PostgreSQL settings.
@@ -394,6 +396,25 @@ impl Default for RetentionSettings {
     }
 }
 
+/// Shutdown settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// How long SIGTERM may take to end the process (e.g. "30s"). Past it the
+    /// daemon exits anyway: what it could not ack is redelivered, and events it
+    /// could not publish stay in the outbox for the next start.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 /// `scramjet relay`: moves the outbox of a source database (filled by the
 /// triggers of `deploy/triggers/postgresql.sql`) to the inbound exchange.
 #[derive(Debug, Clone, Deserialize)]
@@ -646,6 +667,7 @@ mod tests {
         assert_eq!(s.relay.batch_size, d.relay.batch_size);
         assert_eq!(s.relay.poll_interval, d.relay.poll_interval);
         assert_eq!(s.relay.http_listen, d.relay.http_listen);
+        assert_eq!(s.shutdown.timeout, d.shutdown.timeout);
     }
 
     #[test]

@@ -1,6 +1,17 @@
 //! The consume loop: gather deliveries into a batch, decode, run the
 //! pipeline, dead-letter what cannot be processed, then ack the whole batch
-//! with one `basic.ack(multiple)` — only after its transaction committed.
+//! with one `basic.ack(multiple)` — only after its transaction committed and
+//! its dead letters were confirmed.
+//!
+//! Dead letters go over the publishing connection, which a broker short of
+//! memory or disk blocks. A batch with a dead letter then waits for the
+//! confirm up to [`CONFIRM_TIMEOUT`], unacked; past it the session ends and
+//! reconnects, and the broker redelivers the batch. Applying a committed
+//! batch again changes nothing (duplicate `message_id`s are dropped, equal
+//! content hashes publish nothing) and its malformed messages are
+//! dead-lettered again — possibly twice, if the first publish goes out once
+//! the broker unblocks. So during an alarm a malformed message holds up the
+//! queue, retried every [`CONFIRM_TIMEOUT`], but is never acked unconfirmed.
 
 use std::{collections::BTreeMap, panic::AssertUnwindSafe, sync::Arc, time::Instant};
 
@@ -16,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
-    amqp::{ConfirmPublisher, Outgoing},
+    amqp::{CONFIRM_TIMEOUT, DeadLetters, Outgoing, REPLY_TIMEOUT},
     config::Settings,
     message::{self, Malformed},
     metrics::Metrics,
@@ -35,8 +46,8 @@ pub struct Consumer {
     pub pipeline: Pipeline,
     /// Schemas for validation.
     pub schemas: Arc<Schemas>,
-    /// Confirm-mode channel for the dead-letter exchange.
-    pub dead_letters: ConfirmPublisher,
+    /// Publishes to the dead-letter exchange, over the publishing connection.
+    pub dead_letters: DeadLetters,
     /// Wakes the outbox relay after a commit that wrote events.
     pub relay_notify: Arc<Notify>,
     /// Counts outcomes and times batches.
@@ -182,17 +193,27 @@ impl Consumer {
                 })
                 .collect();
             self.dead_letters
-                .publish_all(messages)
+                .publish_all(messages, CONFIRM_TIMEOUT)
                 .await
                 .map_err(HandleError::Broker)?;
             counts.insert("dead_lettered", dead.len());
         }
 
         let last = batch.last().expect("a batch is never empty");
-        last.acker
-            .ack(BasicAckOptions { multiple: true })
-            .await
-            .map_err(|e| HandleError::Broker(anyhow::anyhow!("cannot ack: {e}")))?;
+        // An ack that cannot be written means a dead connection: reconnect,
+        // and the broker redelivers the (committed, so harmless) batch.
+        tokio::time::timeout(
+            REPLY_TIMEOUT,
+            last.acker.ack(BasicAckOptions { multiple: true }),
+        )
+        .await
+        .map_err(|_| {
+            HandleError::Broker(anyhow::anyhow!(
+                "cannot ack: no progress within {} s",
+                REPLY_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(|e| HandleError::Broker(anyhow::anyhow!("cannot ack: {e}")))?;
 
         for (outcome, n) in &counts {
             self.metrics

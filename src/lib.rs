@@ -17,7 +17,7 @@
 //! | [`config`] | settings: defaults ← TOML file ← `SCRAMJET__…` environment |
 //! | [`telemetry`] | log subscriber (text or JSON) |
 //! | [`app`] | builds everything, runs until the shutdown token fires, reconnects |
-//! | [`amqp`] | broker connection, topology, publishing with confirms |
+//! | [`amqp`] | broker connections (one consumes, one publishes), topology, confirms, deadlines |
 //! | [`consumer`] | deliveries → batches → pipeline → dead letters → ack |
 //! | [`message`] | bytes → a typed inbound message, or a dead-letter reason |
 //! | [`canonical`] | canonical JSON and its SHA-256 hash |
@@ -26,7 +26,7 @@
 //! | [`event`] | change event bodies |
 //! | [`store`] | all SQL: pool, migrations, batch writes, outbox, a source's outbox |
 //! | [`filter`] | `--where` / `?where=` filters: parsed, then rendered to parameterized SQL |
-//! | [`relay`] | outbox → changes exchange, deleting only what the broker confirmed |
+//! | [`relay`] | outbox → changes exchange over the publishing connection, deleting only what the broker confirmed |
 //! | [`source_relay`] | `scramjet relay`: a producer database's outbox → inbound exchange |
 //! | [`http`] | `/healthz`, `/readyz`, `/metrics`, the read API |
 //! | [`metrics`] | Prometheus metrics, one registry per daemon |

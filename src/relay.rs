@@ -2,29 +2,40 @@
 //! publisher confirms, oldest first, and deletes each from the outbox only
 //! after the broker confirmed it. A crash in between publishes an event again
 //! (same `event_id`); it never loses one.
+//!
+//! The relay owns the daemon's publishing connection, apart from the one that
+//! consumes (see [`crate::amqp`]), and lends its dead-letter channel to the
+//! consumer. When that connection fails or its confirms do not come within
+//! [`CONFIRM_TIMEOUT`] (a blocked broker), the round is rolled back — the
+//! events stay in the outbox — and the relay reconnects by itself with
+//! backoff; consuming goes on meanwhile.
 
 use std::{sync::Arc, time::Duration};
 
+use anyhow::Context;
 use deadpool_postgres::Pool;
-use lapin::BasicProperties;
+use lapin::{BasicProperties, Connection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    amqp::{ConfirmPublisher, Outgoing},
+    amqp::{self, CONFIRM_TIMEOUT, ConfirmPublisher, DeadLetterSlot, Outgoing, REPLY_TIMEOUT},
     backoff::Backoff,
+    config::AmqpSettings,
     health::Health,
     metrics::Metrics,
     store::{StoreError, outbox},
 };
 
 /// How often the relay looks at the outbox without being told to (events
-/// left by a crash, or committed by another daemon sharing the database).
+/// left by a crash, or committed by another daemon sharing the database),
+/// and at whether its connection is still up.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// The name under which the relay reports its outages to [`Health`].
 const WORKER: &str = "publisher";
-/// How long a shutdown waits for the final flush.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait between two attempts, to the database or the broker: short,
+/// since events wait meanwhile.
+const RETRY_CAP: Duration = Duration::from_secs(5);
 
 /// Why a relay round failed.
 #[derive(Debug, thiserror::Error)]
@@ -32,94 +43,200 @@ pub enum RelayError {
     /// PostgreSQL failed; the relay retries by itself.
     #[error(transparent)]
     Database(#[from] StoreError),
-    /// RabbitMQ failed; the session must reconnect.
+    /// RabbitMQ failed or did not confirm in time; the relay reconnects.
     #[error("publishing events failed: {0:#}")]
     Broker(anyhow::Error),
+}
+
+/// The publishing connection with its two confirm-mode channels.
+struct Link {
+    /// The connection (its status tells whether it is still up).
+    connection: Connection,
+    /// Publishes events.
+    events: ConfirmPublisher,
+    /// Lent to the consumer for dead letters.
+    dead_letters: ConfirmPublisher,
+}
+
+impl Link {
+    /// Connects once (the topology is declared by the consuming side).
+    async fn open(settings: &AmqpSettings) -> anyhow::Result<Link> {
+        tokio::time::timeout(REPLY_TIMEOUT, async {
+            let connection = amqp::connect(settings).await?;
+            let events = ConfirmPublisher::open(&connection).await?;
+            let dead_letters = ConfirmPublisher::open(&connection).await?;
+            anyhow::Ok(Link {
+                connection,
+                events,
+                dead_letters,
+            })
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {} s", REPLY_TIMEOUT.as_secs()))?
+        .context("cannot open the publishing connection")
+    }
+
+    fn is_up(&self) -> bool {
+        self.connection.status().connected()
+    }
+
+    /// Closing the connection closes its channels too (one wait, not three,
+    /// on a connection that may not answer).
+    async fn close(self) {
+        amqp::close_connection(&self.connection).await;
+    }
 }
 
 /// Publishes the outbox.
 pub struct Relay {
     /// Database pool.
     pub pool: Pool,
-    /// A confirm-mode channel of the current session.
-    pub publisher: ConfirmPublisher,
-    /// The changes exchange.
-    pub exchange: String,
+    /// Where to connect; the changes exchange.
+    pub amqp: AmqpSettings,
+    /// Where the dead-letter channel of each connection is lent to the consumer.
+    pub dead_letters: DeadLetterSlot,
     /// Poked by the pipeline after each commit that wrote events.
     pub notify: Arc<Notify>,
     /// Readiness state.
     pub health: Arc<Health>,
-    /// Counts published events.
+    /// Counts published events and reconnections.
     pub metrics: Metrics,
 }
 
 impl Relay {
-    /// Publishes until `stop`, then makes one last flush. Returns an error
-    /// only when the broker fails (the session then reconnects).
-    pub async fn run(self, stop: CancellationToken) -> Result<(), RelayError> {
-        let mut backoff = Backoff::new(Duration::from_secs(5));
-        loop {
-            match self.drain().await {
+    /// Publishes until `stop`, then makes one last flush of at most `flush`.
+    /// Failures of either service are retried with backoff, forever: what is
+    /// not published stays in the outbox.
+    pub async fn run(self, stop: CancellationToken, flush: Duration) {
+        let mut backoff = Backoff::new(RETRY_CAP);
+        let mut link: Option<Link> = None;
+        while !stop.is_cancelled() {
+            if link.as_ref().is_none_or(|l| !l.is_up()) {
+                self.dead_letters.offer(None);
+                if let Some(l) = link.take() {
+                    self.metrics
+                        .reconnects
+                        .with_label_values(&["rabbitmq"])
+                        .inc();
+                    l.close().await;
+                }
+                match Link::open(&self.amqp).await {
+                    Ok(l) => {
+                        self.dead_letters.offer(Some(l.dead_letters.clone()));
+                        link = Some(l);
+                        tracing::info!("publishing connection open");
+                    }
+                    Err(e) => {
+                        let delay = backoff.next_delay();
+                        tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "outbox relay cannot reach RabbitMQ");
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = tokio::time::sleep(delay) => continue,
+                        }
+                    }
+                }
+            }
+            let l = link.as_ref().expect("opened above");
+            if l.events.blocked() {
+                // A resource alarm: another connection would be blocked as
+                // well, and publishing into this one only queues copies.
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(amqp::BLOCKED_POLL) => continue,
+                }
+            }
+            match self.drain(&l.events).await {
                 Ok(_) => {
                     backoff.reset();
                     self.health.recovered(WORKER);
                 }
-                Err(RelayError::Database(e)) => {
-                    if let StoreError::Unavailable { cause, detail } = &e
-                        && cause.is_outage()
-                    {
-                        self.health
-                            .outage(WORKER, "postgres", cause.as_str(), detail);
-                    }
-                    self.health.set_postgres(false);
+                Err(e) => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "outbox relay cannot read the database");
+                    match &e {
+                        RelayError::Database(e) => {
+                            if let StoreError::Unavailable { cause, detail } = e
+                                && cause.is_outage()
+                            {
+                                self.health
+                                    .outage(WORKER, "postgres", cause.as_str(), detail);
+                            }
+                            self.health.set_postgres(false);
+                        }
+                        // The round was rolled back. Once the broker unblocks,
+                        // the queued publish goes out and the events are
+                        // published again after it, in order, on the same
+                        // connection (duplicates with the same `event_id`).
+                        RelayError::Broker(_) if l.is_up() && l.events.blocked() => {
+                            tracing::warn!(
+                                "RabbitMQ blocks publishing (a memory or disk alarm); events wait in the outbox"
+                            );
+                        }
+                        // Replaced on the next turn.
+                        RelayError::Broker(_) => {
+                            self.dead_letters.offer(None);
+                            if let Some(l) = link.take() {
+                                self.metrics
+                                    .reconnects
+                                    .with_label_values(&["rabbitmq"])
+                                    .inc();
+                                l.close().await;
+                            }
+                        }
+                    }
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "outbox relay round failed; events wait in the outbox");
                     tokio::select! {
-                        _ = stop.cancelled() => return Ok(()),
+                        _ = stop.cancelled() => break,
                         _ = tokio::time::sleep(delay) => continue,
                     }
                 }
-                Err(e) => return Err(e),
             }
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = self.notify.notified() => {}
                 _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                _ = self.dead_letters.broken() => {
+                    tracing::warn!("the dead-letter channel failed; reopening the publishing connection");
+                    self.dead_letters.offer(None);
+                    if let Some(l) = link.take() {
+                        l.close().await;
+                    }
+                }
             }
         }
-        match tokio::time::timeout(FLUSH_TIMEOUT, self.drain()).await {
-            Ok(Ok(n)) => {
-                tracing::debug!(published = n, "outbox flushed");
-                Ok(())
-            }
+        self.dead_letters.offer(None);
+        let Some(l) = link.filter(|l| l.is_up() && !l.events.blocked()) else {
+            tracing::warn!(
+                "no usable publishing connection at shutdown; events stay in the outbox for the next start"
+            );
+            return;
+        };
+        match tokio::time::timeout(flush, self.drain(&l.events)).await {
+            Ok(Ok(n)) => tracing::debug!(published = n, "outbox flushed"),
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "final outbox flush failed; events stay in the outbox for the next start");
-                Ok(())
+                tracing::warn!(error = %e, "final outbox flush failed; events stay in the outbox for the next start")
             }
-            Err(_) => {
-                tracing::warn!(
-                    "final outbox flush timed out; events stay in the outbox for the next start"
-                );
-                Ok(())
-            }
+            Err(_) => tracing::warn!(
+                "final outbox flush timed out; events stay in the outbox for the next start"
+            ),
         }
+        l.close().await;
     }
 
     /// Publishes rounds (one outbox row, i.e. one committed batch, each)
     /// until the outbox is empty; returns how many events went out.
-    pub async fn drain(&self) -> Result<usize, RelayError> {
+    pub async fn drain(&self, publisher: &ConfirmPublisher) -> Result<usize, RelayError> {
         let mut total = 0;
         loop {
-            match self.round().await? {
+            match self.round(publisher).await? {
                 0 => return Ok(total),
                 n => total += n,
             }
         }
     }
 
-    async fn round(&self) -> Result<usize, RelayError> {
+    async fn round(&self, publisher: &ConfirmPublisher) -> Result<usize, RelayError> {
         let mut client = self.pool.get().await.map_err(StoreError::from)?;
-        let result = self.round_on(&mut client).await;
+        let result = self.round_on(&mut client, publisher).await;
         if let Err(RelayError::Database(e)) = &result
             && e.retires_connection()
         {
@@ -128,7 +245,11 @@ impl Relay {
         result
     }
 
-    async fn round_on(&self, client: &mut deadpool_postgres::Client) -> Result<usize, RelayError> {
+    async fn round_on(
+        &self,
+        client: &mut deadpool_postgres::Client,
+        publisher: &ConfirmPublisher,
+    ) -> Result<usize, RelayError> {
         let tx = client.transaction().await.map_err(StoreError::from)?;
         let taken = std::time::Instant::now();
         let (pending, waited) = outbox::take_oldest(&tx).await?;
@@ -146,15 +267,16 @@ impl Relay {
                     properties = properties.with_correlation_id(c.as_str().into());
                 }
                 Outgoing {
-                    exchange: &self.exchange,
+                    exchange: &self.amqp.changes_exchange,
                     routing_key: &p.routing_key,
                     body: p.payload.as_bytes(),
                     properties,
                 }
             })
             .collect();
-        self.publisher
-            .publish_all(messages)
+        // On failure the transaction is dropped, which rolls back: the events stay.
+        publisher
+            .publish_all_within(messages, CONFIRM_TIMEOUT)
             .await
             .map_err(RelayError::Broker)?;
         tx.commit().await.map_err(StoreError::from)?;

@@ -17,14 +17,14 @@ use lapin::{
 
 use crate::{helpers::*, model::*, proxy::*};
 
-fn postgres_addr() -> std::net::SocketAddr {
+pub fn postgres_addr() -> std::net::SocketAddr {
     let url = url::Url::parse(&postgres_base()).unwrap();
     format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))
         .parse()
         .unwrap()
 }
 
-fn amqp_addr() -> std::net::SocketAddr {
+pub fn amqp_addr() -> std::net::SocketAddr {
     let url = url::Url::parse(&amqp_url()).unwrap();
     format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5672))
         .parse()

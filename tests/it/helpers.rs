@@ -223,7 +223,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
 }
 
 /// Builds the daemon and runs it on a task.
-async fn launch(
+pub async fn launch(
     settings: &Settings,
 ) -> (
     SocketAddr,

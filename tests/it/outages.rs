@@ -343,3 +343,121 @@ async fn a_batch_whose_every_message_is_refused_with_one_sqlstate_is_an_outage_n
     expect_created(&mut app, 50).await;
     assert_eq!(app.wait_ready().await, 200);
 }
+
+/// The events of `id` as (op, data.name), in arrival order.
+fn history(events: &[ReceivedEvent], id: &str) -> Vec<(String, String)> {
+    events
+        .iter()
+        .filter(|e| e.id() == id)
+        .map(|e| {
+            (
+                e.op().to_owned(),
+                e.body["data"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_lost_its_broker_while_waiting_for_postgresql_never_commits_its_old_batch() {
+    use crate::{faults::*, proxy::*};
+    // Daemon 1 reaches both services through proxies of the test's own;
+    // daemon 2, a standby on the same queue, reaches them directly.
+    let pg = Proxy::start(postgres_addr()).await;
+    let mq = Proxy::start(amqp_addr()).await;
+    let mut app = spawn_app_with(|s| {
+        s.postgres.url = via(&s.postgres.url, pg.addr);
+        s.amqp.url = via(&s.amqp.url, mq.addr);
+    })
+    .await;
+    let mut standby = app.settings.clone();
+    standby.postgres.url = direct_db_url(&app.names);
+    standby.amqp.url = amqp_url();
+    let (_, stop_standby, standby_task, _) = launch(&standby).await;
+    let ids: Vec<String> = (0..10).map(|i| format!("e{i}")).collect();
+    // No version, no message_id: only the order of commits protects them.
+    let round = |name: &str| -> Vec<String> {
+        ids.iter()
+            .map(|id| save_body("person", id, &format!(r#"{{"name":"{name}"}}"#)))
+            .collect()
+    };
+
+    app.publish_many(&round("one")).await;
+    let mut events = app.next_events(10).await;
+    // 1. PostgreSQL unreachable for daemon 1, which takes the next batch and waits.
+    pg.cut();
+    app.publish_many(&round("two")).await;
+    wait_outage(&app, r#""worker":"pipeline""#).await;
+    // 2. Its broker connection closes; 3. the standby takes over and applies
+    // the redelivered batch and a newer one.
+    mq.cut();
+    app.publish_many(&round("three")).await;
+    events.extend(app.next_events(20).await);
+    // 4. PostgreSQL comes back for daemon 1.
+    pg.restore();
+    // Daemon 1 retried within 5 s before: give it twice that to do wrong.
+    let late = tokio::time::timeout(Duration::from_secs(10), app.events.next()).await;
+    assert!(late.is_err(), "an event after the takeover's: {late:?}");
+
+    for id in &ids {
+        assert_eq!(
+            history(&events, id),
+            [
+                ("created".to_owned(), "one".to_owned()),
+                ("updated".to_owned(), "two".to_owned()),
+                ("updated".to_owned(), "three".to_owned()),
+            ],
+            "{id}"
+        );
+    }
+    for row in app.resources().await {
+        assert_eq!(row.3, serde_json::json!({"name": "three"}), "{}", row.1);
+    }
+    stop_standby.cancel();
+    standby_task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_another_consumer_took_over_from_cannot_commit_even_unaware_of_it() {
+    use scramjet::{
+        config::UnknownTypes,
+        health::Health,
+        metrics::Metrics,
+        pipeline::{Pipeline, Prepared, Session},
+        validate::SchemaRegistry,
+    };
+    use tokio_util::sync::CancellationToken;
+    let app = spawn_app().await;
+    let pool = scramjet::store::connect(&app.settings).await.unwrap();
+    let schemas = SchemaRegistry::load(app.schema_dir.path(), UnknownTypes::Accept).unwrap();
+    let metrics = Metrics::new();
+    let health = std::sync::Arc::new(Health::new(&metrics));
+    // Two sessions of one queue whose broker connections never report a loss.
+    let session = || {
+        Pipeline::new(pool.clone(), health.clone(), metrics.clone())
+            .for_session(Session::new("fenced.queue", CancellationToken::new()))
+    };
+    let (first, second) = (session(), session());
+    let save = |name: &str| {
+        let body = save_body("person", "f1", &format!(r#"{{"name":"{name}"}}"#));
+        let inbound =
+            scramjet::message::decode(body.as_bytes(), app.settings.limits.decoder_limits())
+                .unwrap();
+        vec![Prepared::new(inbound, None, None, &schemas)]
+    };
+    let never = CancellationToken::new();
+    assert!(first.process(&save("old"), &never).await.is_ok());
+    // The broker moved the queue to the second session, which registers a newer epoch.
+    assert!(second.process(&save("new"), &never).await.is_ok());
+    assert!(
+        first.process(&save("stale"), &never).await.is_err(),
+        "the replaced session's batch is abandoned"
+    );
+    let rows = app.resources().await;
+    assert_eq!(rows[0].3, serde_json::json!({"name": "new"}));
+    assert!(second.process(&save("newer"), &never).await.is_ok());
+    pool.close();
+}
