@@ -528,7 +528,7 @@ impl Pipeline {
             };
             match error {
                 StoreError::Permanent(reason) => return Ok(Err(reason)),
-                StoreError::Transient(reason) => {
+                StoreError::Transient(reason) | StoreError::Canceled(reason) => {
                     self.health.set_postgres(false);
                     self.metrics
                         .reconnects
@@ -564,11 +564,13 @@ impl Pipeline {
         if let Err(e) = tx.commit().await {
             return Err(match StoreError::from(e) {
                 // No answer: the server may or may not have committed.
-                StoreError::Transient(reason) => Attempt::CommitUnknown {
-                    xid,
-                    outcomes,
-                    reason,
-                },
+                StoreError::Transient(reason) | StoreError::Canceled(reason) => {
+                    Attempt::CommitUnknown {
+                        xid,
+                        outcomes,
+                        reason,
+                    }
+                }
                 refused => Attempt::Failed(refused),
             });
         }

@@ -55,7 +55,7 @@ pub async fn revalidate(
     loop {
         let page = loop {
             match page(&pool, &schemas, entity_type, filter, after.as_ref()).await {
-                Err(StoreError::Transient(e)) => {
+                Err(StoreError::Transient(e) | StoreError::Canceled(e)) => {
                     tracing::warn!(error = %e, "revalidation page failed; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }

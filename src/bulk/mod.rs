@@ -783,7 +783,7 @@ async fn retry_transient<T>(
     loop {
         match attempt().await {
             Ok(done) => return Ok(done),
-            Err(StoreError::Transient(reason)) => {
+            Err(StoreError::Transient(reason) | StoreError::Canceled(reason)) => {
                 tracing::warn!(%reason, "{what} failed for a moment; retrying");
                 tokio::time::sleep(crate::backoff::jitter(delay)).await;
                 delay = (delay * 2).min(Duration::from_secs(5));

@@ -42,6 +42,11 @@ pub enum StoreError {
     /// Retrying the same input fails again (bad data, constraint, limits).
     #[error("database rejected the data: {0}")]
     Permanent(String),
+    /// The server cancelled the statement (SQLSTATE 57014): it ran past
+    /// `statement_timeout` (set on the read API's connections), or an
+    /// operator cancelled it. Worth retrying, like `Transient`.
+    #[error("statement cancelled: {0}")]
+    Canceled(String),
 }
 
 impl From<tokio_postgres::Error> for StoreError {
@@ -50,6 +55,7 @@ impl From<tokio_postgres::Error> for StoreError {
         match e.code() {
             // No SQLSTATE: I/O, a closed connection, a protocol error.
             None => StoreError::Transient(text),
+            Some(code) if *code == SqlState::QUERY_CANCELED => StoreError::Canceled(text),
             Some(code) => {
                 let class = &code.code()[..2];
                 // 08 connection, 40 rollback (serialization, deadlock), 53
