@@ -12,5 +12,6 @@ mod malformed;
 mod model;
 mod order;
 mod proxy;
+mod read_limits;
 mod source_relay;
 mod tls;
