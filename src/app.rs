@@ -34,8 +34,9 @@ const RECONNECT_CAP: Duration = Duration::from_secs(30);
 pub struct App {
     /// The settings it was built from.
     settings: Arc<Settings>,
-    /// PostgreSQL connections (pipeline, relay, readiness).
-    pool: Pool,
+    /// PostgreSQL connections: the pipeline's, the outbox publisher's, the
+    /// background tasks' and the read API's, each a pool of its own.
+    pools: store::Pools,
     /// Compiled schemas, reloadable.
     schemas: Arc<Schemas>,
     /// The bound HTTP listener (bound early so `http_addr` is known before `run`).
@@ -63,7 +64,7 @@ impl App {
             settings.validation.unknown_types,
         )?;
         tracing::info!(types = ?schemas.current().types(), "schemas loaded");
-        let pool = store::connect(&settings).await?;
+        let pools = store::Pools::connect(&settings).await?;
         let bearer_token = settings.http.bearer_token()?.map(Arc::from);
         let metrics = Metrics::new();
         let health = Arc::new(Health::new(&metrics));
@@ -76,7 +77,7 @@ impl App {
         let http_addr = listener.local_addr()?;
         Ok(App {
             settings,
-            pool,
+            pools,
             schemas: Arc::new(schemas),
             listener: Some(listener),
             http_addr,
@@ -103,7 +104,8 @@ impl App {
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let tasks = TaskTracker::new();
         let router = http::router(http::HttpState {
-            pool: self.pool.clone(),
+            pool: self.pools.background.clone(),
+            read: http::ReadApi::new(self.pools.read.clone(), &self.settings.http),
             health: self.health.clone(),
             metrics: self.metrics.clone(),
             bearer_token: self.bearer_token.clone(),
@@ -111,12 +113,12 @@ impl App {
         let listener = self.listener.take().expect("run is called once");
         tasks.spawn(http::serve(listener, router, shutdown.clone()));
         tasks.spawn(refresh_gauges(
-            self.pool.clone(),
+            self.pools.background.clone(),
             self.metrics.clone(),
             shutdown.clone(),
         ));
         tasks.spawn(prune_periodically(
-            self.pool.clone(),
+            self.pools.background.clone(),
             self.settings.clone(),
             shutdown.clone(),
         ));
@@ -128,7 +130,7 @@ impl App {
         let notify = Arc::new(Notify::new());
         let (slot, dead_letters) = amqp::dead_letter_link();
         let relay = Relay {
-            pool: self.pool.clone(),
+            pool: self.pools.publisher.clone(),
             amqp: self.settings.amqp.clone(),
             dead_letters: slot,
             notify: notify.clone(),
@@ -186,7 +188,7 @@ impl App {
                 tracing::warn!(timeout_ms = timeout.as_millis() as u64, "shutdown.timeout passed; stopping now: unacked messages are redelivered, unpublished events stay in the outbox");
             }
         }
-        self.pool.close();
+        self.pools.close();
         tracing::info!("scramjet stopped");
         Ok(())
     }
@@ -243,8 +245,11 @@ impl App {
         // batch in hand is then abandoned, never committed late, since the
         // broker redelivers it to whoever consumes next.
         let lost = CancellationToken::new();
-        let mut pipeline =
-            Pipeline::new(self.pool.clone(), self.health.clone(), self.metrics.clone());
+        let mut pipeline = Pipeline::new(
+            self.pools.pipeline.clone(),
+            self.health.clone(),
+            self.metrics.clone(),
+        );
         if s.single_active_consumer {
             // Competing consumers (no single active one) would fence each
             // other out; they keep no per-id order anyway.

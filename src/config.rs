@@ -49,7 +49,10 @@ pub struct Settings {
 pub struct PostgresSettings {
     /// Connection URL (or libpq key=value string); the database is created if missing.
     pub url: String,
-    /// Maximum connections in the pool.
+    /// The daemon's connections outside the read API: 2 for the pipeline
+    /// (its batch transaction, and settling a lost COMMIT), 1 for the outbox
+    /// publisher, the rest for the gauges, pruning and `/readyz`. The
+    /// commands (`replay`, `ingest`, …) use one pool of this size.
     pub pool_size: usize,
     /// Password, overriding any in `url` (e.g. from `SCRAMJET__POSTGRES__PASSWORD`).
     pub password: Option<Secret>,
@@ -247,6 +250,10 @@ pub enum QueueType {
     Quorum,
 }
 
+/// The fewest connections `postgres.pool_size` may give the daemon: the
+/// pipeline's 2, the outbox publisher's 1, and 1 for the background work.
+pub const DAEMON_MIN_CONNECTIONS: usize = 4;
+
 /// Most keys one transaction may lock. Every batch takes one advisory lock
 /// per key, and PostgreSQL's shared lock table holds, by default, about
 /// 6,400 locks for all sessions together (`max_locks_per_transaction` 64 ×
@@ -295,6 +302,16 @@ pub struct HttpSettings {
     pub bearer_token: Option<Secret>,
     /// File holding the bearer token; trailing newlines are ignored.
     pub bearer_token_file: Option<PathBuf>,
+    /// Connections of the read API (`/v1/...`), a pool of its own so that
+    /// slow reads cannot take the pipeline's.
+    pub pool_size: usize,
+    /// Read-API requests served at once; one more is answered 503 with
+    /// `Retry-After` rather than queued. Unset: `pool_size`.
+    pub max_concurrent_queries: Option<usize>,
+    /// Longest a read-API statement may run before PostgreSQL cancels it
+    /// (the request is then answered 503), e.g. "5s".
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
 }
 
 impl HttpSettings {
@@ -310,6 +327,11 @@ impl HttpSettings {
         }
         Ok(token)
     }
+
+    /// `max_concurrent_queries`, or `pool_size` when it is unset.
+    pub fn max_concurrent_queries(&self) -> usize {
+        self.max_concurrent_queries.unwrap_or(self.pool_size)
+    }
 }
 
 impl Default for HttpSettings {
@@ -318,6 +340,9 @@ impl Default for HttpSettings {
             listen: "127.0.0.1:8080".parse().expect("a valid literal address"),
             bearer_token: None,
             bearer_token_file: None,
+            pool_size: 4,
+            max_concurrent_queries: None,
+            statement_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -540,8 +565,25 @@ impl Settings {
             "invalid configuration: amqp.prefetch must be at least 1"
         );
         anyhow::ensure!(
-            self.postgres.pool_size >= 2,
-            "invalid configuration: postgres.pool_size must be at least 2 (pipeline and publisher)"
+            self.postgres.pool_size >= DAEMON_MIN_CONNECTIONS,
+            "invalid configuration: postgres.pool_size must be at least {DAEMON_MIN_CONNECTIONS} \
+             (2 for the pipeline, 1 for the outbox publisher, 1 or more for gauges, pruning and /readyz)"
+        );
+        anyhow::ensure!(
+            self.http.pool_size >= 1,
+            "invalid configuration: http.pool_size must be at least 1"
+        );
+        // More permits than connections would queue requests for a
+        // connection, which is what the limit is there to prevent.
+        anyhow::ensure!(
+            (1..=self.http.pool_size).contains(&self.http.max_concurrent_queries()),
+            "invalid configuration: http.max_concurrent_queries must be from 1 to http.pool_size ({})",
+            self.http.pool_size
+        );
+        // PostgreSQL counts milliseconds, and 0 would mean no limit at all.
+        anyhow::ensure!(
+            self.http.statement_timeout >= Duration::from_millis(1),
+            "invalid configuration: http.statement_timeout must be at least 1ms"
         );
         anyhow::ensure!(
             (1..=message::MAX_DEPTH).contains(&self.limits.max_depth),
@@ -668,6 +710,31 @@ mod tests {
         assert_eq!(s.relay.poll_interval, d.relay.poll_interval);
         assert_eq!(s.relay.http_listen, d.relay.http_listen);
         assert_eq!(s.shutdown.timeout, d.shutdown.timeout);
+        assert_eq!(s.postgres.pool_size, d.postgres.pool_size);
+        assert_eq!(s.http.pool_size, d.http.pool_size);
+        assert_eq!(s.http.max_concurrent_queries, d.http.max_concurrent_queries);
+        assert_eq!(s.http.statement_timeout, d.http.statement_timeout);
+    }
+
+    #[test]
+    fn read_api_limits_that_cannot_work_are_refused() {
+        let mut s = Settings::default();
+        assert_eq!(s.http.max_concurrent_queries(), s.http.pool_size);
+        s.http.max_concurrent_queries = Some(s.http.pool_size + 1);
+        let error = s.check().unwrap_err().to_string();
+        assert!(error.contains("http.max_concurrent_queries"), "{error}");
+        s.http.max_concurrent_queries = Some(0);
+        assert!(s.check().is_err());
+        s.http.max_concurrent_queries = Some(1);
+        s.check().unwrap();
+        s.http.statement_timeout = Duration::ZERO;
+        let error = s.check().unwrap_err().to_string();
+        assert!(error.contains("http.statement_timeout"), "{error}");
+        s.http.statement_timeout = Duration::from_millis(1);
+        s.check().unwrap();
+        s.postgres.pool_size = DAEMON_MIN_CONNECTIONS - 1;
+        let error = s.check().unwrap_err().to_string();
+        assert!(error.contains("postgres.pool_size"), "{error}");
     }
 
     #[test]

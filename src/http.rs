@@ -3,6 +3,11 @@
 //! first three only ([`relay_router`]). With `http.bearer_token`
 //! set, everything but `/healthz` and `/readyz` needs
 //! `Authorization: Bearer <token>`.
+//!
+//! The read API runs on a pool of its own ([`ReadApi`]), at most
+//! `http.max_concurrent_queries` requests at once, each statement cancelled
+//! after `http.statement_timeout`: one request more is answered 503 with
+//! `Retry-After` at once, never queued, so slow reads cannot pile up.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -17,9 +22,11 @@ use axum::{
 use deadpool_postgres::Pool;
 use serde_json::{Value, json};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    config::HttpSettings,
     filter,
     health::{Health, RelayHealth},
     message,
@@ -31,17 +38,73 @@ use crate::{
 const DEFAULT_LIMIT: i64 = 100;
 const MAX_LIMIT: i64 = 1000;
 
+/// Seconds a client refused by the concurrency limit is told to wait: a
+/// permit frees as soon as any query ends, so a short pause is enough.
+const RETRY_AFTER_SECS: u64 = 1;
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct HttpState {
-    /// For readiness and the read API.
+    /// For `/readyz`'s ping: the background pool, which the read API cannot
+    /// drain, so a busy API never reads as "PostgreSQL down".
     pub pool: Pool,
+    /// The read API's own connections and limits.
+    pub read: ReadApi,
     /// Broker state as the workers last saw it.
     pub health: Arc<Health>,
     /// Rendered by `/metrics`.
     pub metrics: Metrics,
     /// Required bearer token, if configured.
     pub bearer_token: Option<Arc<str>>,
+}
+
+/// What the read API (`/v1/...`) runs on.
+#[derive(Clone)]
+pub struct ReadApi {
+    /// Its own pool; every session has `statement_timeout` set.
+    pub pool: Pool,
+    /// One permit per request served at once (`http.max_concurrent_queries`).
+    permits: Arc<Semaphore>,
+    /// `http.max_concurrent_queries`, for the refusal's message.
+    max_concurrent: usize,
+    /// `http.statement_timeout`, for the timeout's message.
+    statement_timeout: Duration,
+}
+
+impl ReadApi {
+    /// The read API over `pool` (built with `http.statement_timeout`), with
+    /// the concurrency limit `http` sets.
+    pub fn new(pool: Pool, http: &HttpSettings) -> ReadApi {
+        let max_concurrent = http.max_concurrent_queries();
+        ReadApi {
+            pool,
+            permits: Arc::new(Semaphore::new(max_concurrent)),
+            max_concurrent,
+            statement_timeout: http.statement_timeout,
+        }
+    }
+
+    /// The answer to a failed query: 503 either way, with a message that
+    /// tells a cancelled (too slow) query from an unavailable database.
+    fn error(&self, e: StoreError) -> ApiError {
+        match e {
+            StoreError::Unavailable {
+                cause: store::Cause::StatementTimeout,
+                detail,
+            } => {
+                tracing::info!(reason = %detail, "read API query cancelled");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "the query took longer than http.statement_timeout ({}) and was \
+                         cancelled; narrow the filter or lower the limit",
+                        humantime_serde::re::humantime::format_duration(self.statement_timeout)
+                    ),
+                )
+            }
+            other => other.into(),
+        }
+    }
 }
 
 /// Serves `router` on `listener` until `stop` fires (then finishes the
@@ -57,12 +120,17 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Router, stop: Canc
 
 /// The daemon's router.
 pub fn router(state: HttpState) -> Router {
-    let protected = Router::new()
-        .route("/metrics", get(metrics))
+    let read_api = Router::new()
         .route("/v1/types", get(types))
         .route("/v1/resources/{type}", get(resources))
         .route("/v1/resources/{type}/{id}", get(resource))
         .route("/v1/staging/{type}", get(staging))
+        .route_layer(middleware::from_fn_with_state(state.clone(), limit_queries));
+    // The token is checked before the limit, so that a request without one
+    // never takes a permit.
+    let protected = Router::new()
+        .route("/metrics", get(metrics))
+        .merge(read_api)
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .route("/healthz", get(healthz))
@@ -118,6 +186,28 @@ async fn authorize(
         Some(refusal) => refusal,
         None => next.run(request).await,
     }
+}
+
+/// Runs the request when a query permit is free, else answers 503 with
+/// `Retry-After` at once: waiting would hold the client's connection and let
+/// a burst of slow requests build a queue no one can see.
+async fn limit_queries(State(state): State<HttpState>, request: Request, next: Next) -> Response {
+    let Ok(_permit) = state.read.permits.clone().try_acquire_owned() else {
+        let mut response = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the read API is serving its limit of {} queries at once \
+                 (http.max_concurrent_queries); retry later",
+                state.read.max_concurrent
+            ),
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, RETRY_AFTER_SECS.into());
+        return response;
+    };
+    next.run(request).await
 }
 
 /// A 401 response when `expected` is set and the request does not carry it.
@@ -275,7 +365,10 @@ async fn resource(
 ) -> Result<Json<Value>, ApiError> {
     check_type(&entity_type)?;
     message::check_id(&id).map_err(|m| ApiError::bad_request(m.0))?;
-    match read::resource_by_id(&state.pool, &entity_type, &id).await? {
+    let found = read::resource_by_id(&state.read.pool, &entity_type, &id)
+        .await
+        .map_err(|e| state.read.error(e))?;
+    match found {
         Some(r) => Ok(Json(resource_json(r))),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -334,14 +427,15 @@ async fn resources(
         .map(|text| filter::parse(text).map_err(|e| ApiError::bad_request(format!("where: {e}"))))
         .transpose()?;
     let rows = read::resources_page(
-        &state.pool,
+        &state.read.pool,
         &entity_type,
         after.as_deref(),
         updated_since,
         filter.as_ref(),
         limit,
     )
-    .await?;
+    .await
+    .map_err(|e| state.read.error(e))?;
     let next = (rows.len() as i64 == limit)
         .then(|| rows.last().map(|r| r.id.clone()))
         .flatten();
@@ -367,7 +461,9 @@ async fn staging(
         }
     }
     let (limit, after) = paging(&params)?;
-    let rows = read::rejected_page(&state.pool, &entity_type, after.as_deref(), limit).await?;
+    let rows = read::rejected_page(&state.read.pool, &entity_type, after.as_deref(), limit)
+        .await
+        .map_err(|e| state.read.error(e))?;
     let next = (rows.len() as i64 == limit)
         .then(|| rows.last().map(|r| r.id.clone()))
         .flatten();
@@ -388,7 +484,9 @@ async fn staging(
 
 /// `GET /v1/types`: counts per type.
 async fn types(State(state): State<HttpState>) -> Result<Json<Value>, ApiError> {
-    let counts = read::type_counts(&state.pool).await?;
+    let counts = read::type_counts(&state.read.pool)
+        .await
+        .map_err(|e| state.read.error(e))?;
     let items: Vec<Value> = counts
         .into_iter()
         .map(|c| {

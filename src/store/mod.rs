@@ -248,9 +248,87 @@ fn only_loopback(config: &tokio_postgres::Config) -> bool {
         })
 }
 
-/// Connects once, creates the database if missing, runs migrations, and builds the pool.
+/// Connects once, creates the database if missing, runs migrations, and builds
+/// one pool of `postgres.pool_size` (what the commands and the library use).
 /// Retries the first connection as `startup` says.
 pub async fn connect(settings: &Settings) -> anyhow::Result<Pool> {
+    let (config, tls) = prepare(settings).await?;
+    build_pool(config, tls, settings.postgres.pool_size)
+}
+
+/// The daemon's connections, in pools that cannot take from each other: what
+/// the read API does (a slow filter, many clients) never makes the pipeline,
+/// the outbox publisher, the gauges or `/readyz` wait for a connection.
+#[derive(Clone)]
+pub struct Pools {
+    /// The pipeline's: 2, the batch transaction's and one for
+    /// `Pipeline::settle` to look up a lost COMMIT, so that the pipeline
+    /// never waits on itself.
+    pub pipeline: Pool,
+    /// The outbox publisher's: 1, as it holds one transaction at a time.
+    pub publisher: Pool,
+    /// Gauges, pruning and the `/readyz` ping: `postgres.pool_size` less the
+    /// above. Each use is one short statement, so none waits long.
+    pub background: Pool,
+    /// The read API's: `http.pool_size`, each session with the
+    /// `statement_timeout` of `http.statement_timeout`.
+    pub read: Pool,
+}
+
+/// Connections of [`Pools::pipeline`].
+const PIPELINE_CONNECTIONS: usize = 2;
+/// Connections of [`Pools::publisher`].
+const PUBLISHER_CONNECTIONS: usize = 1;
+// `Settings::check` refuses a `postgres.pool_size` below this minimum,
+// which must leave the background pool at least one connection.
+const _: () =
+    assert!(PIPELINE_CONNECTIONS + PUBLISHER_CONNECTIONS < crate::config::DAEMON_MIN_CONNECTIONS);
+
+impl Pools {
+    /// Prepares the database as [`connect`] does and builds the daemon's pools.
+    pub async fn connect(settings: &Settings) -> anyhow::Result<Pools> {
+        let (config, tls) = prepare(settings).await?;
+        let background = settings
+            .postgres
+            .pool_size
+            .saturating_sub(PIPELINE_CONNECTIONS + PUBLISHER_CONNECTIONS)
+            .max(1);
+        let mut read = config.clone();
+        // Appended, so that options given in postgres.url still apply.
+        let timeout = format!(
+            "-c statement_timeout={}",
+            settings.http.statement_timeout.as_millis()
+        );
+        read.options(&match config.get_options() {
+            Some(given) if !given.is_empty() => format!("{given} {timeout}"),
+            _ => timeout,
+        });
+        Ok(Pools {
+            pipeline: build_pool(config.clone(), tls.clone(), PIPELINE_CONNECTIONS)?,
+            publisher: build_pool(config.clone(), tls.clone(), PUBLISHER_CONNECTIONS)?,
+            background: build_pool(config, tls.clone(), background)?,
+            read: build_pool(read, tls, settings.http.pool_size)?,
+        })
+    }
+
+    /// Closes every pool.
+    pub fn close(&self) {
+        for pool in [
+            &self.pipeline,
+            &self.publisher,
+            &self.background,
+            &self.read,
+        ] {
+            pool.close();
+        }
+    }
+}
+
+/// Reaches PostgreSQL (with the start-up retries), creates the database if
+/// missing and migrates it; returns what connects to it.
+async fn prepare(
+    settings: &Settings,
+) -> anyhow::Result<(tokio_postgres::Config, MakeRustlsConnect)> {
     let shown = redact::url(&settings.postgres.url);
     let (config, tls) = pg_config(&settings.postgres)?;
     let dbname = config
@@ -278,6 +356,15 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<Pool> {
         }
     }
 
+    Ok((config, tls))
+}
+
+/// A pool of at most `size` connections, opened as they are first needed.
+fn build_pool(
+    config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+    size: usize,
+) -> anyhow::Result<Pool> {
     let manager = Manager::from_config(
         config,
         tls,
@@ -286,7 +373,7 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<Pool> {
         },
     );
     Pool::builder(manager)
-        .max_size(settings.postgres.pool_size)
+        .max_size(size)
         .wait_timeout(Some(Duration::from_secs(30)))
         .create_timeout(Some(Duration::from_secs(10)))
         .runtime(deadpool_postgres::Runtime::Tokio1)

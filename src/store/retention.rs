@@ -18,29 +18,24 @@ pub async fn prune(
     message_ids: Duration,
     tombstones: Duration,
 ) -> Result<(u64, u64), StoreError> {
-    let client = pool.get().await?;
-    let inbox = client
-        .prepare_cached(
-            "DELETE FROM inbox WHERE message_id IN ( \
-               SELECT message_id FROM inbox \
-               WHERE processed_at < now() - make_interval(secs => $1) LIMIT $2)",
-        )
-        .await?;
-    let graves = client
-        .prepare_cached(
-            "DELETE FROM tombstones WHERE (type, id) IN ( \
-               SELECT type, id FROM tombstones \
-               WHERE deleted_at < now() - make_interval(secs => $1) LIMIT $2)",
-        )
-        .await?;
+    const INBOX: &str = "DELETE FROM inbox WHERE message_id IN ( \
+           SELECT message_id FROM inbox \
+           WHERE processed_at < now() - make_interval(secs => $1) LIMIT $2)";
+    const GRAVES: &str = "DELETE FROM tombstones WHERE (type, id) IN ( \
+           SELECT type, id FROM tombstones \
+           WHERE deleted_at < now() - make_interval(secs => $1) LIMIT $2)";
     let mut totals = [0u64; 2];
-    for (i, (stmt, age)) in [(&inbox, message_ids), (&graves, tombstones)]
+    for (i, (sql, age)) in [(INBOX, message_ids), (GRAVES, tombstones)]
         .into_iter()
         .enumerate()
     {
         let secs = age.as_secs_f64();
         loop {
-            let n = client.execute(stmt, &[&secs, &CHUNK]).await?;
+            // A connection per chunk: the daemon's background pool is small
+            // and `/readyz` pings through it, so none is held for long.
+            let client = pool.get().await?;
+            let stmt = client.prepare_cached(sql).await?;
+            let n = client.execute(&stmt, &[&secs, &CHUNK]).await?;
             totals[i] += n;
             if n < CHUNK as u64 {
                 break;

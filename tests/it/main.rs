@@ -13,5 +13,6 @@ mod model;
 mod order;
 mod outages;
 mod proxy;
+mod read_limits;
 mod source_relay;
 mod tls;
