@@ -153,6 +153,8 @@ impl App {
                     Ok(()) => break,
                     Err(e) => {
                         self.health.set_amqp(false);
+                        self.health
+                            .outage("consumer", "rabbitmq", "connection", &format!("{e:#}"));
                         self.metrics
                             .reconnects
                             .with_label_values(&["rabbitmq"])
@@ -216,7 +218,7 @@ impl App {
                 .context("cannot open a channel")?;
             amqp::declare_topology(&channel, s).await?;
             channel
-                .basic_qos(s.prefetch, BasicQosOptions::default())
+                .basic_qos(self.settings.prefetch(), BasicQosOptions::default())
                 .await
                 .context("cannot set the prefetch")?;
             let stream = channel
@@ -238,8 +240,12 @@ impl App {
             )
         })??;
         self.health.set_amqp(true);
+        self.health.recovered("consumer");
         backoff.reset();
-        tracing::info!("connected to RabbitMQ; consuming");
+        tracing::info!(
+            prefetch = self.settings.prefetch(),
+            "connected to RabbitMQ; consuming"
+        );
 
         // Cancelled when this session's connection or channel is lost: the
         // batch in hand is then abandoned, never committed late, since the

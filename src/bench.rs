@@ -50,6 +50,8 @@ pub struct BenchOptions {
     pub ingest: Option<usize>,
     /// With `ingest`: also send the same changes through the daemon.
     pub ingest_through_daemon: bool,
+    /// Run the memory benchmark instead: drain this many ~1 MiB messages.
+    pub large: Option<usize>,
 }
 
 /// One scenario's result.
@@ -250,6 +252,12 @@ pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<()> {
         println!("{}", result?);
         return Ok(());
     }
+    if let Some(count) = opts.large {
+        let result = bench.large(count).await;
+        bench.cleanup().await;
+        println!("{}", result?);
+        return Ok(());
+    }
     let result = bench.all(opts).await;
     bench.cleanup().await;
     // A wrong outcome has already failed the run (`result?`); a missed
@@ -410,7 +418,7 @@ impl Bench {
             "Inbound queue: {:?}, single-active-consumer {}; prefetch {}, batch size {}.",
             self.settings.amqp.queue_type,
             self.settings.amqp.single_active_consumer,
-            self.settings.amqp.prefetch,
+            self.settings.prefetch(),
             self.settings.pipeline.batch_size,
         )?;
         writeln!(out)?;
@@ -470,6 +478,53 @@ impl Bench {
             "CPU columns: CPU time used during the run / wall time (100 % = one core)."
         )?;
         Ok((out, failures))
+    }
+
+    /// Drains `count` creates of about 1 MiB each (just under the default
+    /// `limits.max_message_bytes`) and reports the daemon's peak RSS beside
+    /// `amqp.max_inflight_bytes`, the bound on bodies held in flight.
+    async fn large(&self, count: usize) -> anyhow::Result<String> {
+        let size = self.settings.limits.max_message_bytes - 1024;
+        let workload = Workload {
+            entity_type: "large".into(),
+            ops: (0..count)
+                .map(|i| Op {
+                    body: save("large", i, 0, size),
+                    event: true,
+                })
+                .collect(),
+            rows: count as i64,
+        };
+        let (m, rss) = self.drain("1 MiB creates", &workload).await?;
+        let bound = self.settings.amqp.max_inflight_bytes as f64 / (1024.0 * 1024.0);
+        let rss_mib = rss as f64 / 1024.0;
+        let mut out = String::new();
+        writeln!(
+            out,
+            "{count} messages of {size} bytes; amqp.max_inflight_bytes {bound:.0} MiB, \
+             limits.max_message_bytes {} → prefetch asked {} (amqp.prefetch {}), batch size {}, \
+             pipeline.max_batch_bytes {}.",
+            self.settings.limits.max_message_bytes,
+            self.settings.prefetch(),
+            self.settings.amqp.prefetch,
+            self.settings.pipeline.batch_size,
+            self.settings.pipeline.max_batch_bytes,
+        )?;
+        writeln!(
+            out,
+            "{:.0} msgs/s ({:.1} MiB/s), daemon CPU {:.0} µs per message, broker {:.0} µs, PostgreSQL {:.0} µs.",
+            m.rate(),
+            m.rate() * size as f64 / (1024.0 * 1024.0),
+            m.daemon_cpu * 1e6 / m.rate(),
+            m.broker_cpu * 1e6 / m.rate(),
+            m.postgres_cpu * 1e6 / m.rate(),
+        )?;
+        writeln!(
+            out,
+            "Daemon peak RSS (VmHWM): {rss_mib:.1} MiB = the in-flight bound {bound:.0} MiB {:+.1} MiB.",
+            rss_mib - bound
+        )?;
+        Ok(out)
     }
 
     /// The broker-only ceiling: consume (prefetch and batch as the daemon),
@@ -958,6 +1013,19 @@ impl Daemon {
                 &s.amqp.dead_letter_queue,
             )
             .env("SCRAMJET__HTTP__LISTEN", s.http.listen.to_string())
+            .env("SCRAMJET__AMQP__PREFETCH", s.amqp.prefetch.to_string())
+            .env(
+                "SCRAMJET__AMQP__MAX_INFLIGHT_BYTES",
+                s.amqp.max_inflight_bytes.to_string(),
+            )
+            .env(
+                "SCRAMJET__LIMITS__MAX_MESSAGE_BYTES",
+                s.limits.max_message_bytes.to_string(),
+            )
+            .env(
+                "SCRAMJET__PIPELINE__BATCH_SIZE",
+                s.pipeline.batch_size.to_string(),
+            )
             .env(
                 "SCRAMJET__AMQP__QUEUE_TYPE",
                 format!("{:?}", s.amqp.queue_type).to_lowercase(),

@@ -131,8 +131,14 @@ pub struct AmqpSettings {
     pub dead_letter_exchange: String,
     /// Durable queue bound to the dead-letter exchange.
     pub dead_letter_queue: String,
-    /// Unacknowledged deliveries the broker may push ahead (basic.qos).
+    /// Unacknowledged deliveries the broker may push ahead (basic.qos), at
+    /// most; see [`Settings::prefetch`] for the one the daemon asks for.
     pub prefetch: u16,
+    /// Most bytes of message bodies the daemon lets the broker push ahead.
+    /// RabbitMQ ignores a prefetch *size*, so the count the daemon asks for
+    /// is lowered until `count × limits.max_message_bytes` fits: accepted
+    /// messages can then never hold more memory than this.
+    pub max_inflight_bytes: usize,
     /// Declare the inbound queue with `x-single-active-consumer`, so that with
     /// several daemons only one consumes at a time and per-id order holds.
     pub single_active_consumer: bool,
@@ -167,6 +173,7 @@ impl Default for AmqpSettings {
             dead_letter_exchange: "scramjet.dead".into(),
             dead_letter_queue: "scramjet.dead".into(),
             prefetch: 1000,
+            max_inflight_bytes: 256 * 1024 * 1024,
             single_active_consumer: true,
             queue_type: QueueType::Classic,
             password: None,
@@ -554,6 +561,17 @@ impl Settings {
         Ok(settings)
     }
 
+    /// The prefetch count the daemon asks the broker for: `amqp.prefetch`,
+    /// lowered so that that many messages of `limits.max_message_bytes`
+    /// fit in `amqp.max_inflight_bytes` (never below 1).
+    pub fn prefetch(&self) -> u16 {
+        let fits = self.amqp.max_inflight_bytes / self.limits.max_message_bytes.max(1);
+        self.amqp
+            .prefetch
+            .min(u16::try_from(fits).unwrap_or(u16::MAX))
+            .max(1)
+    }
+
     /// Rejects values that deserialize but cannot work.
     pub fn check(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
@@ -563,6 +581,11 @@ impl Settings {
         anyhow::ensure!(
             self.amqp.prefetch >= 1,
             "invalid configuration: amqp.prefetch must be at least 1"
+        );
+        anyhow::ensure!(
+            self.amqp.max_inflight_bytes >= self.limits.max_message_bytes,
+            "invalid configuration: amqp.max_inflight_bytes must hold at least one message of \
+             limits.max_message_bytes"
         );
         anyhow::ensure!(
             self.postgres.pool_size >= DAEMON_MIN_CONNECTIONS,
@@ -695,6 +718,7 @@ mod tests {
         assert_eq!(s.postgres.url, d.postgres.url);
         assert_eq!(s.amqp.url, d.amqp.url);
         assert_eq!(s.amqp.prefetch, d.amqp.prefetch);
+        assert_eq!(s.amqp.max_inflight_bytes, d.amqp.max_inflight_bytes);
         assert_eq!(s.pipeline.batch_size, d.pipeline.batch_size);
         assert_eq!(s.http.listen, d.http.listen);
         assert_eq!(s.limits.max_message_bytes, d.limits.max_message_bytes);
@@ -735,6 +759,25 @@ mod tests {
         s.postgres.pool_size = DAEMON_MIN_CONNECTIONS - 1;
         let error = s.check().unwrap_err().to_string();
         assert!(error.contains("postgres.pool_size"), "{error}");
+    }
+
+    #[test]
+    fn the_prefetch_asked_for_keeps_in_flight_bodies_within_max_inflight_bytes() {
+        let mut s = Settings::default();
+        // 256 MiB / 1 MiB: 256 messages, below amqp.prefetch.
+        assert_eq!(s.prefetch(), 256);
+        s.limits.max_message_bytes = 64 * 1024;
+        assert_eq!(s.prefetch(), 1000, "amqp.prefetch stays the upper bound");
+        s.limits.max_message_bytes = 100 * 1024 * 1024;
+        s.amqp.max_inflight_bytes = 100 * 1024 * 1024;
+        assert_eq!(s.prefetch(), 1);
+        s.amqp.max_inflight_bytes = 1024;
+        assert!(
+            s.check()
+                .unwrap_err()
+                .to_string()
+                .contains("max_inflight_bytes")
+        );
     }
 
     #[test]

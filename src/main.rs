@@ -91,6 +91,10 @@ enum Command {
         /// With --ingest: also send the same changes through the daemon.
         #[arg(long, requires = "ingest")]
         through_daemon: bool,
+        /// Instead, drain this many messages of about 1 MiB (creates) and
+        /// report the daemon's peak RSS against amqp.max_inflight_bytes.
+        #[arg(long, value_name = "MESSAGES", conflicts_with = "ingest")]
+        large: Option<usize>,
     },
     /// Counts per type (resources, rejected rows), outbox backlog, queue depths.
     Status,
@@ -337,8 +341,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             strict,
             ingest,
             through_daemon,
+            large,
         } => {
             let options = bench::BenchOptions {
+                large,
                 messages,
                 preload_rows,
                 latency_seconds,

@@ -725,22 +725,7 @@ impl Pipeline {
     /// failover) is no answer.
     async fn settle(&self, u: &Unsettled) -> Result<TransactionStatus, StoreError> {
         let client = self.pool.get().await?;
-        let answer = match batch::transaction_status(&client, u.xid).await {
-            Ok((status, server)) if server == u.server => Ok(status),
-            Ok((_, server)) => Err(StoreError::unavailable(
-                Cause::CommitUnknown,
-                format!(
-                    "a COMMIT went unanswered on server {}/{} and the database now answers from \
-                     {}/{} (a failover?): the batch stays unacked until that server can say \
-                     what became of transaction {}",
-                    u.server.system, u.server.timeline, server.system, server.timeline, u.xid
-                ),
-            )),
-            Err(StoreError::Refused { detail, .. }) => {
-                Err(StoreError::unavailable(Cause::CommitUnknown, detail))
-            }
-            Err(e) => Err(e),
-        };
+        let answer = settled(u, batch::transaction_status(&client, u.xid).await);
         if answer
             .as_ref()
             .err()
@@ -833,6 +818,31 @@ impl Pipeline {
             "batch transaction"
         );
         Ok(outcomes)
+    }
+}
+
+/// What `txid_status` said of the transaction of `u`, as the pipeline may
+/// take it: only from the server the transaction ran on, and never as the
+/// data's fault.
+fn settled(
+    u: &Unsettled,
+    answer: Result<(TransactionStatus, batch::ServerId), StoreError>,
+) -> Result<TransactionStatus, StoreError> {
+    match answer {
+        Ok((status, server)) if server == u.server => Ok(status),
+        Ok((_, server)) => Err(StoreError::unavailable(
+            Cause::CommitUnknown,
+            format!(
+                "a COMMIT went unanswered on server {}/{} and the database now answers from \
+                 {}/{} (a failover?): the batch stays unacked until that server can say \
+                 what became of transaction {}",
+                u.server.system, u.server.timeline, server.system, server.timeline, u.xid
+            ),
+        )),
+        Err(StoreError::Refused { detail, .. }) => {
+            Err(StoreError::unavailable(Cause::CommitUnknown, detail))
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -1185,6 +1195,51 @@ mod tests {
             w.tombstone_upserts,
             vec![(("person".into(), "a".into()), 5)]
         );
+    }
+
+    #[test]
+    fn a_lost_commit_is_settled_only_by_the_server_it_ran_on() {
+        let ran_on = batch::ServerId {
+            system: 7,
+            timeline: "00000001".into(),
+        };
+        let u = Unsettled {
+            xid: 42,
+            server: ran_on.clone(),
+            registered: None,
+            outcomes: vec![Outcome::Created],
+        };
+        assert_eq!(
+            settled(&u, Ok((TransactionStatus::Committed, ran_on.clone()))).unwrap(),
+            TransactionStatus::Committed
+        );
+        // A promoted standby: same cluster, new timeline, where 42 may name
+        // another transaction. Its "aborted" must not make the batch run again.
+        let promoted = batch::ServerId {
+            timeline: "00000002".into(),
+            ..ran_on
+        };
+        for status in [TransactionStatus::Aborted, TransactionStatus::Committed] {
+            match settled(&u, Ok((status, promoted.clone()))) {
+                Err(StoreError::Unavailable { cause, detail }) => {
+                    assert_eq!(cause, Cause::CommitUnknown);
+                    assert!(detail.contains("failover"), "{detail}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // txid_status refusing the id (22023 after a failover) is no data fault.
+        let refused = StoreError::Refused {
+            sqlstate: Some("22023".into()),
+            detail: "transaction ID 42 is in the future".into(),
+        };
+        assert!(matches!(
+            settled(&u, Err(refused)),
+            Err(StoreError::Unavailable {
+                cause: Cause::CommitUnknown,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -128,7 +128,10 @@ impl Relay {
                     }
                     Err(e) => {
                         let delay = backoff.next_delay();
-                        tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "outbox relay cannot reach RabbitMQ");
+                        let detail = format!("{e:#}");
+                        self.health
+                            .outage(WORKER, "rabbitmq", "connection", &detail);
+                        tracing::warn!(error = %detail, retry_in_ms = delay.as_millis() as u64, "outbox relay cannot reach RabbitMQ");
                         tokio::select! {
                             _ = stop.cancelled() => break,
                             _ = tokio::time::sleep(delay) => continue,
@@ -140,6 +143,12 @@ impl Relay {
             if l.events.blocked() {
                 // A resource alarm: another connection would be blocked as
                 // well, and publishing into this one only queues copies.
+                self.health.outage(
+                    WORKER,
+                    "rabbitmq",
+                    "blocked",
+                    "RabbitMQ blocks publishing (a memory or disk alarm); events wait in the outbox",
+                );
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(amqp::BLOCKED_POLL) => continue,
@@ -172,7 +181,9 @@ impl Relay {
                             );
                         }
                         // Replaced on the next turn.
-                        RelayError::Broker(_) => {
+                        RelayError::Broker(e) => {
+                            self.health
+                                .outage(WORKER, "rabbitmq", "connection", &format!("{e:#}"));
                             self.dead_letters.offer(None);
                             if let Some(l) = link.take() {
                                 self.metrics

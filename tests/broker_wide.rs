@@ -116,6 +116,17 @@ async fn a_memory_alarm_keeps_the_outbox_waiting_but_not_the_inbound_queue() {
         queue_depth(&queue)
     );
     assert!(app.count("outbox").await > 0, "events wait in the outbox");
+    // An outage of the environment, though consuming goes on: /readyz says so.
+    let blocked = eventually(|| async {
+        let (status, body) = app.get("/readyz").await;
+        status == 503 && body.contains(r#""reason":"blocked""#)
+    })
+    .await;
+    assert!(
+        blocked,
+        "/readyz reports the blocked publisher: {:?}",
+        app.get("/readyz").await
+    );
     use futures_util::FutureExt;
     assert!(
         futures_util::StreamExt::next(&mut app.events)
@@ -128,6 +139,7 @@ async fn a_memory_alarm_keeps_the_outbox_waiting_but_not_the_inbound_queue() {
     let events = app.next_events(N).await;
     assert!(events.iter().all(|e| e.op() == "created"));
     assert!(app.wait_outbox_empty().await, "the outbox empties");
+    assert_eq!(app.wait_ready().await, 200);
     app.stop().await;
 }
 
