@@ -55,13 +55,34 @@ fn report(what: &str, summary: &Summary) -> anyhow::Result<()> {
     for refused in &summary.refused {
         eprintln!("{what}: refused by the database: {refused}");
     }
+    for rejected in &summary.rejected_records {
+        eprintln!("{what}: {rejected}");
+    }
+    if summary.rejected > summary.rejected_records.len() as u64 {
+        eprintln!(
+            "{what}: … and {} more rejected record(s) (GET /v1/staging/<type> lists them all)",
+            summary.rejected - summary.rejected_records.len() as u64
+        );
+    }
     println!("{what}: {summary}");
+    let mut problems = Vec::new();
+    if summary.bad_count > 0 {
+        problems.push(format!("{} bad", summary.bad_count));
+    }
+    if summary.rejected > 0 {
+        problems.push(format!("{} rejected", summary.rejected));
+    }
+    if !summary.refused.is_empty() {
+        problems.push(format!("{} refused", summary.refused.len()));
+    }
     if let Some(DeleteStep::Refused(why)) = &summary.deletes {
         eprintln!("{what}: no resource was deleted: {why}");
+        problems.push("the deletes refused".into());
     }
     anyhow::ensure!(
         summary.is_success(),
-        "{what} did not go through completely (see above)"
+        "{what} did not go through completely: {} (each listed on stderr above)",
+        problems.join(", ")
     );
     Ok(())
 }

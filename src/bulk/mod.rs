@@ -171,6 +171,9 @@ pub struct Summary {
     pub bad_count: u64,
     /// Records the database refused, with their lines and reasons.
     pub refused: Vec<BadRecord>,
+    /// Records that failed validation, with their lines, ids and first
+    /// errors (the first 100; `rejected` counts them all).
+    pub rejected_records: Vec<BadRecord>,
     /// In a full-set sync: what the delete step did or why it did not run.
     pub deletes: Option<DeleteStep>,
     /// Time taken.
@@ -235,6 +238,32 @@ impl Summary {
     pub fn rate(&self) -> f64 {
         let handled = self.records + self.bad_count + self.deleted + self.absent;
         handled as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// One line saying why the save `p` was rejected: its id and first error.
+fn rejection(p: &Prepared) -> String {
+    let errors = match &p.kind {
+        PreparedKind::Save {
+            errors: Some(errors),
+            ..
+        } => errors.as_slice(),
+        _ => &[],
+    };
+    match errors.first() {
+        Some(first) => {
+            let path = if first.path.is_empty() {
+                "(the document)"
+            } else {
+                first.path.as_str()
+            };
+            let more = match errors.len() {
+                1 => String::new(),
+                n => format!(" (and {} more error(s))", n - 1),
+            };
+            format!("id {:?} rejected: {path}: {}{more}", p.id, first.message)
+        }
+        None => format!("id {:?} rejected", p.id),
     }
 }
 
@@ -664,9 +693,18 @@ impl Scramjet {
         } else {
             self.apply(&chunk.prepared).await?
         };
-        for (result, line) in results.into_iter().zip(&chunk.lines) {
+        for ((result, line), prepared) in results.into_iter().zip(&chunk.lines).zip(&chunk.prepared)
+        {
             match result {
-                Ok(outcome) => summary.count(outcome),
+                Ok(outcome) => {
+                    summary.count(outcome);
+                    if outcome == Outcome::Rejected && summary.rejected_records.len() < KEEP_BAD {
+                        summary.rejected_records.push(BadRecord {
+                            line: *line,
+                            reason: rejection(prepared),
+                        });
+                    }
+                }
                 Err(reason) => summary.refused.push(BadRecord {
                     line: *line,
                     reason,

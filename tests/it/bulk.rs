@@ -266,11 +266,31 @@ async fn ndjson_a_json_array_and_csv_load_alike_and_bad_lines_fail_the_command_b
     assert!(!ok);
     assert!(stderr.contains("line 3"), "{stderr}");
 
+    // A record the schema rejects is listed on stderr with its line, id and
+    // error, and the closing error says what failed instead of pointing at
+    // a summary that went to stdout.
+    let (ok, stdout, stderr) = run(
+        &[],
+        "{\"id\":\"r1\",\"name\":\"A\"}\n{\"id\":\"r2\",\"name\":\"\"}\n",
+    );
+    assert!(!ok, "a rejected record fails the command");
+    assert!(stdout.contains("rejected 1"), "{stdout}");
+    let listed = stderr
+        .lines()
+        .find(|l| l.contains("line 2"))
+        .unwrap_or_else(|| panic!("the rejected record is listed: {stderr}"));
+    assert!(
+        listed.contains("\"r2\"") && listed.contains("/name"),
+        "{listed}"
+    );
+    assert!(stderr.contains("1 rejected"), "{stderr}");
+    assert!(!stderr.contains("see above)"), "{stderr}");
+
     let names = names_by_id(&app).await;
-    for id in ["a1", "a2", "b1", "2", "c1", "c2", "d1", "d3", "e1"] {
+    for id in ["a1", "a2", "b1", "2", "c1", "c2", "d1", "d3", "e1", "r1"] {
         assert!(names.contains_key(id), "{id} loaded: {names:?}");
     }
-    assert_eq!(names.len(), 9);
+    assert_eq!(names.len(), 10);
     let c1: Value = app
         .db
         .query_one("SELECT data FROM resources WHERE id = 'c1'", &[])
