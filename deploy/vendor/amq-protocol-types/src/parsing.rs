@@ -1,8 +1,24 @@
+// Scramjet patch (amq-protocol-types 10.6.3, BSD-2-Clause; see LICENSE).
+//
+// Changed: `parse_short_string` decodes a short string that is not UTF-8
+// lossily (each invalid sequence becomes U+FFFD, and a result longer than a
+// short string's 255 bytes is cut and ends in U+FFFD) instead of failing.
+// Nothing else in this crate differs from the published 10.6.3.
+//
+// Why: the specification says short strings are UTF-8, but RabbitMQ passes
+// on any bytes a producer put in `message_id`, `content_type`, a header
+// name, ... The failed parse of one `basic.deliver` content header killed
+// lapin's whole connection; the broker then redelivered the same message at
+// the head of the queue to the next connection, forever, and no code above
+// the parser ever saw the message to dead-letter it. Decoded lossily, the
+// delivery arrives, and the application can tell by the U+FFFD which
+// property was not UTF-8 and deal with the message.
+
 use crate::{flags::*, types::*, value::*};
 use nom::{
     self, Parser,
     bytes::streaming::take,
-    combinator::{all_consuming, complete, flat_map, map, map_opt, map_parser, map_res},
+    combinator::{all_consuming, complete, flat_map, map, map_opt, map_parser},
     error::{ContextError, ErrorKind, ParseError, context},
     multi::fold_many0,
     number::streaming::{
@@ -215,8 +231,28 @@ pub fn parse_decimal_value<I: ParsableInput>(i: I) -> ParserResult<I, DecimalVal
     .parse(i)
 }
 
-fn make_str<I: Input<Item = u8>>(i: I) -> Result<String, std::string::FromUtf8Error> {
-    String::from_utf8(i.iter_elements().collect())
+fn make_str<I: Input<Item = u8>>(i: I) -> String {
+    match String::from_utf8(i.iter_elements().collect()) {
+        Ok(s) => s,
+        Err(e) => lossy_short_string(e.as_bytes()),
+    }
+}
+
+/// `bytes` (at most 255, not UTF-8) as a string that still fits a short
+/// string: each replacement character takes three bytes, so the lossy text
+/// can outgrow 255 and is then cut. It ends in U+FFFD after a cut, so that a
+/// replacement character (the sign that bytes were lost) always survives.
+fn lossy_short_string(bytes: &[u8]) -> String {
+    let mut s = String::from_utf8_lossy(bytes).into_owned();
+    if s.len() > MAX_SHORT_STRING_LENGTH {
+        let mut end = MAX_SHORT_STRING_LENGTH - char::REPLACEMENT_CHARACTER.len_utf8();
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push(char::REPLACEMENT_CHARACTER);
+    }
+    s
 }
 
 /// Parse a [ShortString](../type.ShortString.html)
@@ -224,7 +260,7 @@ pub fn parse_short_string<I: ParsableInput>(i: I) -> ParserResult<I, ShortString
     context(
         "parse_short_string",
         map(
-            map_res(flat_map(parse_short_short_uint, take), make_str),
+            map(flat_map(parse_short_short_uint, take), make_str),
             ShortString::from,
         ),
     )
@@ -484,6 +520,39 @@ mod test {
             parse_short_string(&[4, 116, 101, 115, 116][..]),
             Ok((EMPTY, "test".into()))
         );
+    }
+
+    #[test]
+    fn test_parse_short_string_not_utf8_is_lossy() {
+        assert_eq!(
+            parse_short_string(&[5, 0xff, 0xfe, b'b', b'a', b'd'][..]),
+            Ok((EMPTY, "\u{FFFD}\u{FFFD}bad".into()))
+        );
+    }
+
+    #[test]
+    fn test_parse_short_string_not_utf8_fits_a_short_string() {
+        let all_invalid: Vec<u8> = std::iter::once(255).chain([0xff; 255]).collect();
+        let (rest, s) = parse_short_string(&all_invalid[..]).unwrap();
+        assert_eq!(rest, EMPTY);
+        assert!(s.as_str().len() <= MAX_SHORT_STRING_LENGTH);
+        assert!(s.as_str().chars().all(|c| c == char::REPLACEMENT_CHARACTER));
+
+        // One invalid byte at the very end: the cut must not lose its mark.
+        let mut last_invalid = vec![255];
+        last_invalid.extend([b'a'; 254]);
+        last_invalid.push(0xff);
+        let (_, s) = parse_short_string(&last_invalid[..]).unwrap();
+        assert!(s.as_str().len() <= MAX_SHORT_STRING_LENGTH);
+        assert!(s.as_str().ends_with(char::REPLACEMENT_CHARACTER));
+    }
+
+    #[test]
+    fn test_parse_field_table_with_a_name_not_utf8() {
+        let table = [0, 0, 0, 6, 3, 0xff, b'i', b'd', b't', 1];
+        let mut expected = FieldTable::default();
+        expected.insert("\u{FFFD}id".into(), AMQPValue::Boolean(true));
+        assert_eq!(parse_field_table(&table[..]), Ok((EMPTY, expected)));
     }
 
     #[test]
