@@ -20,7 +20,7 @@ use lapin::{
     BasicProperties,
     message::Delivery,
     options::BasicAckOptions,
-    types::{AMQPValue, FieldTable},
+    types::{AMQPValue, FieldTable, ShortString},
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -126,6 +126,13 @@ impl Consumer {
         let mut prepared = Vec::with_capacity(batch.len());
         let mut positions = Vec::with_capacity(batch.len());
         for (i, d) in batch.iter().enumerate() {
+            if let Some(property) = property_not_utf8(&d.properties) {
+                // Warn, not debug like other malformed messages: the producer
+                // breaks the AMQP specification, and its library is to blame.
+                tracing::warn!(delivery_tag = d.delivery_tag, %property, "an AMQP property is not UTF-8; dead-lettering the message");
+                dead.push((i, format!("the AMQP {property} is not valid UTF-8 (its invalid bytes are U+FFFD in this dead letter)")));
+                continue;
+            }
             // Validation runs third-party code on producer data: a panic in it
             // dead-letters that message instead of stopping the daemon.
             let decoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -260,6 +267,59 @@ fn accept(next: Option<lapin::Result<Delivery>>) -> anyhow::Result<Delivery> {
     }
 }
 
+/// Which short-string property of `p` was not UTF-8 on the wire, named for a
+/// reason (`property message_id`, `header name "x-\u{FFFD}"`), if any.
+///
+/// The AMQP client decodes such bytes to U+FFFD rather than failing the
+/// frame (see `deploy/vendor/amq-protocol-types`), so a replacement character
+/// is the mark. A producer that sends a genuine U+FFFD in one of these is
+/// dead-lettered too: it cannot be told apart, and an identifier holding
+/// U+FFFD is itself the scar of an earlier lossy decode.
+fn property_not_utf8(p: &BasicProperties) -> Option<String> {
+    let short_strings = [
+        ("content_type", p.content_type()),
+        ("content_encoding", p.content_encoding()),
+        ("correlation_id", p.correlation_id()),
+        ("reply_to", p.reply_to()),
+        ("expiration", p.expiration()),
+        ("message_id", p.message_id()),
+        ("type", p.kind()),
+        ("user_id", p.user_id()),
+        ("app_id", p.app_id()),
+        ("cluster_id", p.cluster_id()),
+    ];
+    let lossy = |s: &ShortString| s.as_str().contains(char::REPLACEMENT_CHARACTER);
+    short_strings
+        .into_iter()
+        .find(|(_, value)| value.as_ref().is_some_and(lossy))
+        .map(|(name, _)| format!("property {name}"))
+        .or_else(|| {
+            p.headers()
+                .as_ref()
+                .and_then(header_name_not_utf8)
+                .map(|name| format!("header name {name:?}"))
+        })
+}
+
+/// The first name in `table`, or in a table nested in its values, that
+/// holds U+FFFD.
+fn header_name_not_utf8(table: &FieldTable) -> Option<String> {
+    fn in_value(value: &AMQPValue) -> Option<String> {
+        match value {
+            AMQPValue::FieldTable(t) => header_name_not_utf8(t),
+            AMQPValue::FieldArray(a) => a.as_slice().iter().find_map(in_value),
+            _ => None,
+        }
+    }
+    table.inner().iter().find_map(|(name, value)| {
+        if name.as_str().contains(char::REPLACEMENT_CHARACTER) {
+            Some(name.as_str().to_owned())
+        } else {
+            in_value(value)
+        }
+    })
+}
+
 /// The original message, body and properties unchanged, with the reason added
 /// as a header, made persistent so it survives a broker restart.
 fn dead_letter<'a>(d: &'a Delivery, reason: &str, exchange: &'a str) -> Outgoing<'a> {
@@ -275,5 +335,84 @@ fn dead_letter<'a>(d: &'a Delivery, reason: &str, exchange: &'a str) -> Outgoing
         routing_key: d.routing_key.as_str(),
         body: &d.data,
         properties,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `basic` content header's property list: flags, then `bytes` as the
+    /// one short string the flag `bit` announces.
+    fn properties_with(bit: u16, bytes: &[u8]) -> Vec<u8> {
+        let mut wire = (1u16 << bit).to_be_bytes().to_vec();
+        wire.push(bytes.len() as u8);
+        wire.extend_from_slice(bytes);
+        wire
+    }
+
+    fn parse(wire: &[u8]) -> BasicProperties {
+        let (rest, properties) = lapin::protocol::basic::parse_properties(wire)
+            .expect("properties that are not UTF-8 still parse");
+        assert!(rest.is_empty());
+        properties
+    }
+
+    #[test]
+    fn a_message_id_that_is_not_utf8_parses_and_is_named() {
+        let p = parse(&properties_with(7, b"\xff\xfebad"));
+        assert_eq!(
+            p.message_id().as_ref().map(ShortString::as_str),
+            Some("\u{FFFD}\u{FFFD}bad")
+        );
+        assert_eq!(
+            property_not_utf8(&p).as_deref(),
+            Some("property message_id")
+        );
+    }
+
+    #[test]
+    fn every_short_string_property_that_is_not_utf8_is_named() {
+        let bits = [
+            (15, "content_type"),
+            (14, "content_encoding"),
+            (10, "correlation_id"),
+            (9, "reply_to"),
+            (8, "expiration"),
+            (7, "message_id"),
+            (5, "type"),
+            (4, "user_id"),
+            (3, "app_id"),
+            (2, "cluster_id"),
+        ];
+        for (bit, name) in bits {
+            let p = parse(&properties_with(bit, b"ok\xc3("));
+            assert_eq!(property_not_utf8(&p), Some(format!("property {name}")));
+        }
+    }
+
+    #[test]
+    fn a_header_name_that_is_not_utf8_is_named_also_in_a_nested_table() {
+        let mut inner = FieldTable::default();
+        inner.insert("\u{FFFD}k".into(), AMQPValue::Boolean(true));
+        let mut headers = FieldTable::default();
+        headers.insert("x-fine".into(), AMQPValue::LongString("\u{FFFD}".into()));
+        headers.insert("x-nested".into(), AMQPValue::FieldTable(inner));
+        let p = BasicProperties::default().with_headers(headers);
+        assert_eq!(
+            property_not_utf8(&p).as_deref(),
+            Some("header name \"\u{FFFD}k\"")
+        );
+    }
+
+    #[test]
+    fn utf8_properties_and_byte_header_values_are_fine() {
+        let mut headers = FieldTable::default();
+        headers.insert("x-bytes".into(), AMQPValue::LongString(b"\xff"[..].into()));
+        let p = BasicProperties::default()
+            .with_message_id("m-é".into())
+            .with_correlation_id("c".into())
+            .with_headers(headers);
+        assert_eq!(property_not_utf8(&p), None);
     }
 }
