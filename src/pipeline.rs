@@ -480,12 +480,25 @@ const RETRY_CAP: Duration = Duration::from_secs(5);
 
 /// How one call of [`Pipeline::apply_retrying`] ended.
 enum Applied {
-    /// Committed, with these outcomes.
-    Done(Vec<Outcome>),
-    /// Refused for its data (a dead-letter candidate when alone).
+    /// Committed, with each message's outcome (or, applied
+    /// [`Mode::EachAlone`], the refusal of the ones that were rolled back).
+    Done(Vec<Result<Outcome, Refusal>>),
+    /// Refused for its data, as a whole ([`Mode::Together`]).
     Refused(Refusal),
     /// Too big to go through now (a statement timeout): try halves.
     TooBig,
+}
+
+/// How a batch's messages share its transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Set-based statements for the whole batch: the fast path.
+    Together,
+    /// One message at a time, each in a savepoint, in one transaction: a
+    /// message the database refuses is rolled back alone. One transaction,
+    /// so that the environment cannot change half-way (a dropped constraint
+    /// waits for it), and the batch commits once.
+    EachAlone,
 }
 
 /// The database's reason for refusing a message, and its SQLSTATE.
@@ -541,8 +554,11 @@ impl Pipeline {
         }
         let mut backoff = crate::backoff::Backoff::new(RETRY_CAP);
         loop {
-            let refusal = match self.apply_retrying(prepared, shutdown).await? {
-                Applied::Done(outcomes) => return Ok(outcomes.into_iter().map(Ok).collect()),
+            let refusal = match self
+                .apply_retrying(prepared, Mode::Together, shutdown)
+                .await?
+            {
+                Applied::Done(results) => return Ok(results_of(results)),
                 Applied::TooBig => {
                     let (first, second) = prepared.split_at(prepared.len() / 2);
                     tracing::warn!(
@@ -563,34 +579,32 @@ impl Pipeline {
                 reason = %refusal.reason,
                 "database refused a batch; applying its messages one by one"
             );
-            let mut refusals = Vec::with_capacity(prepared.len());
-            let mut results = Vec::with_capacity(prepared.len());
-            for p in prepared {
-                match self
-                    .apply_retrying(std::slice::from_ref(p), shutdown)
-                    .await?
-                {
-                    Applied::Done(mut outcomes) => results.push(Ok(outcomes.remove(0))),
-                    Applied::Refused(r) => {
-                        results.push(Err(r.reason.clone()));
-                        refusals.push(r);
-                    }
-                    Applied::TooBig => unreachable!("a single message is never split"),
+            let results = match self
+                .apply_retrying(prepared, Mode::EachAlone, shutdown)
+                .await?
+            {
+                Applied::Done(results) => results,
+                Applied::Refused(_) | Applied::TooBig => {
+                    unreachable!("applied one by one, refusals are per message")
                 }
-            }
-            let first = &refusals[0].sqlstate;
-            let all_alike = refusals.len() == prepared.len()
-                && first.is_some()
-                && refusals.iter().all(|r| &r.sqlstate == first);
-            if !all_alike {
-                return Ok(results);
-            }
-            // Nothing was committed: every message was refused.
-            let sqlstate = first.as_deref().unwrap_or_default();
+            };
+            let first = results.iter().find_map(|r| r.as_ref().err());
+            let all_alike = first.is_some_and(|first| {
+                first.sqlstate.is_some()
+                    && results
+                        .iter()
+                        .all(|r| r.as_ref().is_err_and(|e| e.sqlstate == first.sqlstate))
+            });
+            let Some(first) = first.filter(|_| all_alike) else {
+                return Ok(results_of(results));
+            };
+            // Nothing was committed but the (empty) transaction: every
+            // message was refused, so the cause is not in the messages.
             let detail = format!(
-                "every message of a batch of {} was refused with SQLSTATE {sqlstate}: {}",
+                "every message of a batch of {} was refused with SQLSTATE {}: {}",
                 prepared.len(),
-                refusals[0].reason
+                first.sqlstate.as_deref().unwrap_or_default(),
+                first.reason
             );
             self.wait_out(
                 &StoreError::unavailable(Cause::RefusedAll, detail),
@@ -607,6 +621,7 @@ impl Pipeline {
     async fn apply_retrying(
         &self,
         prepared: &[Prepared],
+        mode: Mode,
         shutdown: &CancellationToken,
     ) -> Result<Applied, Interrupted> {
         let mut backoff = crate::backoff::Backoff::new(RETRY_CAP);
@@ -629,7 +644,7 @@ impl Pipeline {
                         }
                         Ok(u.outcomes)
                     }
-                    Ok(TransactionStatus::Aborted) => self.apply_once(prepared).await,
+                    Ok(TransactionStatus::Aborted) => self.apply_once(prepared, mode).await,
                     Ok(TransactionStatus::InProgress) => {
                         let xid = u.xid;
                         unsettled = Some(u);
@@ -643,7 +658,7 @@ impl Pipeline {
                         Err(Attempt::Failed(e))
                     }
                 },
-                None => self.apply_once(prepared).await,
+                None => self.apply_once(prepared, mode).await,
             };
             let error = match attempt {
                 Ok(outcomes) => {
@@ -662,14 +677,23 @@ impl Pipeline {
                 }
             };
             match error {
-                StoreError::Refused { sqlstate, detail } => {
+                StoreError::Refused { sqlstate, detail } if mode == Mode::Together => {
                     return Ok(Applied::Refused(Refusal {
                         sqlstate,
                         reason: detail,
                     }));
                 }
+                // Applied one by one, a refusal belongs to no message (a
+                // deferred constraint at COMMIT, say): wait it out.
+                StoreError::Refused { detail, .. } => {
+                    let outage = StoreError::unavailable(Cause::RefusedAll, detail);
+                    self.wait_out(&outage, &mut backoff, shutdown).await?
+                }
                 StoreError::Unavailable { cause, detail }
-                    if cause.shrinks() && prepared.len() > 1 && unsettled.is_none() =>
+                    if cause.shrinks()
+                        && mode == Mode::Together
+                        && prepared.len() > 1
+                        && unsettled.is_none() =>
                 {
                     self.health
                         .outage(WORKER, "postgres", cause.as_str(), &detail);
@@ -736,18 +760,26 @@ impl Pipeline {
         answer
     }
 
-    async fn apply_once(&self, prepared: &[Prepared]) -> Result<Vec<Outcome>, Attempt> {
-        let mut keys: Vec<Key> = prepared.iter().map(Prepared::key).collect();
-        keys.sort_unstable();
-        keys.dedup();
+    async fn apply_once(
+        &self,
+        prepared: &[Prepared],
+        mode: Mode,
+    ) -> Result<Vec<Result<Outcome, Refusal>>, Attempt> {
         let started = std::time::Instant::now();
         let mut client = self.pool.get().await?;
         let fence = self.session.as_deref().map(Session::fence);
         let result = async {
-            let tx = client.transaction().await?;
-            let begun = started.elapsed();
-            let (outcomes, current, locked, planned, written) =
-                apply_in(&tx, fence, prepared, &keys, started).await?;
+            let mut tx = client.transaction().await?;
+            let (results, current) = match mode {
+                Mode::Together => {
+                    let mut keys: Vec<Key> = prepared.iter().map(Prepared::key).collect();
+                    keys.sort_unstable();
+                    keys.dedup();
+                    let (outcomes, current) = apply_in(&tx, fence, prepared, &keys).await?;
+                    (outcomes.into_iter().map(Ok).collect(), current)
+                }
+                Mode::EachAlone => each_alone(&mut tx, fence, prepared).await?,
+            };
             // A registration's epoch becomes the session's once committed.
             let mut registered = None;
             if let Some(session) = &self.session {
@@ -769,6 +801,7 @@ impl Pipeline {
                     "the broker session ended before the batch committed".into(),
                 ));
             }
+            let written = started.elapsed();
             if let Err(e) = tx.commit().await {
                 return Err(match StoreError::from(e) {
                     // No answer: the server may or may not have committed.
@@ -780,7 +813,7 @@ impl Pipeline {
                             xid: current.xid,
                             server: current.server,
                             registered,
-                            outcomes,
+                            outcomes: results,
                         },
                         detail,
                     ),
@@ -790,10 +823,10 @@ impl Pipeline {
             if let (Some(session), Some(epoch)) = (&self.session, registered) {
                 session.registered(Some(epoch));
             }
-            Ok((outcomes, begun, locked, planned, written))
+            Ok((results, written))
         }
         .await;
-        let (outcomes, begun, locked, planned, written) = match result {
+        let (results, written) = match result {
             Ok(done) => done,
             Err(attempt) => {
                 let retire = match &attempt {
@@ -810,15 +843,51 @@ impl Pipeline {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         tracing::debug!(
             size = prepared.len(),
-            begin_ms = ms(begun),
-            lock_ms = ms(locked - begun),
-            plan_ms = ms(planned - locked),
-            write_ms = ms(written - planned),
+            ?mode,
+            write_ms = ms(written),
             commit_ms = ms(started.elapsed() - written),
             "batch transaction"
         );
-        Ok(outcomes)
+        Ok(results)
     }
+}
+
+/// Applies `prepared` in `tx` one message at a time, each in a savepoint
+/// rolled back if the database refuses it; passes the fence once, first.
+async fn each_alone(
+    tx: &mut deadpool_postgres::Transaction<'_>,
+    fence: Option<batch::Fence<'_>>,
+    prepared: &[Prepared],
+) -> Result<(Vec<Result<Outcome, Refusal>>, Current), StoreError> {
+    let current = batch::pass_fence(tx, fence).await?;
+    let mut results = Vec::with_capacity(prepared.len());
+    for p in prepared {
+        let savepoint = tx.savepoint("scramjet_message").await?;
+        match apply_in(&savepoint, None, std::slice::from_ref(p), &[p.key()]).await {
+            Ok((mut outcomes, _)) => {
+                savepoint.commit().await?;
+                results.push(Ok(outcomes.remove(0)));
+            }
+            Err(StoreError::Refused { sqlstate, detail }) => {
+                savepoint.rollback().await?;
+                results.push(Err(Refusal {
+                    sqlstate,
+                    reason: detail,
+                }));
+            }
+            Err(outage) => return Err(outage),
+        }
+    }
+    Ok((results, current))
+}
+
+/// A batch's results as the consumer takes them: an outcome, or the
+/// database's reason for refusing the message.
+fn results_of(results: Vec<Result<Outcome, Refusal>>) -> Results {
+    results
+        .into_iter()
+        .map(|r| r.map_err(|refusal| refusal.reason))
+        .collect()
 }
 
 /// What `txid_status` said of the transaction of `u`, as the pipeline may
@@ -855,22 +924,20 @@ struct Unsettled {
     server: batch::ServerId,
     /// The epoch it registered for the session, if it did commit.
     registered: Option<i64>,
-    /// Its outcomes, if it did commit.
-    outcomes: Vec<Outcome>,
+    /// Its results, if it did commit.
+    outcomes: Vec<Result<Outcome, Refusal>>,
 }
 
 /// Applies `prepared` inside `tx` (which the caller commits): claim message
-/// ids, lock the keys, plan, write. Returns the outcomes and, for the log,
-/// the elapsed times after locking, planning and writing.
+/// ids, lock the keys, plan, write. Returns the outcomes and what the
+/// locking statement read (the transaction's id, its server, the fence).
 async fn apply_in(
     tx: &deadpool_postgres::Transaction<'_>,
     fence: Option<batch::Fence<'_>>,
     prepared: &[Prepared],
     keys: &[Key],
-    started: std::time::Instant,
-) -> Result<(Vec<Outcome>, Current, Duration, Duration, Duration), StoreError> {
+) -> Result<(Vec<Outcome>, Current), StoreError> {
     let (duplicate, current) = claim_and_lock(tx, fence, prepared, keys).await?;
-    let locked = started.elapsed();
     // A bug in planning (patch computation, say) must not take the daemon
     // down: report it like a refused batch, so the messages are retried
     // one by one and only the one that triggers it is dead-lettered.
@@ -882,10 +949,8 @@ async fn apply_in(
         sqlstate: None,
         detail: format!("internal error: {}", panic_text(&*panic)),
     })?;
-    let planned = started.elapsed();
     batch::apply(tx, &writes).await?;
-    let written = started.elapsed();
-    Ok((outcomes, current, locked, planned, written))
+    Ok((outcomes, current))
 }
 
 /// Applies `prepared` inside `tx`, for callers that lock more rows in the
@@ -897,7 +962,7 @@ pub async fn apply_in_transaction(
     let mut keys: Vec<Key> = prepared.iter().map(Prepared::key).collect();
     keys.sort_unstable();
     keys.dedup();
-    let (outcomes, ..) = apply_in(tx, None, prepared, &keys, std::time::Instant::now()).await?;
+    let (outcomes, _) = apply_in(tx, None, prepared, &keys).await?;
     Ok(outcomes)
 }
 
@@ -1207,7 +1272,7 @@ mod tests {
             xid: 42,
             server: ran_on.clone(),
             registered: None,
-            outcomes: vec![Outcome::Created],
+            outcomes: vec![Ok(Outcome::Created)],
         };
         assert_eq!(
             settled(&u, Ok((TransactionStatus::Committed, ran_on.clone()))).unwrap(),

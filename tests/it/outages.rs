@@ -291,8 +291,13 @@ async fn a_migration_that_changes_a_column_the_cached_statements_read_dead_lette
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_timeout_that_fires_for_a_big_batch_shrinks_it_until_it_goes_through() {
     // All 500 messages in one first batch: they wait in the queue before
-    // the daemon starts, and it lingers to gather them.
-    let mut app = spawn_app_with(|s| s.pipeline.linger_ms = 500).await;
+    // the daemon starts, it lingers to gather them, and its prefetch is not
+    // lowered below 500 for memory (small messages).
+    let mut app = spawn_app_with(|s| {
+        s.pipeline.linger_ms = 500;
+        s.limits.max_message_bytes = 64 * 1024;
+    })
+    .await;
     let db = app.names.database.clone();
     // Inserting more than 300 rows in one statement takes a minute; fewer
     // take no time. Every session has a 3 s statement timeout.
