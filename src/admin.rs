@@ -176,7 +176,7 @@ pub async fn tail(settings: &Settings, pattern: &str, count: Option<u64>) -> any
 
 /// Prints counts per type, rejected rows, the outbox backlog and queue depths.
 pub async fn status(settings: &Settings) -> anyhow::Result<()> {
-    let pool = crate::store::connect(settings).await?;
+    let pool = crate::store::connect_migrated(settings).await?;
     let counts = crate::store::read::type_counts(&pool).await?;
     let (outbox, _) = crate::store::read::backlog(&pool).await?;
     let connection = amqp::connect(&settings.amqp).await?;

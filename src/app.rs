@@ -64,8 +64,10 @@ impl App {
             settings.validation.unknown_types,
         )?;
         tracing::info!(types = ?schemas.current().types(), "schemas loaded");
-        let pools = store::Pools::connect(&settings).await?;
+        // Refused before anything is touched.
         let bearer_token = settings.http.bearer_token()?.map(Arc::from);
+        settings.http.check_exposure(bearer_token.as_deref())?;
+        let pools = store::Pools::connect(&settings).await?;
         let metrics = Metrics::new();
         let health = Arc::new(Health::new(&metrics));
         health.set_postgres(true);

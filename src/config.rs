@@ -44,7 +44,7 @@ pub struct Settings {
 }
 
 /// PostgreSQL settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PostgresSettings {
     /// Connection URL (or libpq key=value string); the database is created if missing.
@@ -85,6 +85,40 @@ impl PostgresSettings {
     }
 }
 
+// Written out, not derived: a URL may carry a password, which `{:?}` must
+// never print (`redact::url` hides it).
+impl std::fmt::Debug for PostgresSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresSettings")
+            .field("url", &crate::redact::url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("password", &self.password)
+            .field("password_file", &self.password_file)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for AmqpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpSettings")
+            .field("url", &crate::redact::url(&self.url))
+            .field("inbound_exchange", &self.inbound_exchange)
+            .field("inbound_queue", &self.inbound_queue)
+            .field("changes_exchange", &self.changes_exchange)
+            .field("dead_letter_exchange", &self.dead_letter_exchange)
+            .field("dead_letter_queue", &self.dead_letter_queue)
+            .field("prefetch", &self.prefetch)
+            .field("max_inflight_bytes", &self.max_inflight_bytes)
+            .field("single_active_consumer", &self.single_active_consumer)
+            .field("queue_type", &self.queue_type)
+            .field("password", &self.password)
+            .field("password_file", &self.password_file)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .finish()
+    }
+}
+
 /// A value that must never be printed: `Debug` shows `***`.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
@@ -116,7 +150,7 @@ fn resolve_password(
 }
 
 /// RabbitMQ settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AmqpSettings {
     /// Connection URL.
@@ -309,6 +343,11 @@ pub struct HttpSettings {
     pub bearer_token: Option<Secret>,
     /// File holding the bearer token; trailing newlines are ignored.
     pub bearer_token_file: Option<PathBuf>,
+    /// Serve the read API and `/metrics` without a token on an address
+    /// other than loopback. Off: the daemon refuses to start like that,
+    /// since every resource and rejected record would be readable by anyone
+    /// who reaches the port.
+    pub allow_unauthenticated: bool,
     /// Connections of the read API (`/v1/...`), a pool of its own so that
     /// slow reads cannot take the pipeline's.
     pub pool_size: usize,
@@ -322,6 +361,21 @@ pub struct HttpSettings {
 }
 
 impl HttpSettings {
+    /// Refuses a listener that the network reaches with no token required,
+    /// unless `allow_unauthenticated` says so; `token` is the resolved
+    /// [`HttpSettings::bearer_token`].
+    pub fn check_exposure(&self, token: Option<&str>) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            token.is_some() || self.listen.ip().is_loopback() || self.allow_unauthenticated,
+            "invalid configuration: http.listen {} is reachable from the network and no \
+             http.bearer_token is set, so every resource and rejected record would be readable \
+             by anyone; set http.bearer_token (or http.bearer_token_file), or \
+             http.allow_unauthenticated = true to serve it openly",
+            self.listen
+        );
+        Ok(())
+    }
+
     /// The bearer token from `bearer_token` or `bearer_token_file`, if either is set.
     pub fn bearer_token(&self) -> anyhow::Result<Option<String>> {
         let token = resolve_password(
@@ -347,6 +401,7 @@ impl Default for HttpSettings {
             listen: "127.0.0.1:8080".parse().expect("a valid literal address"),
             bearer_token: None,
             bearer_token_file: None,
+            allow_unauthenticated: false,
             pool_size: 4,
             max_concurrent_queries: None,
             statement_timeout: Duration::from_secs(5),
@@ -695,6 +750,15 @@ mod tests {
         s.amqp.password = Some(Secret("other".into()));
         assert_eq!(s.amqp.password().unwrap().as_deref(), Some("other"));
         assert!(!format!("{s:?}").contains("other"));
+        // Nor in URLs, nor the token.
+        s.postgres.url = "postgres://u:pg-s3cret@db/x".into();
+        s.amqp.url = "amqp://u:mq-s3cret@mq/%2f".into();
+        s.http.bearer_token = Some(Secret("tok-s3cret".into()));
+        let shown = format!("{s:?}");
+        for secret in ["pg-s3cret", "mq-s3cret", "tok-s3cret"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("postgres://u:***@db/x"), "{shown}");
         s.amqp.password_file = Some(file);
         assert!(
             s.amqp
@@ -721,6 +785,7 @@ mod tests {
         assert_eq!(s.amqp.max_inflight_bytes, d.amqp.max_inflight_bytes);
         assert_eq!(s.pipeline.batch_size, d.pipeline.batch_size);
         assert_eq!(s.http.listen, d.http.listen);
+        assert_eq!(s.http.allow_unauthenticated, d.http.allow_unauthenticated);
         assert_eq!(s.limits.max_message_bytes, d.limits.max_message_bytes);
         assert_eq!(s.limits.max_depth, d.limits.max_depth);
         assert_eq!(s.log.level, d.log.level);
@@ -778,6 +843,20 @@ mod tests {
                 .to_string()
                 .contains("max_inflight_bytes")
         );
+    }
+
+    #[test]
+    fn a_listener_the_network_reaches_needs_a_token_or_an_explicit_opt_out() {
+        let mut http = HttpSettings::default();
+        http.check_exposure(None).expect("loopback needs no token");
+        http.listen = "0.0.0.0:8080".parse().unwrap();
+        let error = http.check_exposure(None).unwrap_err().to_string();
+        assert!(error.contains("http.bearer_token"), "{error}");
+        http.check_exposure(Some("t")).unwrap();
+        http.listen = "[::]:8080".parse().unwrap();
+        assert!(http.check_exposure(None).is_err());
+        http.allow_unauthenticated = true;
+        http.check_exposure(None).unwrap();
     }
 
     #[test]

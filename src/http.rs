@@ -216,7 +216,7 @@ fn refuse_without_token(expected: Option<&str>, headers: &HeaderMap) -> Option<R
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(bearer_credentials);
     if given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
         return None;
     }
@@ -281,9 +281,23 @@ async fn relay_metrics(State(state): State<RelayHttpState>, headers: HeaderMap) 
         .into_response()
 }
 
-/// Compares without revealing where the first difference is.
+/// The token of an `Authorization: Bearer <token>` value. The scheme is
+/// case-insensitive (RFC 7235 §2.1), and spaces around the token are not
+/// part of it.
+fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Compares in constant time (`subtle`): how long it takes says nothing of
+/// where the first difference is. Only the length can tell, and a token's
+/// length is no secret worth the padding.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 /// 200 while the process runs.
@@ -394,6 +408,19 @@ fn paging(params: &HashMap<String, String>) -> Result<(i64, Option<String>), Api
     Ok((limit, after))
 }
 
+/// `rows` (read with `limit + 1`) cut to `limit`, and the cursor of the
+/// next page: the last id kept when a row follows, else `None` — so the
+/// last page says it is the last.
+fn page<T>(mut rows: Vec<T>, limit: i64, id: impl Fn(&T) -> &String) -> (Vec<T>, Option<String>) {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    if rows.len() <= limit {
+        return (rows, None);
+    }
+    rows.truncate(limit);
+    let next = rows.last().map(|r| id(r).clone());
+    (rows, next)
+}
+
 fn reject_unknown(params: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {
     match params.keys().find(|k| !known.contains(&k.as_str())) {
         Some(k) => Err(ApiError::bad_request(format!(
@@ -432,13 +459,11 @@ async fn resources(
         after.as_deref(),
         updated_since,
         filter.as_ref(),
-        limit,
+        limit + 1,
     )
     .await
     .map_err(|e| state.read.error(e))?;
-    let next = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|r| r.id.clone()))
-        .flatten();
+    let (rows, next) = page(rows, limit, |r| &r.id);
     let items: Vec<Value> = rows.into_iter().map(resource_json).collect();
     Ok(Json(json!({"items": items, "next": next})))
 }
@@ -461,12 +486,10 @@ async fn staging(
         }
     }
     let (limit, after) = paging(&params)?;
-    let rows = read::rejected_page(&state.read.pool, &entity_type, after.as_deref(), limit)
+    let rows = read::rejected_page(&state.read.pool, &entity_type, after.as_deref(), limit + 1)
         .await
         .map_err(|e| state.read.error(e))?;
-    let next = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|r| r.id.clone()))
-        .flatten();
+    let (rows, next) = page(rows, limit, |r| &r.id);
     let items: Vec<Value> = rows
         .into_iter()
         .map(|r| {
@@ -499,6 +522,16 @@ async fn types(State(state): State<HttpState>) -> Result<Json<Value>, ApiError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_other_schemes_are_not_bearer() {
+        assert_eq!(bearer_credentials("Bearer s3cret"), Some("s3cret"));
+        assert_eq!(bearer_credentials("bearer s3cret"), Some("s3cret"));
+        assert_eq!(bearer_credentials("BEARER  s3cret "), Some("s3cret"));
+        assert_eq!(bearer_credentials("Basic s3cret"), None);
+        assert_eq!(bearer_credentials("Bearer"), None);
+        assert_eq!(bearer_credentials("Bearer "), None);
+    }
 
     #[test]
     fn tokens_compare_fully() {

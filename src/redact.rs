@@ -35,7 +35,7 @@ pub fn url(raw: &str) -> String {
             out.push_str("password=***");
             let value = value.trim_start();
             let end = if let Some(quoted) = value.strip_prefix('\'') {
-                quoted.find('\'').map_or(value.len(), |i| i + 2)
+                closing_quote(quoted).map_or(value.len(), |i| i + 2)
             } else {
                 value.find(char::is_whitespace).unwrap_or(value.len())
             };
@@ -47,6 +47,21 @@ pub fn url(raw: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Where the quote closing a libpq quoted value is, in `quoted` (what follows
+/// the opening quote): `\'` and `\\` inside are escapes, not its end.
+fn closing_quote(quoted: &str) -> Option<usize> {
+    let mut escaped = false;
+    for (i, c) in quoted.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '\'' => return Some(i),
+            _ => {}
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -80,5 +95,15 @@ mod tests {
             "host=db password=*** user=u"
         );
         assert!(!url("password=x").contains('x'));
+        // An escaped quote is part of the password, not its end.
+        assert_eq!(
+            url(r"host=db password='it\'s s3cret' user=u"),
+            "host=db password=*** user=u"
+        );
+        assert_eq!(
+            url(r"password='a\\' user=u"),
+            "password=*** user=u",
+            "an escaped backslash before the closing quote"
+        );
     }
 }

@@ -47,7 +47,7 @@ pub async fn replay(settings: &Settings, req: &ReplayRequest) -> anyhow::Result<
         req.routing_prefix.len() + req.entity_type.len() + ".snapshot".len() <= 255,
         "--routing-prefix is too long for a routing key"
     );
-    let pool = store::connect(settings).await?;
+    let pool = store::connect_migrated(settings).await?;
     let started = Instant::now();
     let mut after = req.after.clone();
     let mut total = 0u64;

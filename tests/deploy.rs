@@ -31,6 +31,9 @@ const CONFIG_KEYS: &[&str] = &[
     "validation.schema_dir",
     "validation.unknown_types",
     "http.listen",
+    "http.bearer_token",
+    "http.bearer_token_file",
+    "http.allow_unauthenticated",
     "http.pool_size",
     "http.max_concurrent_queries",
     "http.statement_timeout",
@@ -526,6 +529,18 @@ fn every_scramjet_variable_and_toml_key_in_deploy_is_a_real_configuration_key() 
         }
     }
     assert!(toml.contains("listen = \"0.0.0.0:8080\""), "{toml}");
+    // Reachable across the cluster, so the token must come with it (the
+    // daemon refuses to start otherwise).
+    let secret = objects
+        .iter()
+        .find(|o| str_at(o, &["metadata", "name"]) == Some("scramjet-credentials"))
+        .expect("Secret scramjet-credentials");
+    assert!(
+        str_at(secret, &["stringData", "SCRAMJET__HTTP__BEARER_TOKEN"])
+            .is_some_and(|t| !t.is_empty()),
+        "the Secret carries SCRAMJET__HTTP__BEARER_TOKEN"
+    );
+    assert!(!keys.contains("http.allow_unauthenticated"), "{keys:?}");
     assert!(
         toml.contains("schema_dir = \"/etc/scramjet/schemas\""),
         "{toml}"

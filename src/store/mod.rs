@@ -256,6 +256,49 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<Pool> {
     build_pool(config, tls, settings.postgres.pool_size)
 }
 
+/// Connects to a database that already exists and is migrated, without
+/// creating or changing anything: for commands that only read and write rows
+/// (`status`, `replay`), so they need no DDL rights. A database whose schema
+/// is older than this build's is refused with a line saying so.
+pub async fn connect_migrated(settings: &Settings) -> anyhow::Result<Pool> {
+    let shown = redact::url(&settings.postgres.url);
+    let (config, tls) = pg_config(&settings.postgres)?;
+    let client = connect_one(&config, &tls)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot use PostgreSQL at {shown}: {}", db_error_text(&e)))?;
+    let newest = embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| i64::from(m.version()))
+        .max()
+        .unwrap_or(0);
+    let applied: Option<i64> = client
+        .query_one(
+            "SELECT CASE WHEN to_regclass('refinery_schema_history') IS NULL THEN NULL \
+             ELSE (SELECT max(version)::int8 FROM refinery_schema_history) END",
+            &[],
+        )
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read the schema version at {shown}: {}",
+                db_error_text(&e)
+            )
+        })?
+        .try_get(0)?;
+    match applied {
+        Some(v) if v >= newest => build_pool(config, tls, settings.postgres.pool_size),
+        Some(v) => anyhow::bail!(
+            "the database at {shown} has schema version {v}, this scramjet needs {newest}: \
+             run `scramjet migrate` (or start the daemon) first"
+        ),
+        None => anyhow::bail!(
+            "the database at {shown} has no Scramjet schema: run `scramjet migrate` (or start the \
+             daemon) first"
+        ),
+    }
+}
+
 /// The daemon's connections, in pools that cannot take from each other: what
 /// the read API does (a slow filter, many clients) never makes the pipeline,
 /// the outbox publisher, the gauges or `/readyz` wait for a connection.

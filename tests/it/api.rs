@@ -75,6 +75,21 @@ async fn a_type_is_listed_page_by_page_with_a_stable_cursor() {
     assert_eq!(pages, 3);
     assert_eq!(seen, ids, "every id once, in order");
 
+    // A limit that divides the rows: the last full page says it is the
+    // last (`next` null) instead of pointing at an empty one.
+    let mut pages = Vec::new();
+    let mut path = "/v1/resources/person?limit=5".to_owned();
+    loop {
+        let (_, body) = app.get(&path).await;
+        let page = parse(&body);
+        pages.push(page["items"].as_array().unwrap().len());
+        match page["next"].as_str() {
+            Some(cursor) => path = format!("/v1/resources/person?limit=5&after={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(pages, [5, 5, 5, 5, 5]);
+
     let (status, body) = app
         .get("/v1/resources/person?updated_since=2999-01-01T00:00:00Z")
         .await;

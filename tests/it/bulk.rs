@@ -301,7 +301,11 @@ async fn ndjson_a_json_array_and_csv_load_alike_and_bad_lines_fail_the_command_b
         c1,
         json!({"id": "c1", "name": "Ada", "city": "Oslo, Norway"})
     );
-    assert_eq!(all_events(&mut app).await.len(), 9);
+    assert_eq!(
+        all_events(&mut app).await.len(),
+        11,
+        "r2 was rejected with an event"
+    );
 }
 
 #[tokio::test]

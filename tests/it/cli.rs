@@ -593,3 +593,34 @@ async fn send_publishes_a_message_that_tail_then_prints_as_an_event() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"data\""));
 }
+
+#[tokio::test]
+async fn status_and_replay_refuse_an_unmigrated_database_and_change_nothing() {
+    let names = Names::new();
+    let settings = test_settings(&names, "config/schemas".into());
+    let _cleanup = Cleanup::new(&settings, &names);
+    // An empty database, as a role without DDL rights would find it.
+    connect_admin()
+        .await
+        .batch_execute(&format!("CREATE DATABASE \"{}\"", names.database))
+        .await
+        .unwrap();
+    for args in [&["status"][..], &["replay", "--type", "person"][..]] {
+        let mut cmd = scramjet();
+        isolated(&mut cmd, &names);
+        let out = cmd.args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains("scramjet migrate"), "{args:?}: {stderr}");
+    }
+    let db = connect_db(&names).await.unwrap();
+    let tables: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0, "nothing was created");
+}

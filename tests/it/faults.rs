@@ -103,9 +103,17 @@ async fn survive_an_outage(service: Service, seed: u64, outage: Duration) {
     publish_all(&app, first).await;
     let mut events = app.next_events(50).await;
     proxy.cut();
-    wait_readyz(&app, 503).await;
-    let (_, body) = app.get("/readyz").await;
-    assert!(body.contains(&format!("\"{name}\":false")), "{body}");
+    // 503 may come first from another worker's outage (the publisher's,
+    // on the same broker): wait for the service itself to be reported down.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (status, body) = app.get("/readyz").await;
+        if status == 503 && body.contains(&format!("\"{name}\":false")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Producers go on publishing while the daemon is cut off.
     publish_all(&app, second).await;
     tokio::time::sleep(outage).await;
