@@ -216,6 +216,10 @@ pub struct LimitSettings {
     pub max_message_bytes: usize,
     /// Deepest accepted nesting of arrays and objects in `data` (`{}` is depth 1).
     pub max_depth: usize,
+    /// Largest accepted magnitude of a number's exponent in `data` (`1e400`
+    /// and `1e-400` are 400): PostgreSQL writes such numbers out in full on
+    /// every read, so `1e131071` would cost 131,072 bytes each time.
+    pub max_exponent: u64,
 }
 
 impl LimitSettings {
@@ -224,6 +228,7 @@ impl LimitSettings {
         message::Limits {
             max_bytes: self.max_message_bytes,
             max_depth: self.max_depth,
+            max_exponent: self.max_exponent,
         }
     }
 }
@@ -233,6 +238,7 @@ impl Default for LimitSettings {
         Self {
             max_message_bytes: 1024 * 1024,
             max_depth: 64,
+            max_exponent: message::DEFAULT_MAX_EXPONENT,
         }
     }
 }
@@ -699,6 +705,7 @@ mod tests {
         assert_eq!(s.http.listen, d.http.listen);
         assert_eq!(s.limits.max_message_bytes, d.limits.max_message_bytes);
         assert_eq!(s.limits.max_depth, d.limits.max_depth);
+        assert_eq!(s.limits.max_exponent, d.limits.max_exponent);
         assert_eq!(s.log.level, d.log.level);
         assert_eq!(s.retention.message_ids, d.retention.message_ids);
         assert_eq!(s.retention.tombstones, d.retention.tombstones);

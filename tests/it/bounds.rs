@@ -1,0 +1,92 @@
+//! Bounded outputs: one input never produces an output many times its size —
+//! not a rejection with every error of a huge document, not an event the
+//! broker would refuse, not a number PostgreSQL expands into digits on
+//! every read.
+
+use lapin::types::AMQPValue;
+use scramjet::bulk::{Format, IngestOptions, Scramjet};
+
+use crate::helpers::*;
+
+/// The `x-scramjet-error` header of a dead letter.
+fn dead_letter_reason(d: &lapin::message::Delivery) -> String {
+    match d
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(scramjet::consumer::ERROR_HEADER).cloned())
+    {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        other => panic!("no error header: {other:?}"),
+    }
+}
+
+/// `{"name":"x","n":[1e131071, …]}` with `count` numbers.
+fn huge_exponents(count: usize) -> String {
+    let numbers = vec!["1e131071"; count].join(",");
+    format!(r#"{{"name":"x","n":[{numbers}]}}"#)
+}
+
+#[tokio::test]
+async fn a_number_whose_exponent_exceeds_max_exponent_is_dead_lettered_and_1e400_still_passes() {
+    let mut app = spawn_app().await;
+    let data = huge_exponents(100);
+    app.save("person", "expands", &data).await;
+    app.save(
+        "person",
+        "fits",
+        r#"{"name":"y","a":1e400,"b":1e-400,"c":-2.5E+1000}"#,
+    )
+    .await;
+    let event = app.next_event().await;
+    let (status, body) = app.get("/v1/resources/person/expands").await;
+    println!(
+        "a save of {} bytes: GET answered {status} with {} bytes",
+        data.len(),
+        body.len()
+    );
+    assert_eq!(event.id(), "fits", "the expanding save made no event");
+    assert_eq!(event.op(), "created");
+    // The canonical form writes the exponent's sign.
+    assert!(
+        event.raw.contains(r#""a":1e+400,"b":1e-400"#),
+        "{}",
+        event.raw
+    );
+    assert_eq!(status, 404);
+    let dead = app.next_dead_letter().await;
+    let reason = dead_letter_reason(&dead);
+    assert!(reason.contains("limits.max_exponent"), "{reason}");
+    assert!(reason.contains("/n/0"), "{reason}");
+    assert_eq!(
+        dead.data,
+        save_body("person", "expands", &data).into_bytes()
+    );
+}
+
+#[tokio::test]
+async fn an_ingested_record_whose_exponent_exceeds_max_exponent_is_a_bad_record() {
+    let app = spawn_app().await;
+    let feed = format!(
+        "{{\"id\":\"fits\",\"name\":\"y\",\"a\":1e400}}\n{}\n",
+        huge_exponents(3).replacen('{', r#"{"id":"expands","#, 1)
+    );
+    let scramjet = Scramjet::connect(&app.settings).await.unwrap();
+    let summary = scramjet
+        .ingest(
+            std::io::Cursor::new(feed.into_bytes()),
+            Format::Ndjson,
+            &IngestOptions::new("person"),
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!((summary.records, summary.created), (1, 1), "{summary:?}");
+    assert_eq!(summary.bad_count, 1, "{summary:?}");
+    assert_eq!(summary.bad[0].line, 2);
+    assert!(
+        summary.bad[0].reason.contains("limits.max_exponent"),
+        "{}",
+        summary.bad[0].reason
+    );
+}
