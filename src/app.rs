@@ -62,6 +62,7 @@ impl App {
         let schemas = Schemas::load(
             &settings.validation.schema_dir,
             settings.validation.unknown_types,
+            settings.validation.max_errors,
         )?;
         tracing::info!(types = ?schemas.current().types(), "schemas loaded");
         let pools = store::Pools::connect(&settings).await?;

@@ -286,6 +286,9 @@ pub struct ValidationSettings {
     pub schema_dir: PathBuf,
     /// Policy for types without a schema.
     pub unknown_types: UnknownTypes,
+    /// Most validation errors listed per rejection (in its event and in
+    /// staging); the total is kept beside them.
+    pub max_errors: usize,
 }
 
 impl Default for ValidationSettings {
@@ -293,6 +296,7 @@ impl Default for ValidationSettings {
         Self {
             schema_dir: PathBuf::from("config/schemas"),
             unknown_types: UnknownTypes::Accept,
+            max_errors: 100,
         }
     }
 }
@@ -600,6 +604,12 @@ impl Settings {
             self.limits.max_message_bytes >= 64,
             "invalid configuration: limits.max_message_bytes must be at least 64"
         );
+        // A rejection must say at least one reason; past 10,000 the list
+        // is a large share of what a broker takes in one message.
+        anyhow::ensure!(
+            (1..=10_000).contains(&self.validation.max_errors),
+            "invalid configuration: validation.max_errors must be from 1 to 10000"
+        );
         anyhow::ensure!(
             !self.retention.prune_interval.is_zero(),
             "invalid configuration: retention.prune_interval must be positive"
@@ -706,6 +716,7 @@ mod tests {
         assert_eq!(s.limits.max_message_bytes, d.limits.max_message_bytes);
         assert_eq!(s.limits.max_depth, d.limits.max_depth);
         assert_eq!(s.limits.max_exponent, d.limits.max_exponent);
+        assert_eq!(s.validation.max_errors, d.validation.max_errors);
         assert_eq!(s.log.level, d.log.level);
         assert_eq!(s.retention.message_ids, d.retention.message_ids);
         assert_eq!(s.retention.tombstones, d.retention.tombstones);

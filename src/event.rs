@@ -66,8 +66,10 @@ pub struct EventFields<'a> {
     pub previous: Option<&'a Value>,
     /// RFC 6902 operations from the old data to the new.
     pub patch: Option<&'a json_patch::Patch>,
-    /// Validation errors of a rejected save.
+    /// Validation errors of a rejected save (at most `validation.max_errors`).
     pub errors: Option<&'a [ValidationError]>,
+    /// How many validation errors the rejected save had in all.
+    pub errors_total: Option<usize>,
     /// The producer's version, if it sent one.
     pub version: Option<i64>,
 }
@@ -111,6 +113,11 @@ impl Event {
         out.push_str(",\"errors\":");
         match fields.errors {
             Some(e) => out.push_str(&serde_json::to_string(e).expect("errors serialize")),
+            None => out.push_str("null"),
+        }
+        out.push_str(",\"errors_total\":");
+        match fields.errors_total {
+            Some(n) => write!(out, "{n}").expect("writing to a String cannot fail"),
             None => out.push_str("null"),
         }
         out.push_str(",\"version\":");
@@ -189,6 +196,7 @@ mod tests {
             vec![
                 "data",
                 "errors",
+                "errors_total",
                 "event_id",
                 "hash",
                 "id",
@@ -205,7 +213,14 @@ mod tests {
         assert_eq!(e.event_id.get_version_num(), 7);
         assert_eq!(obj["id"], "it's \"p\"");
         assert_eq!(obj["data"]["n"].to_string(), "12345678901234567890123");
-        for null in ["previous_hash", "previous", "patch", "errors", "version"] {
+        for null in [
+            "previous_hash",
+            "previous",
+            "patch",
+            "errors",
+            "errors_total",
+            "version",
+        ] {
             assert!(obj[null].is_null(), "{null}");
         }
     }

@@ -289,6 +289,7 @@ impl Scramjet {
         let schemas = SchemaRegistry::load(
             &settings.validation.schema_dir,
             settings.validation.unknown_types,
+            settings.validation.max_errors,
         )?;
         let pool = store::connect(settings).await?;
         let metrics = Metrics::new();

@@ -5,8 +5,19 @@
 
 use lapin::types::AMQPValue;
 use scramjet::bulk::{Format, IngestOptions, Scramjet};
+use serde_json::Value;
 
 use crate::helpers::*;
+
+/// A schema whose array items must be strings, for documents with many errors.
+const LIST_SCHEMA: &str = r#"{
+  "$schema": "https://json-schema.org/draft/2020-12/schema",
+  "type": "object",
+  "properties": {
+    "a": {"type": "array", "items": {"type": "string"}},
+    "s": {"type": "integer"}
+  }
+}"#;
 
 /// The `x-scramjet-error` header of a dead letter.
 fn dead_letter_reason(d: &lapin::message::Delivery) -> String {
@@ -89,4 +100,69 @@ async fn an_ingested_record_whose_exponent_exceeds_max_exponent_is_a_bad_record(
         "{}",
         summary.bad[0].reason
     );
+}
+#[tokio::test]
+async fn a_rejection_lists_at_most_max_errors_errors_and_keeps_their_total() {
+    let mut app = spawn_app().await;
+    std::fs::write(app.schema_dir.path().join("list.json"), LIST_SCHEMA).unwrap();
+    app.schemas.reload().unwrap();
+    // About 200 KB and 100,000 errors (the issue's 1 MB made 500,000).
+    let items = 100_000;
+    let data = format!(r#"{{"a":[{}]}}"#, vec!["1"; items].join(","));
+    app.save("list", "many", &data).await;
+    let event = app.next_event().await;
+    println!(
+        "a save of {} bytes with {items} errors: a rejected event of {} bytes",
+        data.len(),
+        event.raw.len()
+    );
+    assert_eq!(event.op(), "rejected");
+    let errors = event.body["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 100, "validation.max_errors by default");
+    assert_eq!(errors[0]["path"], "/a/0");
+    assert_eq!(event.body["errors_total"], items);
+    assert!(event.raw.len() < data.len() + 20_000, "{}", event.raw.len());
+
+    // Staging keeps the same errors, and says how many were left out.
+    let (_, page) = app.get("/v1/staging/list?invalid=true").await;
+    let page: Value = serde_json::from_str(&page).unwrap();
+    let kept = page["items"][0]["errors"].as_array().unwrap();
+    assert_eq!(kept.len(), 101, "100 errors and one saying how many more");
+    assert_eq!(kept[..100], errors[..]);
+    assert_eq!(kept[100]["omitted"], items - 100);
+    assert_eq!(kept[100]["path"], "");
+    assert!(
+        kept[100]["message"]
+            .as_str()
+            .unwrap()
+            .contains("99900 more errors"),
+        "{}",
+        kept[100]
+    );
+}
+
+#[tokio::test]
+async fn a_validation_message_embeds_only_a_short_rendering_of_the_value() {
+    let mut app = spawn_app().await;
+    std::fs::write(app.schema_dir.path().join("list.json"), LIST_SCHEMA).unwrap();
+    app.schemas.reload().unwrap();
+    let long = "x".repeat(100_000);
+    app.save("list", "long", &format!(r#"{{"s":"{long}"}}"#))
+        .await;
+    let event = app.next_event().await;
+    println!(
+        "a 100 KB string: a rejected event of {} bytes",
+        event.raw.len()
+    );
+    let errors = event.body["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(event.body["errors_total"], 1);
+    let message = errors[0]["message"].as_str().unwrap();
+    assert!(
+        message.len() <= 200,
+        "{} bytes: {message:.300}",
+        message.len()
+    );
+    assert!(message.contains("\"xxxx"), "{message}");
+    assert!(message.contains("is not of type \"integer\""), "{message}");
 }
