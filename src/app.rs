@@ -137,6 +137,7 @@ impl App {
             notify: notify.clone(),
             health: self.health.clone(),
             metrics: self.metrics.clone(),
+            max_event_bytes: self.settings.limits.max_event_bytes,
         };
         let relay_stop = CancellationToken::new();
         let relay_task =

@@ -166,3 +166,56 @@ async fn a_validation_message_embeds_only_a_short_rendering_of_the_value() {
     assert!(message.contains("\"xxxx"), "{message}");
     assert!(message.contains("is not of type \"integer\""), "{message}");
 }
+
+#[tokio::test]
+async fn an_event_over_max_event_bytes_is_published_reduced_and_the_events_behind_it_follow() {
+    let mut app = spawn_app_with(|s| s.limits.max_event_bytes = 64 * 1024).await;
+    let name = "n".repeat(100_000);
+    let data = format!(r#"{{"name":"{name}","age":1}}"#);
+    app.save("person", "big", &data).await;
+    app.save("person", "small", r#"{"name":"s"}"#).await;
+    app.save("person", "big", &format!(r#"{{"name":"{name}","age":2}}"#))
+        .await;
+    app.delete("person", "big").await;
+    let events = app.next_events(4).await;
+    for e in &events {
+        println!("{} {}: {} bytes", e.id(), e.op(), e.raw.len());
+    }
+    let seen: Vec<(&str, &str)> = events.iter().map(|e| (e.id(), e.op())).collect();
+    assert_eq!(
+        seen,
+        [
+            ("big", "created"),
+            ("small", "created"),
+            ("big", "updated"),
+            ("big", "deleted")
+        ]
+    );
+    let small = &events[1].body;
+    assert_eq!(small["data"]["name"], "s");
+    assert!(small["truncated"].is_null(), "{small}");
+    for e in [&events[0], &events[2], &events[3]] {
+        assert!(e.raw.len() <= 64 * 1024, "{} bytes", e.raw.len());
+        assert_eq!(e.body["truncated"], "max_event_bytes", "{}", e.raw);
+        for reduced in ["data", "previous", "patch"] {
+            assert!(e.body[reduced].is_null(), "{reduced}: {}", e.raw);
+        }
+        assert_eq!(
+            e.properties.message_id().as_ref().unwrap().as_str(),
+            e.body["event_id"].as_str().unwrap()
+        );
+    }
+    // What was left out is still told by the hashes, and readable over HTTP.
+    let created = &events[0].body;
+    let canonical = scramjet::canonical::to_canonical(&serde_json::from_str(&data).unwrap());
+    assert_eq!(created["hash"], scramjet::canonical::hash(&canonical));
+    assert_eq!(events[2].body["previous_hash"], created["hash"]);
+    assert_eq!(events[3].body["previous_hash"], events[2].body["hash"]);
+    app.save("person", "big", &data).await;
+    let _ = app.next_event().await;
+    let (status, body) = app.get("/v1/resources/person/big").await;
+    assert_eq!(status, 200);
+    let resource: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(resource["data"]["name"].as_str().unwrap().len(), 100_000);
+    assert_eq!(app.count("outbox").await, 0);
+}
