@@ -265,6 +265,43 @@ impl ConfirmPublisher {
     }
 }
 
+/// Checks that the broker takes a message of `bytes` bytes, by publishing
+/// one (unroutable, so the broker drops it) on a channel of its own.
+///
+/// AMQP does not advertise RabbitMQ's `max_message_size` (128 MiB by default
+/// in 3.x, 16 MiB in 4.x; `frame_max` is another thing), and reading it needs
+/// the management plugin or `rabbitmqctl`. A larger message closes the
+/// channel with `PRECONDITION_FAILED`, which this turns into an error naming
+/// `key`. It costs one message of that size at start.
+pub async fn check_message_size(
+    connection: &Connection,
+    bytes: usize,
+    key: &str,
+) -> anyhow::Result<()> {
+    let publisher = ConfirmPublisher::open(connection).await?;
+    let body = vec![b' '; bytes];
+    // The default exchange routes by queue name; no queue has this one.
+    let routing_key = format!("scramjet.size-probe.{}", uuid::Uuid::new_v4());
+    let result = publisher
+        .publish_all_within(
+            vec![Outgoing {
+                exchange: "",
+                routing_key: &routing_key,
+                body: &body,
+                properties: BasicProperties::default(),
+            }],
+            CONFIRM_TIMEOUT,
+        )
+        .await;
+    publisher.close().await;
+    result.with_context(|| {
+        format!(
+            "RabbitMQ does not take a message of {bytes} bytes ({key}); lower {key} \
+             or raise the broker's max_message_size"
+        )
+    })
+}
+
 /// Closes a connection politely, giving up after [`REPLY_TIMEOUT`]: a blocked
 /// connection sends nothing, not even its close. Dropping it then lets the
 /// broker requeue whatever it delivered and was not acked.

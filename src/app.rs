@@ -72,6 +72,13 @@ impl App {
         health.set_postgres(true);
 
         let connection = connect_amqp_with_retries(&settings).await?;
+        // An event the broker refuses would be offered again forever.
+        amqp::check_message_size(
+            &connection,
+            settings.limits.max_event_bytes,
+            "limits.max_event_bytes",
+        )
+        .await?;
         let listener = TcpListener::bind(settings.http.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.http.listen))?;

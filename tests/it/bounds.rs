@@ -219,3 +219,20 @@ async fn an_event_over_max_event_bytes_is_published_reduced_and_the_events_behin
     assert_eq!(resource["data"]["name"].as_str().unwrap().len(), 100_000);
     assert_eq!(app.count("outbox").await, 0);
 }
+
+#[tokio::test]
+async fn a_max_event_bytes_the_broker_would_refuse_stops_the_start() {
+    let names = Names::new();
+    let mut settings = test_settings(&names, "config/schemas".into());
+    let _cleanup = Cleanup::new(&settings, &names);
+    // RabbitMQ's default max_message_size is 128 MiB (16 MiB from 4.0).
+    settings.limits.max_event_bytes = 128 * 1024 * 1024 + 1;
+    let started = std::time::Instant::now();
+    let error = match scramjet::app::App::build(settings).await {
+        Ok(_) => panic!("started with events the broker would refuse"),
+        Err(e) => format!("{e:#}"),
+    };
+    println!("refused in {:?}: {error}", started.elapsed());
+    assert!(error.contains("limits.max_event_bytes"), "{error}");
+    assert!(error.contains("max_message_size"), "{error}");
+}
