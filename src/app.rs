@@ -74,7 +74,7 @@ impl App {
         let connection = connect_amqp_with_retries(&settings).await?;
         // An event the broker refuses would be offered again forever.
         amqp::check_message_size(
-            &connection,
+            &settings.amqp,
             settings.limits.max_event_bytes,
             "limits.max_event_bytes",
         )

@@ -157,7 +157,7 @@ impl SourceRelay {
         let connection = connect_amqp_with_retries(&settings).await?;
         // Rows are bounded by this (see `reduced`), so the broker must take it.
         amqp::check_message_size(
-            &connection,
+            &settings.amqp,
             settings.limits.max_message_bytes,
             "limits.max_message_bytes",
         )
