@@ -265,6 +265,69 @@ impl ConfirmPublisher {
     }
 }
 
+/// Checks that the broker takes a message of `bytes` bytes, by publishing
+/// one (unroutable, so the broker drops it) on a connection of its own.
+///
+/// AMQP does not advertise RabbitMQ's `max_message_size` (128 MiB by default
+/// in 3.x, 16 MiB in 4.x; `frame_max` is another thing), and reading it needs
+/// the management plugin or `rabbitmqctl`. A larger message closes the
+/// channel with `PRECONDITION_FAILED`, which this turns into an error naming
+/// `key`. It costs one message of that size at start.
+///
+/// A broker that blocks publishing (a memory or disk alarm) cannot answer
+/// now; the daemon must still start and consume then, so the check is
+/// skipped with a warning. Its own connection keeps that block off the
+/// connections the daemon uses.
+pub async fn check_message_size(
+    settings: &AmqpSettings,
+    bytes: usize,
+    key: &str,
+) -> anyhow::Result<()> {
+    let connection = connect(settings).await?;
+    let probe = async {
+        let publisher = ConfirmPublisher::open(&connection).await?;
+        let body = vec![b' '; bytes];
+        // The default exchange routes by queue name; no queue has this one.
+        let routing_key = format!("scramjet.size-probe.{}", uuid::Uuid::new_v4());
+        publisher
+            .publish_all(vec![Outgoing {
+                exchange: "",
+                routing_key: &routing_key,
+                body: &body,
+                properties: BasicProperties::default(),
+            }])
+            .await
+    };
+    let blocked = async {
+        while !connection.status().blocked() {
+            tokio::time::sleep(BLOCKED_POLL).await;
+        }
+    };
+    let outcome = tokio::select! {
+        result = probe => Some(result),
+        _ = blocked => None,
+        _ = tokio::time::sleep(CONFIRM_TIMEOUT) => None,
+    };
+    // A blocked connection never answers a close; do not wait for it here.
+    tokio::spawn(async move { close_connection(&connection).await });
+    match outcome {
+        Some(result) => result.with_context(|| {
+            format!(
+                "RabbitMQ does not take a message of {bytes} bytes ({key}); lower {key} \
+                 or raise the broker's max_message_size"
+            )
+        }),
+        None => {
+            tracing::warn!(
+                bytes,
+                "RabbitMQ blocks publishing (a resource alarm); cannot check now that it takes \
+                 messages of {key}"
+            );
+            Ok(())
+        }
+    }
+}
+
 /// Closes a connection politely, giving up after [`REPLY_TIMEOUT`]: a blocked
 /// connection sends nothing, not even its close. Dropping it then lets the
 /// broker requeue whatever it delivered and was not acked.

@@ -62,6 +62,7 @@ impl App {
         let schemas = Schemas::load(
             &settings.validation.schema_dir,
             settings.validation.unknown_types,
+            settings.validation.max_errors,
         )?;
         tracing::info!(types = ?schemas.current().types(), "schemas loaded");
         // Refused before anything is touched.
@@ -73,6 +74,13 @@ impl App {
         health.set_postgres(true);
 
         let connection = connect_amqp_with_retries(&settings).await?;
+        // An event the broker refuses would be offered again forever.
+        amqp::check_message_size(
+            &settings.amqp,
+            settings.limits.max_event_bytes,
+            "limits.max_event_bytes",
+        )
+        .await?;
         let listener = TcpListener::bind(settings.http.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.http.listen))?;
@@ -138,6 +146,7 @@ impl App {
             notify: notify.clone(),
             health: self.health.clone(),
             metrics: self.metrics.clone(),
+            max_event_bytes: self.settings.limits.max_event_bytes,
         };
         let relay_stop = CancellationToken::new();
         let relay_task =

@@ -257,6 +257,14 @@ pub struct LimitSettings {
     pub max_message_bytes: usize,
     /// Deepest accepted nesting of arrays and objects in `data` (`{}` is depth 1).
     pub max_depth: usize,
+    /// Largest accepted magnitude of a number's exponent in `data` (`1e400`
+    /// and `1e-400` are 400): PostgreSQL writes such numbers out in full on
+    /// every read, so `1e131071` would cost 131,072 bytes each time.
+    pub max_exponent: u64,
+    /// Largest change event published as it is, in bytes; a larger one goes
+    /// out in its reduced form (CONTRACT §5). Must not exceed the broker's
+    /// `max_message_size`, which the daemon checks at start.
+    pub max_event_bytes: usize,
 }
 
 impl LimitSettings {
@@ -265,6 +273,7 @@ impl LimitSettings {
         message::Limits {
             max_bytes: self.max_message_bytes,
             max_depth: self.max_depth,
+            max_exponent: self.max_exponent,
         }
     }
 }
@@ -274,6 +283,8 @@ impl Default for LimitSettings {
         Self {
             max_message_bytes: 1024 * 1024,
             max_depth: 64,
+            max_exponent: message::DEFAULT_MAX_EXPONENT,
+            max_event_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -294,6 +305,14 @@ pub enum QueueType {
 /// The fewest connections `postgres.pool_size` may give the daemon: the
 /// pipeline's 2, the outbox publisher's 1, and 1 for the background work.
 pub const DAEMON_MIN_CONNECTIONS: usize = 4;
+
+/// The smallest `limits.max_event_bytes`: room for the reduced form of any
+/// event (an id of 512 bytes may take six times that once escaped, plus the
+/// other fields).
+pub const MIN_EVENT_BYTES: usize = 16 * 1024;
+/// The largest `limits.max_event_bytes`: RabbitMQ's own ceiling for
+/// `max_message_size` (512 MiB).
+pub const MAX_EVENT_BYTES: usize = 512 * 1024 * 1024;
 
 /// Most keys one transaction may lock. Every batch takes one advisory lock
 /// per key, and PostgreSQL's shared lock table holds, by default, about
@@ -321,6 +340,9 @@ pub struct ValidationSettings {
     pub schema_dir: PathBuf,
     /// Policy for types without a schema.
     pub unknown_types: UnknownTypes,
+    /// Most validation errors listed per rejection (in its event and in
+    /// staging); the total is kept beside them.
+    pub max_errors: usize,
 }
 
 impl Default for ValidationSettings {
@@ -328,6 +350,7 @@ impl Default for ValidationSettings {
         Self {
             schema_dir: PathBuf::from("config/schemas"),
             unknown_types: UnknownTypes::Accept,
+            max_errors: 100,
         }
     }
 }
@@ -672,6 +695,17 @@ impl Settings {
             self.limits.max_message_bytes >= 64,
             "invalid configuration: limits.max_message_bytes must be at least 64"
         );
+        // A rejection must say at least one reason; past 10,000 the list
+        // is a large share of what a broker takes in one message.
+        anyhow::ensure!(
+            (1..=10_000).contains(&self.validation.max_errors),
+            "invalid configuration: validation.max_errors must be from 1 to 10000"
+        );
+        anyhow::ensure!(
+            (MIN_EVENT_BYTES..=MAX_EVENT_BYTES).contains(&self.limits.max_event_bytes),
+            "invalid configuration: limits.max_event_bytes must be from {MIN_EVENT_BYTES} \
+             to {MAX_EVENT_BYTES} (RabbitMQ's largest max_message_size)"
+        );
         anyhow::ensure!(
             !self.retention.prune_interval.is_zero(),
             "invalid configuration: retention.prune_interval must be positive"
@@ -788,6 +822,9 @@ mod tests {
         assert_eq!(s.http.allow_unauthenticated, d.http.allow_unauthenticated);
         assert_eq!(s.limits.max_message_bytes, d.limits.max_message_bytes);
         assert_eq!(s.limits.max_depth, d.limits.max_depth);
+        assert_eq!(s.limits.max_exponent, d.limits.max_exponent);
+        assert_eq!(s.limits.max_event_bytes, d.limits.max_event_bytes);
+        assert_eq!(s.validation.max_errors, d.validation.max_errors);
         assert_eq!(s.log.level, d.log.level);
         assert_eq!(s.retention.message_ids, d.retention.message_ids);
         assert_eq!(s.retention.tombstones, d.retention.tombstones);

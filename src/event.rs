@@ -66,8 +66,10 @@ pub struct EventFields<'a> {
     pub previous: Option<&'a Value>,
     /// RFC 6902 operations from the old data to the new.
     pub patch: Option<&'a json_patch::Patch>,
-    /// Validation errors of a rejected save.
+    /// Validation errors of a rejected save (at most `validation.max_errors`).
     pub errors: Option<&'a [ValidationError]>,
+    /// How many validation errors the rejected save had in all.
+    pub errors_total: Option<usize>,
     /// The producer's version, if it sent one.
     pub version: Option<i64>,
 }
@@ -113,12 +115,17 @@ impl Event {
             Some(e) => out.push_str(&serde_json::to_string(e).expect("errors serialize")),
             None => out.push_str("null"),
         }
+        out.push_str(",\"errors_total\":");
+        match fields.errors_total {
+            Some(n) => write!(out, "{n}").expect("writing to a String cannot fail"),
+            None => out.push_str("null"),
+        }
         out.push_str(",\"version\":");
         match fields.version {
             Some(v) => write!(out, "{v}").expect("writing to a String cannot fail"),
             None => out.push_str("null"),
         }
-        out.push_str(",\"occurred_at\":\"");
+        out.push_str(",\"truncated\":null,\"occurred_at\":\"");
         out.push_str(occurred_at);
         out.push_str("\"}");
         Event {
@@ -128,6 +135,35 @@ impl Event {
             payload: out,
         }
     }
+}
+
+/// The value of `truncated` in an event reduced by [`reduce`].
+pub const TRUNCATED_MAX_EVENT_BYTES: &str = "max_event_bytes";
+
+/// The reduced form of an event body longer than `max_bytes` (CONTRACT §5):
+/// `data`, `previous` and `patch` null — and `errors` too if that is not
+/// enough — with `truncated` saying why. Every other field stays, so the
+/// hashes still tell what changed and the row can be read over HTTP.
+///
+/// A broker refuses a message over its `max_message_size`, and the outbox
+/// would offer that event again forever; this keeps it moving.
+pub fn reduce(payload: &str, max_bytes: usize) -> String {
+    let Ok(serde_json::Value::Object(mut fields)) = serde_json::from_str::<Value>(payload) else {
+        // Events are written by `Event::new`; this is never reached, but an
+        // unreadable row still must not stop the outbox.
+        return format!("{{\"truncated\":\"{TRUNCATED_MAX_EVENT_BYTES}\"}}");
+    };
+    for field in ["data", "previous", "patch"] {
+        fields.insert(field.into(), Value::Null);
+    }
+    fields.insert("truncated".into(), TRUNCATED_MAX_EVENT_BYTES.into());
+    let reduced = canonical::to_canonical(&Value::Object(fields.clone()));
+    if reduced.len() <= max_bytes {
+        return reduced;
+    }
+    // Long error paths can still be too much; `errors_total` keeps the count.
+    fields.insert("errors".into(), Value::Null);
+    canonical::to_canonical(&Value::Object(fields))
 }
 
 fn patch_to_string(patch: &json_patch::Patch) -> String {
@@ -189,6 +225,7 @@ mod tests {
             vec![
                 "data",
                 "errors",
+                "errors_total",
                 "event_id",
                 "hash",
                 "id",
@@ -197,6 +234,7 @@ mod tests {
                 "patch",
                 "previous",
                 "previous_hash",
+                "truncated",
                 "type",
                 "version"
             ]
@@ -205,9 +243,60 @@ mod tests {
         assert_eq!(e.event_id.get_version_num(), 7);
         assert_eq!(obj["id"], "it's \"p\"");
         assert_eq!(obj["data"]["n"].to_string(), "12345678901234567890123");
-        for null in ["previous_hash", "previous", "patch", "errors", "version"] {
+        for null in [
+            "previous_hash",
+            "previous",
+            "patch",
+            "errors",
+            "errors_total",
+            "version",
+            "truncated",
+        ] {
             assert!(obj[null].is_null(), "{null}");
         }
+    }
+
+    #[test]
+    fn a_reduced_event_keeps_everything_but_the_documents() {
+        let data = format!(r#"{{"name":"{}","n":1e+400}}"#, "x".repeat(1000));
+        let e = Event::new(
+            Op::Rejected,
+            "person",
+            "p1",
+            EventFields {
+                data: Some(&data),
+                hash: Some("ab"),
+                errors: Some(&[ValidationError {
+                    path: format!("/{}", "k".repeat(2000)),
+                    message: "m".into(),
+                }]),
+                errors_total: Some(7),
+                version: Some(3),
+                ..Default::default()
+            },
+            "2026-11-23T10:00:00.123456Z",
+            None,
+        );
+        let reduced: Value = serde_json::from_str(&reduce(&e.payload, 2500)).unwrap();
+        let original: Value = serde_json::from_str(&e.payload).unwrap();
+        assert_eq!(reduced["truncated"], "max_event_bytes");
+        assert!(reduced["data"].is_null());
+        assert_eq!(reduced["errors"], original["errors"]);
+        for kept in [
+            "event_id",
+            "op",
+            "type",
+            "id",
+            "hash",
+            "errors_total",
+            "version",
+            "occurred_at",
+        ] {
+            assert_eq!(reduced[kept], original[kept], "{kept}");
+        }
+        let reduced: Value = serde_json::from_str(&reduce(&e.payload, 1000)).unwrap();
+        assert!(reduced["errors"].is_null());
+        assert_eq!(reduced["errors_total"], 7);
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub struct Limits {
     pub max_bytes: usize,
     /// Deepest nesting of `data` (`{}` is 1).
     pub max_depth: usize,
+    /// Largest magnitude of a number's decimal exponent in `data`.
+    pub max_exponent: u64,
 }
 
 impl Default for Limits {
@@ -30,9 +32,17 @@ impl Default for Limits {
         Limits {
             max_bytes: 1024 * 1024,
             max_depth: 64,
+            max_exponent: DEFAULT_MAX_EXPONENT,
         }
     }
 }
+
+/// The default `limits.max_exponent`, the bound the filter language has
+/// always had. `jsonb` stores numbers as `numeric`, which writes every digit
+/// out on each read: `1e131071` is 8 bytes in a message and 131,072 in
+/// every read of the row. With this bound a number grows at most about a
+/// thousand digits.
+pub const DEFAULT_MAX_EXPONENT: u64 = 1000;
 
 /// PostgreSQL's `numeric` (and so `jsonb`) holds at most this many digits
 /// before the decimal point…
@@ -140,7 +150,7 @@ pub fn decode(body: &[u8], limits: Limits) -> Result<Inbound, Malformed> {
                 }
             };
             let mut path = String::new();
-            check_storable_object(&data, &mut path, 1, limits.max_depth)?;
+            check_storable_object(&data, &mut path, 1, limits)?;
             Action::Save { data }
         }
         "delete" => Action::Delete,
@@ -160,12 +170,12 @@ pub fn decode(body: &[u8], limits: Limits) -> Result<Inbound, Malformed> {
 }
 
 /// Checks that an entity document is storable within `limits`: nesting
-/// depth, no NUL in strings or keys, numbers within `numeric`'s range
-/// (what the decoder checks in a message's `data`; `scramjet ingest` checks
-/// its records with it too).
+/// depth, no NUL in strings or keys, numbers within `numeric`'s range and
+/// `max_exponent` (what the decoder checks in a message's `data`; `scramjet
+/// ingest` checks its records with it too).
 pub fn check_data(data: &Map<String, Value>, limits: Limits) -> Result<(), Malformed> {
     let mut path = String::new();
-    check_storable_object(data, &mut path, 1, limits.max_depth)
+    check_storable_object(data, &mut path, 1, limits)
 }
 
 /// Checks a type name against `^[A-Za-z][A-Za-z0-9_-]{0,63}$`.
@@ -218,14 +228,15 @@ fn required_string<'a>(fields: &'a Map<String, Value>, name: &str) -> Result<&'a
 }
 
 /// Rejects what PostgreSQL's `jsonb` cannot store: NUL in a string or key,
-/// and numbers beyond `numeric`'s range. `path` is the JSON Pointer so far.
+/// and numbers beyond `numeric`'s range; and numbers with an exponent beyond
+/// `limits.max_exponent`. `path` is the JSON Pointer so far.
 fn check_storable_object(
     map: &Map<String, Value>,
     path: &mut String,
     depth: usize,
-    max_depth: usize,
+    limits: Limits,
 ) -> Result<(), Malformed> {
-    check_depth(path, depth, max_depth)?;
+    check_depth(path, depth, limits.max_depth)?;
     for (key, value) in map {
         let len = path.len();
         path.push('/');
@@ -236,7 +247,7 @@ fn check_storable_object(
                 quote(path)
             ));
         }
-        check_storable(value, path, depth + 1, max_depth)?;
+        check_storable(value, path, depth + 1, limits)?;
         path.truncate(len);
     }
     Ok(())
@@ -256,7 +267,7 @@ fn check_storable(
     value: &Value,
     path: &mut String,
     depth: usize,
-    max_depth: usize,
+    limits: Limits,
 ) -> Result<(), Malformed> {
     match value {
         Value::String(s) if s.contains('\0') => Err(malformed!(
@@ -267,18 +278,26 @@ fn check_storable(
             "data has the number at {} outside what PostgreSQL can store",
             quote(path)
         )),
+        Value::Number(n) if exponent_magnitude(n.as_str()) > limits.max_exponent => {
+            Err(malformed!(
+                "data has the number at {} with an exponent beyond limits.max_exponent ({}), \
+                 which PostgreSQL would write out digit by digit on every read",
+                quote(path),
+                limits.max_exponent
+            ))
+        }
         Value::Array(items) => {
-            check_depth(path, depth, max_depth)?;
+            check_depth(path, depth, limits.max_depth)?;
             for (i, item) in items.iter().enumerate() {
                 let len = path.len();
                 path.push('/');
                 path.push_str(&i.to_string());
-                check_storable(item, path, depth + 1, max_depth)?;
+                check_storable(item, path, depth + 1, limits)?;
                 path.truncate(len);
             }
             Ok(())
         }
-        Value::Object(map) => check_storable_object(map, path, depth, max_depth),
+        Value::Object(map) => check_storable_object(map, path, depth, limits),
         _ => Ok(()),
     }
 }
@@ -319,6 +338,20 @@ fn numeric_fits(literal: &str) -> bool {
     };
     let scale = frac_digits - exponent;
     integer_digits <= PG_MAX_INTEGER_DIGITS && scale <= PG_MAX_FRACTION_DIGITS
+}
+
+/// The magnitude of a JSON number literal's exponent as written (`0` when it
+/// has none); `u64::MAX` when it is too long to count.
+fn exponent_magnitude(literal: &str) -> u64 {
+    let Some((_, exponent)) = literal.split_once(['e', 'E']) else {
+        return 0;
+    };
+    let digits = exponent
+        .trim_start_matches(['+', '-'])
+        .trim_start_matches('0');
+    digits
+        .parse()
+        .unwrap_or(if digits.is_empty() { 0 } else { u64::MAX })
 }
 
 fn kind_of(v: &Value) -> &'static str {
@@ -514,6 +547,31 @@ mod tests {
         assert!(!numeric_fits("1e99999999999999999999999"));
         assert!(!numeric_fits("1e-99999999999999999999999"));
         assert!(numeric_fits("12345678901234567890123"));
+    }
+
+    #[test]
+    fn exponents_beyond_max_exponent_are_malformed_whatever_their_sign() {
+        let save = |n: &str| {
+            decode(
+                format!(r#"{{"action":"save","type":"a","id":"b","data":{{"n":[{n}]}}}}"#)
+                    .as_bytes(),
+                Limits::default(),
+            )
+        };
+        for fits in ["1e400", "1e-400", "1E+1000", "-2.5e-1000", "1e0001000", "7"] {
+            assert!(save(fits).is_ok(), "{fits}");
+        }
+        for expands in ["1e1001", "1E-1001", "-1e+131071", "0e5000"] {
+            let reason = save(expands).unwrap_err().0;
+            assert!(reason.contains("limits.max_exponent (1000)"), "{reason}");
+            assert!(reason.contains("\"/n/0\""), "{reason}");
+        }
+        let limits = Limits {
+            max_exponent: 10,
+            ..Limits::default()
+        };
+        let data = serde_json::from_str(r#"{"n":1e11}"#).unwrap();
+        assert!(check_data(&data, limits).is_err());
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! several daemons in one process — the tests — count separately.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// The daemon's metrics.
@@ -15,6 +15,8 @@ pub struct Metrics {
     pub messages: IntCounterVec,
     /// Events confirmed by the broker, by op.
     pub events_published: IntCounterVec,
+    /// Events over `limits.max_event_bytes`, published in their reduced form, by op.
+    pub events_reduced: IntCounterVec,
     /// Messages per batch.
     pub batch_size: Histogram,
     /// Seconds from gathering a batch to acking it.
@@ -66,6 +68,11 @@ impl Metrics {
         let events_published = counter(
             "scramjet_events_published_total",
             "Change events confirmed by the broker, by op.",
+            "op",
+        );
+        let events_reduced = counter(
+            "scramjet_events_reduced_total",
+            "Change events over limits.max_event_bytes, published in their reduced form, by op.",
             "op",
         );
         let reconnects = counter(
@@ -132,6 +139,7 @@ impl Metrics {
             registry,
             messages,
             events_published,
+            events_reduced,
             batch_size,
             batch_duration,
             event_delay,
@@ -160,6 +168,8 @@ pub struct RelayMetrics {
     registry: Registry,
     /// Outbox rows published and confirmed by the broker, by action.
     pub messages: IntCounterVec,
+    /// Outbox rows over `limits.max_message_bytes`, published in their reduced form.
+    pub reduced: IntCounter,
     /// Seconds from a row's insertion into the outbox to the broker's confirm.
     pub delay: Histogram,
     /// Outbox rows waiting (all relays together).
@@ -201,6 +211,11 @@ impl RelayMetrics {
             .buckets(prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets")),
         )
         .expect("valid metric");
+        let reduced = IntCounter::new(
+            "scramjet_relay_reduced_total",
+            "Source outbox rows over limits.max_message_bytes, published without their data.",
+        )
+        .expect("valid metric");
         let pending = IntGauge::new(
             "scramjet_relay_pending",
             "Rows waiting in the source outbox.",
@@ -228,6 +243,7 @@ impl RelayMetrics {
         )
         .expect("valid metric");
         register(Box::new(messages.clone()));
+        register(Box::new(reduced.clone()));
         register(Box::new(delay.clone()));
         register(Box::new(pending.clone()));
         register(Box::new(active.clone()));
@@ -243,6 +259,7 @@ impl RelayMetrics {
         RelayMetrics {
             registry,
             messages,
+            reduced,
             delay,
             pending,
             active,

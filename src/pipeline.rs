@@ -22,7 +22,7 @@ use crate::{
         Cause, StoreError,
         batch::{self, Current, Key, ResourceWrite, StagingInvalid, TransactionStatus, Writes},
     },
-    validate::{SchemaRegistry, ValidationError},
+    validate::{Rejection, SchemaRegistry},
 };
 
 /// What one message did.
@@ -104,8 +104,8 @@ pub enum PreparedKind {
         canonical: String,
         /// SHA-256 of `canonical`.
         hash: String,
-        /// Validation errors; `None` when valid.
-        errors: Option<Vec<ValidationError>>,
+        /// Why it is invalid; `None` when valid.
+        errors: Option<Rejection>,
     },
     /// A delete.
     Delete,
@@ -261,7 +261,8 @@ pub fn plan(
                     EventFields {
                         data: Some(canonical),
                         hash: Some(hash),
-                        errors: Some(errors),
+                        errors: Some(&errors.errors),
+                        errors_total: Some(errors.total),
                         version: p.version,
                         ..Default::default()
                     },
@@ -390,7 +391,9 @@ pub fn plan(
         match state.staging {
             Some(p) => {
                 let PreparedKind::Save {
-                    canonical, errors, ..
+                    canonical,
+                    errors: Some(errors),
+                    ..
                 } = &p.kind
                 else {
                     unreachable!("only rejected saves leave a staging row");
@@ -399,7 +402,7 @@ pub fn plan(
                     entity_type: key.0,
                     id: key.1,
                     canonical: canonical.clone(),
-                    errors: serde_json::to_string(errors).expect("errors serialize"),
+                    errors: errors.staging_json(),
                 });
             }
             None => writes.staging_clears.push(key),
@@ -1035,7 +1038,7 @@ mod tests {
             r#"{"type":"object","required":["name"]}"#,
         )
         .unwrap();
-        SchemaRegistry::load(dir.path(), UnknownTypes::Accept).unwrap()
+        SchemaRegistry::load(dir.path(), UnknownTypes::Accept, 100).unwrap()
     }
 
     fn message(body: String, r: &SchemaRegistry) -> Prepared {

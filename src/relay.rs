@@ -101,6 +101,8 @@ pub struct Relay {
     pub health: Arc<Health>,
     /// Counts published events and reconnections.
     pub metrics: Metrics,
+    /// Events longer than this are published reduced (`limits.max_event_bytes`).
+    pub max_event_bytes: usize,
 }
 
 impl Relay {
@@ -267,9 +269,12 @@ impl Relay {
         if pending.is_empty() {
             return Ok(0);
         }
+        let bodies: Vec<std::borrow::Cow<'_, str>> =
+            pending.iter().map(|p| self.bounded(p)).collect();
         let messages = pending
             .iter()
-            .map(|p| {
+            .zip(&bodies)
+            .map(|(p, body)| {
                 let mut properties = BasicProperties::default()
                     .with_delivery_mode(2)
                     .with_content_type("application/json".into())
@@ -280,7 +285,7 @@ impl Relay {
                 Outgoing {
                     exchange: &self.amqp.changes_exchange,
                     routing_key: &p.routing_key,
-                    body: p.payload.as_bytes(),
+                    body: body.as_bytes(),
                     properties,
                 }
             })
@@ -301,5 +306,26 @@ impl Relay {
             .observe(waited + taken.elapsed().as_secs_f64());
         tracing::debug!(published = pending.len(), "events published");
         Ok(pending.len())
+    }
+
+    /// The body to publish: the event, or its reduced form when it is over
+    /// `max_event_bytes`. Done here rather than when the event is built, so
+    /// it holds for every event in the outbox whoever wrote it (the daemon,
+    /// `ingest`, `replay`, an older version).
+    fn bounded<'a>(&self, p: &'a outbox::Pending) -> std::borrow::Cow<'a, str> {
+        if p.payload.len() <= self.max_event_bytes {
+            return p.payload.as_str().into();
+        }
+        let reduced = crate::event::reduce(&p.payload, self.max_event_bytes);
+        let op = p.routing_key.rsplit('.').next().unwrap_or_default();
+        self.metrics.events_reduced.with_label_values(&[op]).inc();
+        tracing::warn!(
+            event_id = %p.event_id,
+            routing_key = %p.routing_key,
+            bytes = p.payload.len(),
+            reduced_bytes = reduced.len(),
+            "event over limits.max_event_bytes; published in its reduced form"
+        );
+        reduced.into()
     }
 }

@@ -48,6 +48,7 @@ pub async fn revalidate(
     let schemas = SchemaRegistry::load(
         &settings.validation.schema_dir,
         settings.validation.unknown_types,
+        settings.validation.max_errors,
     )?;
     let pool = store::connect(settings).await?;
     let mut summary = Summary::default();

@@ -154,7 +154,15 @@ impl SourceRelay {
             }
         };
         health.set_source(true);
-        let broker = Broker::open(connect_amqp_with_retries(&settings).await?).await?;
+        let connection = connect_amqp_with_retries(&settings).await?;
+        // Rows are bounded by this (see `reduced`), so the broker must take it.
+        amqp::check_message_size(
+            &settings.amqp,
+            settings.limits.max_message_bytes,
+            "limits.max_message_bytes",
+        )
+        .await?;
+        let broker = Broker::open(connection).await?;
         health.set_amqp(true);
 
         let listen = settings.relay.http_listen;
@@ -337,7 +345,20 @@ impl SourceRelay {
             return Ok(Some(0));
         }
         let exchange = self.settings.amqp.inbound_exchange.as_str();
-        let prepared: Vec<(String, String, BasicProperties)> = rows.iter().map(prepare).collect();
+        let mut prepared: Vec<(String, String, BasicProperties)> =
+            rows.iter().map(prepare).collect();
+        let max_bytes = self.settings.limits.max_message_bytes;
+        for (row, (_, body, _)) in rows.iter().zip(&mut prepared) {
+            if body.len() > max_bytes {
+                tracing::warn!(
+                    seq = row.seq,
+                    bytes = body.len(),
+                    "outbox row over limits.max_message_bytes; published without its data"
+                );
+                *body = reduced(row, body.len());
+                self.metrics.reduced.inc();
+            }
+        }
         let messages = prepared
             .iter()
             .map(|(routing_key, body, properties)| Outgoing {
@@ -376,6 +397,24 @@ impl SourceRelay {
         );
         Ok(Some(rows.len()))
     }
+}
+
+/// The body sent for a row whose message would exceed
+/// `limits.max_message_bytes`: its fields without `data`, and `truncated`.
+///
+/// The broker may refuse so large a message (`max_message_size`), which would
+/// stop the relay at that row for good; and the daemon would dead-letter it
+/// anyway. This form is small, and the daemon dead-letters it with the row's
+/// identity in plain sight (a save without `data` is malformed).
+pub fn reduced(row: &OutboxRow, bytes: usize) -> String {
+    let json = |s: &Option<String>| serde_json::to_string(s).expect("a string serializes");
+    format!(
+        r#"{{"action":{},"type":{},"id":{},"version":{},"truncated":"max_message_bytes","bytes":{bytes}}}"#,
+        json(&row.action),
+        json(&row.entity_type),
+        json(&row.id),
+        row.seq
+    )
 }
 
 /// The routing key, body and properties of one outbox row.

@@ -20,6 +20,47 @@ pub struct ValidationError {
     pub message: String,
 }
 
+/// Why a document does not satisfy its schema: the first errors found, at
+/// most `validation.max_errors` of them, and how many there were in all.
+///
+/// A 1 MB array of wrong items has half a million errors; listing them all
+/// made a 31 MB `rejected` event, more than a broker may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The first errors, in the validator's order.
+    pub errors: Vec<ValidationError>,
+    /// How many errors the document has in all (at least `errors.len()`).
+    pub total: usize,
+}
+
+impl Rejection {
+    /// The errors as `staging.errors` keeps them: the listed ones, then, if
+    /// some were left out, one more entry (path `""`) saying how many, with
+    /// the number in `omitted`.
+    pub fn staging_json(&self) -> String {
+        let mut list = serde_json::to_value(&self.errors).expect("errors serialize");
+        let omitted = self.total - self.errors.len();
+        if omitted > 0 {
+            list.as_array_mut()
+                .expect("errors serialize to an array")
+                .push(serde_json::json!({
+                    "path": "",
+                    "message": format!(
+                        "{omitted} more errors not listed (validation.max_errors is {})",
+                        self.errors.len()
+                    ),
+                    "omitted": omitted,
+                }));
+        }
+        list.to_string()
+    }
+}
+
+/// Longest `message` of a [`ValidationError`], in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 200;
+/// Longest rendering of the offending value inside a message, in bytes.
+const MAX_VALUE_BYTES: usize = 40;
+
 /// A schema file that could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
@@ -63,6 +104,8 @@ pub struct SchemaRegistry {
     validators: HashMap<String, jsonschema::Validator>,
     /// What to do with a type that has no schema.
     unknown_types: UnknownTypes,
+    /// Most errors listed per rejection (`validation.max_errors`).
+    max_errors: usize,
 }
 
 impl std::fmt::Debug for SchemaRegistry {
@@ -72,13 +115,19 @@ impl std::fmt::Debug for SchemaRegistry {
         f.debug_struct("SchemaRegistry")
             .field("types", &types)
             .field("unknown_types", &self.unknown_types)
+            .field("max_errors", &self.max_errors)
             .finish()
     }
 }
 
 impl SchemaRegistry {
-    /// Loads every `*.json` file of `dir`. Any broken file is an error naming it.
-    pub fn load(dir: &Path, unknown_types: UnknownTypes) -> Result<Self, SchemaError> {
+    /// Loads every `*.json` file of `dir`. Any broken file is an error naming
+    /// it. Rejections list at most `max_errors` errors.
+    pub fn load(
+        dir: &Path,
+        unknown_types: UnknownTypes,
+        max_errors: usize,
+    ) -> Result<Self, SchemaError> {
         let entries = std::fs::read_dir(dir).map_err(|source| SchemaError::Directory {
             path: dir.to_owned(),
             source,
@@ -119,6 +168,7 @@ impl SchemaRegistry {
         Ok(Self {
             validators,
             unknown_types,
+            max_errors,
         })
     }
 
@@ -129,34 +179,101 @@ impl SchemaRegistry {
         t
     }
 
-    /// Validates `data` for `entity_type`; `Ok` or every error found.
-    pub fn validate(&self, entity_type: &str, data: &Value) -> Result<(), Vec<ValidationError>> {
+    /// Validates `data` for `entity_type`: `Ok`, or the first
+    /// `max_errors` errors and their total.
+    pub fn validate(&self, entity_type: &str, data: &Value) -> Result<(), Rejection> {
         match self.validators.get(entity_type) {
             Some(validator) => {
-                let errors: Vec<ValidationError> = validator
-                    .iter_errors(data)
-                    .map(|e| ValidationError {
-                        path: e.instance_path().as_str().to_owned(),
-                        message: e.to_string(),
-                    })
-                    .collect();
-                if errors.is_empty() {
+                let mut errors = Vec::new();
+                let mut total = 0;
+                for e in validator.iter_errors(data) {
+                    total += 1;
+                    if errors.len() < self.max_errors {
+                        errors.push(ValidationError {
+                            path: e.instance_path().as_str().to_owned(),
+                            message: message(&e),
+                        });
+                    }
+                }
+                if total == 0 {
                     Ok(())
                 } else {
-                    Err(errors)
+                    Err(Rejection { errors, total })
                 }
             }
             None => match self.unknown_types {
                 UnknownTypes::Accept => Ok(()),
-                UnknownTypes::Reject => Err(vec![ValidationError {
-                    path: String::new(),
-                    message: format!(
-                        "no schema for type \"{entity_type}\" and validation.unknown_types is \"reject\""
-                    ),
-                }]),
+                UnknownTypes::Reject => Err(Rejection {
+                    errors: vec![ValidationError {
+                        path: String::new(),
+                        message: format!(
+                            "no schema for type \"{entity_type}\" and validation.unknown_types is \"reject\""
+                        ),
+                    }],
+                    total: 1,
+                }),
             },
         }
     }
+}
+
+/// An error's message with the offending value shortened: the validator
+/// would embed all of it (a 100 KB string, a whole object), once per error.
+fn message(e: &jsonschema::ValidationError<'_>) -> String {
+    let text = e.masked_with(short_rendering(e.instance())).to_string();
+    // Some messages name things besides the value (unexpected property
+    // names, a custom message), which can be long as well.
+    truncate(text, MAX_MESSAGE_BYTES)
+}
+
+/// The value as JSON, cut after [`MAX_VALUE_BYTES`] bytes with `…`; it is
+/// never serialized further than that.
+fn short_rendering(value: &Value) -> String {
+    /// Keeps the first bytes written, then refuses more, which ends the serialization.
+    struct Prefix(Vec<u8>);
+    impl std::io::Write for Prefix {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let room = MAX_VALUE_BYTES + 1 - self.0.len();
+            if room == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            let n = buf.len().min(room);
+            self.0.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut prefix = Prefix(Vec::new());
+    // An error only means the prefix is full.
+    let _ = serde_json::to_writer(&mut prefix, value);
+    let text = match String::from_utf8(prefix.0) {
+        Ok(text) => text,
+        Err(e) => {
+            let valid = e.utf8_error().valid_up_to();
+            let mut bytes = e.into_bytes();
+            bytes.truncate(valid);
+            String::from_utf8(bytes).expect("cut at a character boundary")
+        }
+    };
+    truncate(text, MAX_VALUE_BYTES)
+}
+
+/// `text` if it has at most `max` bytes, else its start (at a character
+/// boundary) and `…`, `max` bytes in all at most.
+fn truncate(mut text: String, max: usize) -> String {
+    const ELLIPSIS: &str = "…";
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max - ELLIPSIS.len();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(ELLIPSIS);
+    text
 }
 
 /// The schemas in use, replaceable while the daemon runs (SIGHUP).
@@ -169,17 +286,24 @@ pub struct Schemas {
     dir: PathBuf,
     /// The policy for types without a schema.
     unknown_types: UnknownTypes,
+    /// Most errors listed per rejection.
+    max_errors: usize,
     /// The registry in use.
     current: std::sync::RwLock<std::sync::Arc<SchemaRegistry>>,
 }
 
 impl Schemas {
     /// Loads `dir` for the first time (an error stops start-up).
-    pub fn load(dir: &Path, unknown_types: UnknownTypes) -> Result<Schemas, SchemaError> {
-        let registry = SchemaRegistry::load(dir, unknown_types)?;
+    pub fn load(
+        dir: &Path,
+        unknown_types: UnknownTypes,
+        max_errors: usize,
+    ) -> Result<Schemas, SchemaError> {
+        let registry = SchemaRegistry::load(dir, unknown_types, max_errors)?;
         Ok(Schemas {
             dir: dir.to_owned(),
             unknown_types,
+            max_errors,
             current: std::sync::RwLock::new(std::sync::Arc::new(registry)),
         })
     }
@@ -195,7 +319,7 @@ impl Schemas {
     /// Reads the directory again. On success the new schemas apply from the
     /// next batch on; on error the old ones stay and the error says why.
     pub fn reload(&self) -> Result<Vec<String>, SchemaError> {
-        let registry = SchemaRegistry::load(&self.dir, self.unknown_types)?;
+        let registry = SchemaRegistry::load(&self.dir, self.unknown_types, self.max_errors)?;
         let types = registry.types().into_iter().map(str::to_owned).collect();
         *self
             .current
@@ -218,7 +342,7 @@ mod tests {
         for (name, text) in files {
             std::fs::write(dir.path().join(name), text).unwrap();
         }
-        SchemaRegistry::load(dir.path(), unknown)
+        SchemaRegistry::load(dir.path(), unknown, 100)
     }
 
     const PERSON: &str = r#"{
@@ -236,10 +360,11 @@ mod tests {
         let errors = r
             .validate("person", &json!({"name": "", "age": "x"}))
             .unwrap_err();
-        let mut paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(errors.total, 2);
+        let mut paths: Vec<_> = errors.errors.iter().map(|e| e.path.as_str()).collect();
         paths.sort_unstable();
         assert_eq!(paths, vec!["/age", "/name"]);
-        let errors = r.validate("person", &json!({})).unwrap_err();
+        let errors = r.validate("person", &json!({})).unwrap_err().errors;
         assert_eq!(errors[0].path, "");
         assert!(
             errors[0].message.contains("name"),
@@ -253,7 +378,7 @@ mod tests {
         let accept = registry(&[], UnknownTypes::Accept).unwrap();
         assert!(accept.validate("thing", &json!({})).is_ok());
         let reject = registry(&[], UnknownTypes::Reject).unwrap();
-        let errors = reject.validate("thing", &json!({})).unwrap_err();
+        let errors = reject.validate("thing", &json!({})).unwrap_err().errors;
         assert_eq!(errors[0].path, "");
         assert!(errors[0].message.contains("no schema for type \"thing\""));
     }
@@ -270,9 +395,71 @@ mod tests {
 
     #[test]
     fn a_missing_directory_is_an_error() {
-        let e = SchemaRegistry::load(Path::new("/nonexistent/schemas"), UnknownTypes::Accept)
+        let e = SchemaRegistry::load(Path::new("/nonexistent/schemas"), UnknownTypes::Accept, 100)
             .unwrap_err();
         assert!(e.to_string().contains("/nonexistent/schemas"));
+    }
+
+    #[test]
+    fn a_rejection_lists_max_errors_and_counts_the_rest_for_staging() {
+        let schema =
+            r#"{"type":"object","properties":{"a":{"type":"array","items":{"type":"string"}}}}"#;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("l.json"), schema).unwrap();
+        let r = SchemaRegistry::load(dir.path(), UnknownTypes::Accept, 3).unwrap();
+        let rejection = r.validate("l", &json!({"a": [1, 2, 3, 4, 5]})).unwrap_err();
+        assert_eq!(rejection.total, 5);
+        let paths: Vec<_> = rejection.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["/a/0", "/a/1", "/a/2"]);
+        let staged: Value = serde_json::from_str(&rejection.staging_json()).unwrap();
+        assert_eq!(staged.as_array().unwrap().len(), 4);
+        assert_eq!(staged[3]["omitted"], 2);
+        assert_eq!(
+            staged[3]["message"],
+            "2 more errors not listed (validation.max_errors is 3)"
+        );
+        let one = r.validate("l", &json!({"a": [1]})).unwrap_err();
+        let staged: Value = serde_json::from_str(&one.staging_json()).unwrap();
+        assert_eq!(
+            staged,
+            json!([{"path": "/a/0", "message": "1 is not of type \"string\""}])
+        );
+    }
+
+    #[test]
+    fn messages_show_a_short_rendering_of_the_value() {
+        let schema = r#"{"type":"object","properties":{"s":{"type":"integer"},"o":{"type":"string"},"e":{"type":"object","propertyNames":{"maxLength":3}}}}"#;
+        let r = registry(&[("t.json", schema)], UnknownTypes::Accept).unwrap();
+        let long = "é".repeat(50_000);
+        // The validator names a bad property name in full, unmasked.
+        let mut e = serde_json::Map::new();
+        e.insert("k".repeat(10_000), json!(1));
+        let data = json!({"s": long, "o": {"k": long}, "e": e});
+        let errors = r.validate("t", &data).unwrap_err().errors;
+        let by_path = |p: &str| {
+            errors
+                .iter()
+                .find(|e| e.path == p)
+                .unwrap_or_else(|| panic!("no error at {p}: {errors:?}"))
+                .message
+                .clone()
+        };
+        let s = by_path("/s");
+        assert!(
+            s.starts_with("\"éé") && s.ends_with("… is not of type \"integer\""),
+            "{s}"
+        );
+        assert!(s.len() <= MAX_MESSAGE_BYTES, "{s}");
+        let o = by_path("/o");
+        assert!(
+            o.starts_with("{\"k\":\"é") && o.ends_with("is not of type \"string\""),
+            "{o}"
+        );
+        let e = by_path("/e");
+        assert!(e.len() <= MAX_MESSAGE_BYTES && e.ends_with('…'), "{e}");
+        assert!(e.starts_with("\"kkkk"), "{e}");
+        assert_eq!(truncate("abc".into(), 3), "abc");
+        assert_eq!(truncate("abcdef".into(), 5), "ab…");
     }
 
     #[test]

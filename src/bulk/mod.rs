@@ -243,12 +243,12 @@ impl Summary {
 
 /// One line saying why the save `p` was rejected: its id and first error.
 fn rejection(p: &Prepared) -> String {
-    let errors = match &p.kind {
+    let (errors, total) = match &p.kind {
         PreparedKind::Save {
-            errors: Some(errors),
+            errors: Some(rejection),
             ..
-        } => errors.as_slice(),
-        _ => &[],
+        } => (rejection.errors.as_slice(), rejection.total),
+        _ => (&[][..], 0),
     };
     match errors.first() {
         Some(first) => {
@@ -257,8 +257,8 @@ fn rejection(p: &Prepared) -> String {
             } else {
                 first.path.as_str()
             };
-            let more = match errors.len() {
-                1 => String::new(),
+            let more = match total {
+                0 | 1 => String::new(),
                 n => format!(" (and {} more error(s))", n - 1),
             };
             format!("id {:?} rejected: {path}: {}{more}", p.id, first.message)
@@ -318,6 +318,7 @@ impl Scramjet {
         let schemas = SchemaRegistry::load(
             &settings.validation.schema_dir,
             settings.validation.unknown_types,
+            settings.validation.max_errors,
         )?;
         let pool = store::connect(settings).await?;
         let metrics = Metrics::new();

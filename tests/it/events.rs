@@ -54,7 +54,9 @@ async fn a_save_of_a_new_id_publishes_created_with_every_field_of_the_contract()
         "previous": null,
         "patch": null,
         "errors": null,
+        "errors_total": null,
         "version": null,
+        "truncated": null,
         "occurred_at": e.body["occurred_at"],
     });
     assert_eq!(e.body, expected);

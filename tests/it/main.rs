@@ -2,6 +2,7 @@
 //! Each test runs its own daemon with its own database and broker names.
 
 mod api;
+mod bounds;
 mod bulk;
 mod cli;
 mod events;

@@ -802,3 +802,38 @@ async fn the_relay_rides_out_losing_the_source_database_and_rabbitmq_and_loses_n
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_row_over_max_message_bytes_goes_out_without_its_data_and_the_rows_behind_follow()
+{
+    let source = SourceDb::create().await;
+    source
+        .db
+        .batch_execute(
+            "CREATE TABLE person (person_id text PRIMARY KEY, name text);
+             SELECT scramjet.attach('public.person', 'person', 'person_id');",
+        )
+        .await
+        .unwrap();
+    let mut app = spawn_app_with(|s| s.limits.max_message_bytes = 4096).await;
+    let relay = InProcessRelay::start(&app, &source, 500).await;
+    source
+        .db
+        .batch_execute(&format!(
+            "INSERT INTO person VALUES ('big', '{}'); INSERT INTO person VALUES ('small', 'S');",
+            "n".repeat(10_000)
+        ))
+        .await
+        .unwrap();
+    let event = app.next_event().await;
+    assert_eq!((event.id(), event.op()), ("small", "created"));
+    let dead = app.next_dead_letter().await;
+    println!("a row of 10 KB: a dead letter of {} bytes", dead.data.len());
+    let body: Value = serde_json::from_slice(&dead.data).unwrap();
+    assert_eq!(body["id"], "big");
+    assert_eq!(body["truncated"], "max_message_bytes");
+    assert!(body["bytes"].as_u64().unwrap() > 10_000, "{body}");
+    assert!(dead.data.len() < 4096, "{} bytes", dead.data.len());
+    assert_eq!(relay.metrics.reduced.get(), 1);
+    assert_eq!(source.outbox_len().await, 0);
+}
