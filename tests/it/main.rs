@@ -5,6 +5,7 @@ mod api;
 mod bulk;
 mod cli;
 mod events;
+mod exact;
 mod faults;
 mod filters;
 mod helpers;
