@@ -70,10 +70,11 @@ pub async fn began(client: &Client) -> Result<Began, StoreError> {
 /// committed when snapshot `{b}` was taken. `xmin` is a 32-bit transaction
 /// id and snapshots hold 64-bit ones: the row's id is widened to the one
 /// nearest the snapshot's `xmax` (a signed 32-bit distance), which is exact
-/// for every row not frozen, since PostgreSQL freezes rows before their age
-/// reaches 2^31. (Rows written inside a subtransaction would need the
-/// snapshot's subtransaction list, which `pg_snapshot` lacks; no writer of
-/// `resources` uses one.)
+/// for every row younger than 2^31 transactions: PostgreSQL freezes rows
+/// before that age. An older, frozen row may come out as not yet committed
+/// and be spared, never the other way round. (Rows written inside a
+/// subtransaction would need the snapshot's subtransaction list, which
+/// `pg_snapshot` lacks; no writer of `resources` uses one.)
 const WRITTEN_BEFORE: &str = "pg_visible_in_snapshot(greatest( \
        pg_snapshot_xmax({b}::text::pg_snapshot)::text::int8 \
        + (((r.xmin::text::int8 - pg_snapshot_xmax({b}::text::pg_snapshot)::text::int8 + 2147483648) \
