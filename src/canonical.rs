@@ -112,6 +112,45 @@ fn write_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// Whether PostgreSQL's jsonb would print `canonical` (canonical text, as
+/// [`to_canonical`] writes it) differently, so that the stored row must keep
+/// the text beside the jsonb to give it back exactly. jsonb keeps strings,
+/// key sets and every digit, but prints numbers its own way in two cases: a
+/// number with an exponent (`1e+2` as `100`, `1e-7` as `0.0000001`), and a
+/// negative zero (`-0.0` as `0.0`). Key order does not count: it is restored
+/// by writing the canonical form again.
+pub fn jsonb_rewrites(canonical: &str) -> bool {
+    let bytes = canonical.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                // Skip the string; canonical text escapes only with `\`.
+                i += 1;
+                while bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < bytes.len() && matches!(bytes[i], b'-' | b'+' | b'.' | b'e' | b'0'..=b'9')
+                {
+                    i += 1;
+                }
+                let number = &bytes[start..i];
+                let negative_zero =
+                    number[0] == b'-' && number[1..].iter().all(|&b| b == b'0' || b == b'.');
+                if negative_zero || number.contains(&b'e') {
+                    return true;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    false
+}
+
 /// Appends `token` to a JSON Pointer (RFC 6901), escaping `~` and `/`.
 pub fn push_pointer_token(pointer: &mut String, token: &str) {
     for c in token.chars() {
@@ -195,6 +234,28 @@ mod tests {
             hash(&text),
             "e306582b29e48327454cf8d47783aea9a24a6075afe2a62e623472b2bcf38a2b"
         );
+    }
+
+    #[test]
+    fn only_exponents_and_negative_zeros_are_rewritten_by_jsonb() {
+        // What `SELECT '…'::jsonb` prints differently (checked against PostgreSQL 15).
+        for rewritten in [
+            "[1E2]",
+            r#"{"a":1e-7}"#,
+            "[-0]",
+            r#"{"z":-0.0}"#,
+            "[1,[2,{\"b\":0e0}]]",
+        ] {
+            assert!(jsonb_rewrites(&canon(rewritten)), "{rewritten}");
+        }
+        for kept in [
+            r#"{"t":1.50,"big":12345678901234567890123,"n":-1.0,"z":0.0,"h":-0.5}"#,
+            r#"{"s":"1e2 -0 \"1E2\" \\","e":"-0.0"}"#,
+            "[0,100,-10,0.1000000000000000055511151231257827]",
+            "{}",
+        ] {
+            assert!(!jsonb_rewrites(&canon(kept)), "{kept}");
+        }
     }
 
     #[test]

@@ -156,7 +156,8 @@ enum Command {
         #[arg(long)]
         version_field: Option<String>,
         /// The input is the full set: delete the resources of the type that
-        /// are not in it (and were not changed since the ingest began).
+        /// are not in it (and were not written by a transaction that
+        /// committed after the ingest began).
         #[arg(long)]
         full_set: bool,
         /// With --full-set, let an empty input (or a ratio over the limit) delete.

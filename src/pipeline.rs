@@ -301,8 +301,11 @@ pub fn plan(
                         Outcome::Created
                     }
                     Some(old) if old.hash == hash.as_str() => {
-                        // Same content; a new version number is still worth keeping.
-                        state.dirty |= old.version != version;
+                        // Same content: the row stays as it is (data, hash,
+                        // updated_at), but a higher version is still kept,
+                        // so that a later stale message stays stale. The
+                        // version alone is written at the end, unless the
+                        // row is written whole anyway.
                         Outcome::Unchanged
                     }
                     Some(old) => {
@@ -365,6 +368,17 @@ pub fn plan(
             writes.resource_deletes.push(key.clone());
         }
         if let Some(row) = state.now
+            && !state.dirty
+            && !state.deleted_initial
+            && let Some(version) = row.version
+            && current
+                .rows
+                .get(&key)
+                .is_some_and(|c| c.version != row.version)
+        {
+            writes.version_updates.push((key.clone(), version));
+        }
+        if let Some(row) = state.now
             && (state.dirty || state.deleted_initial)
         {
             writes.resource_upserts.push(ResourceWrite {
@@ -403,6 +417,7 @@ pub fn plan(
                     id: key.1,
                     canonical: canonical.clone(),
                     errors: errors.staging_json(),
+                    version: p.version,
                 });
             }
             None => writes.staging_clears.push(key),
@@ -1216,6 +1231,28 @@ mod tests {
     }
 
     #[test]
+    fn an_unchanged_save_with_a_higher_version_writes_only_the_version() {
+        let r = registry();
+        let current = stored("a", r#"{"name":"A"}"#, Some(1));
+        let (w, outcomes) = run(&[save_v("a", 5, r#"{ "name": "A" }"#, &r)], &current);
+        assert_eq!(outcomes, vec![Outcome::Unchanged]);
+        assert!(w.events.is_empty() && w.resource_upserts.is_empty());
+        assert_eq!(w.version_updates, vec![(("person".into(), "a".into()), 5)]);
+
+        // The same version, or a change after it in the batch, needs no
+        // version update of its own.
+        let (w, _) = run(&[save_v("a", 1, r#"{"name":"A"}"#, &r)], &current);
+        assert!(w.version_updates.is_empty() && w.resource_upserts.is_empty());
+        let batch = vec![
+            save_v("a", 5, r#"{"name":"A"}"#, &r),
+            save_v("a", 6, r#"{"name":"B"}"#, &r),
+        ];
+        let (w, _) = run(&batch, &current);
+        assert!(w.version_updates.is_empty());
+        assert_eq!(w.resource_upserts[0].version, Some(6));
+    }
+
+    #[test]
     fn a_stale_key_alone_writes_nothing_at_all() {
         let r = registry();
         let current = stored("a", r#"{"name":"A"}"#, Some(5));
@@ -1223,6 +1260,7 @@ mod tests {
         assert_eq!(outcomes, vec![Outcome::Stale]);
         assert!(w.events.is_empty() && w.staging_clears.is_empty() && w.staging_invalid.is_empty());
         assert!(w.resource_upserts.is_empty() && w.resource_deletes.is_empty());
+        assert!(w.version_updates.is_empty());
     }
 
     #[test]

@@ -98,7 +98,7 @@ async fn page(
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let rows = store::read::lock_rejected(&tx, entity_type, after, filter, PAGE).await?;
-    let Some(last) = rows.last().map(|r| (r.0.clone(), r.1.clone())) else {
+    let Some(last) = rows.last().map(|r| (r.entity_type.clone(), r.id.clone())) else {
         return Ok(None);
     };
     let mut summary = Summary {
@@ -106,16 +106,17 @@ async fn page(
         ..Summary::default()
     };
     let mut valid = Vec::new();
-    for (entity_type, id, data) in rows {
-        let Some(Value::Object(data)) = data else {
+    for row in rows {
+        let Some(Value::Object(data)) = row.data else {
             summary.still_invalid += 1;
             continue;
         };
+        // With the save's own version: a newer one stored meanwhile makes it stale.
         let prepared = Prepared::new(
             Inbound {
-                entity_type,
-                id,
-                version: None,
+                entity_type: row.entity_type,
+                id: row.id,
+                version: row.version,
                 action: Action::Save { data },
             },
             None,

@@ -17,8 +17,9 @@
 //! after the other: whichever commits last wins, and with versions
 //! (`version_field`) the higher version wins whatever the order, exactly as
 //! for messages (CONTRACT §4). A full-set sync deletes only resources that
-//! were neither in the input nor changed since the sync began: a save the
-//! daemon commits during the sync is never deleted by it.
+//! were neither in the input nor written by a transaction that committed
+//! after the sync began: a save the daemon commits during the sync is never
+//! deleted by it, even when its transaction started before the sync.
 //!
 //! # Example
 //!
@@ -611,7 +612,7 @@ impl Scramjet {
             None
         };
         let sync_began = match &seen {
-            Some(client) => Some(sync::now(client).await?),
+            Some(client) => Some(sync::began(client).await?),
             None => None,
         };
 
@@ -658,7 +659,7 @@ impl Scramjet {
 
         if let (Some(mut client), Some(began)) = (seen, sync_began) {
             let step = self
-                .delete_unseen(&mut client, options, began, &mut summary)
+                .delete_unseen(&mut client, options, &began, &mut summary)
                 .await;
             // Back to the pool without the table, whatever happened.
             let ended = sync::end_seen(&client).await;
@@ -730,7 +731,7 @@ impl Scramjet {
         &self,
         client: &mut deadpool_postgres::Client,
         options: &IngestOptions,
-        began: time::OffsetDateTime,
+        began: &sync::Began,
         summary: &mut Summary,
     ) -> anyhow::Result<DeleteStep> {
         let entity_type = options.entity_type.as_str();
@@ -791,7 +792,7 @@ impl Scramjet {
         &self,
         client: &mut deadpool_postgres::Client,
         options: &IngestOptions,
-        began: time::OffsetDateTime,
+        began: &sync::Began,
         after: &str,
     ) -> anyhow::Result<(Vec<String>, Vec<Outcome>)> {
         let entity_type = options.entity_type.as_str();

@@ -9,7 +9,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::StoreError;
-use crate::event::Event;
+use crate::{canonical, event::Event};
 
 /// (type, id).
 pub type Key = (String, String);
@@ -49,7 +49,7 @@ pub struct ServerId {
 pub struct Stored {
     /// Canonical hash of `data`.
     pub hash: String,
-    /// The stored document.
+    /// The stored document, exactly as it was sent (numbers included).
     pub data: Value,
     /// The stored version, if any.
     pub version: Option<i64>,
@@ -81,6 +81,8 @@ pub struct StagingInvalid {
     pub canonical: String,
     /// JSON array of `{path, message}`.
     pub errors: String,
+    /// The save's producer version, for `revalidate` to apply it with.
+    pub version: Option<i64>,
 }
 
 /// The net effect of a batch on the tables, in the order it must be applied.
@@ -91,6 +93,9 @@ pub struct Writes {
     pub resource_deletes: Vec<Key>,
     /// Rows to insert or overwrite in `resources`.
     pub resource_upserts: Vec<ResourceWrite>,
+    /// Rows whose data is unchanged but whose version rose: only the
+    /// `version` column is written (data, hash and `updated_at` stay).
+    pub version_updates: Vec<(Key, i64)>,
     /// Keys whose staging row must go (the last message for them succeeded).
     pub staging_clears: Vec<Key>,
     /// Rejected rows to keep in staging.
@@ -135,7 +140,7 @@ mod sql {
            substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) FROM ( \
            SELECT DISTINCT hashtextextended(t || chr(31) || i, 5930) AS k \
            FROM unnest($1::text[], $2::text[]) AS u(t, i) ORDER BY k) AS s";
-    pub const LOCK_ROWS: &str = "SELECT r.type, r.id, r.hash, r.data, r.version \
+    pub const LOCK_ROWS: &str = "SELECT r.type, r.id, r.hash, r.data, r.version, r.canonical \
          FROM resources r \
          JOIN unnest($1::text[], $2::text[]) AS k(type, id) \
            ON r.type = k.type AND r.id = k.id \
@@ -150,22 +155,31 @@ mod sql {
     pub const DELETE_RESOURCES: &str = "DELETE FROM resources r \
          USING unnest($1::text[], $2::text[]) AS k(type, id) \
          WHERE r.type = k.type AND r.id = k.id";
-    pub const UPSERT_RESOURCES: &str = "INSERT INTO resources (type, id, hash, data, version) \
-         SELECT t, i, h, d::jsonb, v \
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[]) \
-           AS u(t, i, h, d, v) \
+    /// `x` says that jsonb would rewrite the text: only then is the text
+    /// kept beside it (see `migrations/V5__exact_data.sql`).
+    pub const UPSERT_RESOURCES: &str = "INSERT INTO resources (type, id, hash, data, canonical, version) \
+         SELECT t, i, h, d::jsonb, CASE WHEN x THEN d END, v \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::bool[]) \
+           AS u(t, i, h, d, v, x) \
          ON CONFLICT (type, id) DO UPDATE \
-         SET hash = excluded.hash, data = excluded.data, \
+         SET hash = excluded.hash, data = excluded.data, canonical = excluded.canonical, \
              version = excluded.version, updated_at = now()";
+    /// Only the version: an unchanged save leaves data, hash and
+    /// `updated_at` as they are (CONTRACT §3).
+    pub const UPDATE_VERSIONS: &str = "UPDATE resources r SET version = u.v \
+         FROM unnest($1::text[], $2::text[], $3::int8[]) AS u(t, i, v) \
+         WHERE r.type = u.t AND r.id = u.i";
     pub const CLEAR_STAGING: &str = "DELETE FROM staging s \
          USING unnest($1::text[], $2::text[]) AS k(type, id) \
          WHERE s.type = k.type AND s.id = k.id";
     pub const STAGE_INVALID: &str = "INSERT INTO staging \
-           (type, id, data, is_valid, to_delete, errors, received_at) \
-         SELECT t, i, d::jsonb, false, false, e::jsonb, now() \
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(t, i, d, e) \
+           (type, id, data, canonical, version, is_valid, to_delete, errors, received_at) \
+         SELECT t, i, d::jsonb, CASE WHEN x THEN d END, v, false, false, e::jsonb, now() \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[], $6::int8[]) \
+           AS u(t, i, d, e, x, v) \
          ON CONFLICT (type, id) DO UPDATE \
-         SET data = excluded.data, is_valid = false, to_delete = false, \
+         SET data = excluded.data, canonical = excluded.canonical, version = excluded.version, \
+             is_valid = false, to_delete = false, \
              errors = excluded.errors, received_at = excluded.received_at";
     pub const DELETE_TOMBSTONES: &str = "DELETE FROM tombstones t \
          USING unnest($1::text[], $2::text[]) AS k(type, id) \
@@ -251,7 +265,7 @@ pub async fn claim_and_lock(
             (row.try_get(0)?, row.try_get(1)?),
             Stored {
                 hash: row.try_get(2)?,
-                data: row.try_get(3)?,
+                data: super::exact_data(row.try_get(3)?, row.try_get(5)?)?,
                 version: row.try_get(4)?,
             },
         );
@@ -375,6 +389,7 @@ pub async fn apply(tx: &Transaction<'_>, writes: &Writes) -> Result<(), StoreErr
         [
             sql::DELETE_RESOURCES,
             sql::UPSERT_RESOURCES,
+            sql::UPDATE_VERSIONS,
             sql::CLEAR_STAGING,
             sql::STAGE_INVALID,
             sql::DELETE_TOMBSTONES,
@@ -392,12 +407,25 @@ pub async fn apply(tx: &Transaction<'_>, writes: &Writes) -> Result<(), StoreErr
     let ru_hashes: Vec<&str> = r.iter().map(|r| r.hash.as_str()).collect();
     let ru_data: Vec<&str> = r.iter().map(|r| r.canonical.as_str()).collect();
     let ru_versions: Vec<Option<i64>> = r.iter().map(|r| r.version).collect();
+    let ru_exact: Vec<bool> = r
+        .iter()
+        .map(|r| canonical::jsonb_rewrites(&r.canonical))
+        .collect();
+    let vu = &writes.version_updates;
+    let vu_types: Vec<&str> = vu.iter().map(|(k, _)| k.0.as_str()).collect();
+    let vu_ids: Vec<&str> = vu.iter().map(|(k, _)| k.1.as_str()).collect();
+    let vu_versions: Vec<i64> = vu.iter().map(|(_, v)| *v).collect();
     let (sc_types, sc_ids) = split_keys(&writes.staging_clears);
     let st = &writes.staging_invalid;
     let si_types: Vec<&str> = st.iter().map(|r| r.entity_type.as_str()).collect();
     let si_ids: Vec<&str> = st.iter().map(|r| r.id.as_str()).collect();
     let si_data: Vec<&str> = st.iter().map(|r| r.canonical.as_str()).collect();
     let si_errors: Vec<&str> = st.iter().map(|r| r.errors.as_str()).collect();
+    let si_exact: Vec<bool> = st
+        .iter()
+        .map(|r| canonical::jsonb_rewrites(&r.canonical))
+        .collect();
+    let si_versions: Vec<Option<i64>> = st.iter().map(|r| r.version).collect();
     let (td_types, td_ids) = split_keys(&writes.tombstone_deletes);
     let tu = &writes.tombstone_upserts;
     let tu_types: Vec<&str> = tu.iter().map(|(k, _)| k.0.as_str()).collect();
@@ -411,9 +439,24 @@ pub async fn apply(tx: &Transaction<'_>, writes: &Writes) -> Result<(), StoreErr
         ev.iter().map(|e| e.correlation_id.as_deref()).collect();
 
     let p0: [&Param<'_>; 2] = [&rd_types, &rd_ids];
-    let p1: [&Param<'_>; 5] = [&ru_types, &ru_ids, &ru_hashes, &ru_data, &ru_versions];
+    let p1: [&Param<'_>; 6] = [
+        &ru_types,
+        &ru_ids,
+        &ru_hashes,
+        &ru_data,
+        &ru_versions,
+        &ru_exact,
+    ];
+    let pv: [&Param<'_>; 3] = [&vu_types, &vu_ids, &vu_versions];
     let p2: [&Param<'_>; 2] = [&sc_types, &sc_ids];
-    let p3: [&Param<'_>; 4] = [&si_types, &si_ids, &si_data, &si_errors];
+    let p3: [&Param<'_>; 6] = [
+        &si_types,
+        &si_ids,
+        &si_data,
+        &si_errors,
+        &si_exact,
+        &si_versions,
+    ];
     let p4: [&Param<'_>; 2] = [&td_types, &td_ids];
     let p5: [&Param<'_>; 3] = [&tu_types, &tu_ids, &tu_versions];
     let p6: [&Param<'_>; 4] = [&ev_ids, &ev_keys, &ev_payloads, &ev_correlations];
@@ -421,11 +464,12 @@ pub async fn apply(tx: &Transaction<'_>, writes: &Writes) -> Result<(), StoreErr
     futures_util::try_join!(
         execute_unless(tx, rd_types.is_empty(), &s[0], &p0),
         execute_unless(tx, r.is_empty(), &s[1], &p1),
-        execute_unless(tx, sc_types.is_empty(), &s[2], &p2),
-        execute_unless(tx, st.is_empty(), &s[3], &p3),
-        execute_unless(tx, td_types.is_empty(), &s[4], &p4),
-        execute_unless(tx, tu.is_empty(), &s[5], &p5),
-        execute_unless(tx, ev.is_empty(), &s[6], &p6),
+        execute_unless(tx, vu.is_empty(), &s[2], &pv),
+        execute_unless(tx, sc_types.is_empty(), &s[3], &p2),
+        execute_unless(tx, st.is_empty(), &s[4], &p3),
+        execute_unless(tx, td_types.is_empty(), &s[5], &p4),
+        execute_unless(tx, tu.is_empty(), &s[6], &p5),
+        execute_unless(tx, ev.is_empty(), &s[7], &p6),
     )?;
     Ok(())
 }

@@ -16,6 +16,7 @@ use std::{str::FromStr, time::Duration};
 
 use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use serde_json::Value;
 use tokio_postgres::error::SqlState;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -246,6 +247,21 @@ fn only_loopback(config: &tokio_postgres::Config) -> bool {
             }
             Host::Unix(_) => true,
         })
+}
+
+/// A stored document exactly as it was sent: the row's canonical text when
+/// it keeps one (only rows whose numbers jsonb would rewrite do, see
+/// `migrations/V5__exact_data.sql`), else its jsonb `data`.
+fn exact_data<T: From<Value>>(jsonb: T, canonical: Option<String>) -> Result<T, StoreError> {
+    match canonical {
+        None => Ok(jsonb),
+        Some(text) => serde_json::from_str::<Value>(&text)
+            .map(T::from)
+            .map_err(|e| StoreError::Refused {
+                sqlstate: None,
+                detail: format!("a stored canonical text is not JSON: {e}"),
+            }),
+    }
 }
 
 /// Connects once, creates the database if missing, runs migrations, and builds

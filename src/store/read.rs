@@ -19,7 +19,7 @@ pub struct Resource {
     pub id: String,
     /// Canonical hash.
     pub hash: String,
-    /// The document.
+    /// The document, exactly as it was sent.
     pub data: Value,
     /// Producer version.
     pub version: Option<i64>,
@@ -34,7 +34,7 @@ pub struct Resource {
 pub struct Rejected {
     /// Entity id.
     pub id: String,
-    /// The rejected document.
+    /// The rejected document, exactly as it was sent.
     pub data: Option<Value>,
     /// `[{path, message}]`.
     pub errors: Option<Value>,
@@ -58,7 +58,7 @@ fn resource(row: &tokio_postgres::Row) -> Result<Resource, StoreError> {
         entity_type: row.try_get(0)?,
         id: row.try_get(1)?,
         hash: row.try_get(2)?,
-        data: row.try_get(3)?,
+        data: super::exact_data(row.try_get(3)?, row.try_get(7)?)?,
         version: row.try_get(4)?,
         created_at: row.try_get(5)?,
         updated_at: row.try_get(6)?,
@@ -74,7 +74,7 @@ pub async fn resource_by_id(
     let client = pool.get().await?;
     let stmt = client
         .prepare_cached(
-            "SELECT type, id, hash, data, version, created_at, updated_at \
+            "SELECT type, id, hash, data, version, created_at, updated_at, canonical \
              FROM resources WHERE type = $1 AND id = $2",
         )
         .await?;
@@ -148,7 +148,8 @@ fn resources_page_sql(
     let l = params.push(limit);
     let matching = filter.map_or_else(|| "true".to_owned(), |f| f.to_sql("r", &mut params));
     let sql = format!(
-        "SELECT r.type, r.id, r.hash, r.data, r.version, r.created_at, r.updated_at \
+        "SELECT r.type, r.id, r.hash, r.data, r.version, r.created_at, r.updated_at, \
+           r.canonical \
          FROM resources r \
          WHERE r.type = {t} AND ({a}::text IS NULL OR r.id > {a}) \
            AND ({u}::timestamptz IS NULL OR r.updated_at >= {u}) \
@@ -187,7 +188,7 @@ pub async fn rejected_page(
     let client = pool.get().await?;
     let stmt = client
         .prepare_cached(
-            "SELECT id, data, errors, received_at FROM staging \
+            "SELECT id, data, errors, received_at, canonical FROM staging \
              WHERE type = $1 AND is_valid = false AND ($2::text IS NULL OR id > $2) \
              ORDER BY id LIMIT $3",
         )
@@ -199,12 +200,25 @@ pub async fn rejected_page(
         .map(|row| {
             Ok(Rejected {
                 id: row.try_get(0)?,
-                data: row.try_get(1)?,
+                data: super::exact_data(row.try_get(1)?, row.try_get(4)?)?,
                 errors: row.try_get(2)?,
                 received_at: row.try_get(3)?,
             })
         })
         .collect()
+}
+
+/// A rejected staging row as `revalidate` needs it.
+#[derive(Debug)]
+pub struct Staged {
+    /// Entity type.
+    pub entity_type: String,
+    /// Entity id.
+    pub id: String,
+    /// The rejected document, exactly as it was sent.
+    pub data: Option<Value>,
+    /// The save's producer version, if it had one.
+    pub version: Option<i64>,
 }
 
 /// Locks (`FOR UPDATE`) and returns up to `limit` rejected staging rows, of
@@ -216,7 +230,7 @@ pub async fn lock_rejected(
     after: Option<&(String, String)>,
     filter: Option<&Filter>,
     limit: i64,
-) -> Result<Vec<(String, String, Option<Value>)>, StoreError> {
+) -> Result<Vec<Staged>, StoreError> {
     let (after_type, after_id) = match after {
         Some((t, i)) => (Some(t.clone()), Some(i.clone())),
         None => (None, None),
@@ -230,7 +244,7 @@ pub async fn lock_rejected(
     // The filter's sub-filters read `resources`; `FOR UPDATE OF st` locks
     // only the staging rows, not the resources a sub-filter looked at.
     let sql = format!(
-        "SELECT st.type, st.id, st.data FROM staging st \
+        "SELECT st.type, st.id, st.data, st.canonical, st.version FROM staging st \
          WHERE st.is_valid = false AND ({t}::text IS NULL OR st.type = {t}) \
            AND ({at}::text IS NULL OR (st.type, st.id) > ({at}::text COLLATE \"C\", {ai}::text COLLATE \"C\")) \
            AND {matching} \
@@ -239,7 +253,14 @@ pub async fn lock_rejected(
     query(tx, &sql, &params, filter.is_some())
         .await?
         .iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+        .map(|r| {
+            Ok(Staged {
+                entity_type: r.try_get(0)?,
+                id: r.try_get(1)?,
+                data: super::exact_data(r.try_get(2)?, r.try_get(3)?)?,
+                version: r.try_get(4)?,
+            })
+        })
         .collect()
 }
 

@@ -26,7 +26,7 @@ impl Staged {
     }
 }
 
-/// Upserts records into `staging` as stashed: `is_valid` and `errors`
+/// Upserts records (`data`: canonical texts) into `staging` as stashed: `is_valid` and `errors`
 /// NULL. A row already there (a rejected one, say) is replaced.
 pub async fn stash(
     client: &Client,
@@ -36,15 +36,24 @@ pub async fn stash(
 ) -> Result<u64, StoreError> {
     let stmt = client
         .prepare_cached(
-            "INSERT INTO staging (type, id, data, is_valid, to_delete, errors, received_at) \
-             SELECT $1, i, d::jsonb, NULL, false, NULL, now() \
-             FROM unnest($2::text[], $3::text[]) AS u(i, d) \
+            "INSERT INTO staging \
+               (type, id, data, canonical, version, is_valid, to_delete, errors, received_at) \
+             SELECT $1, i, d::jsonb, CASE WHEN x THEN d END, NULL, NULL, false, NULL, now() \
+             FROM unnest($2::text[], $3::text[], $4::bool[]) AS u(i, d, x) \
              ON CONFLICT (type, id) DO UPDATE \
-             SET data = excluded.data, is_valid = NULL, to_delete = false, errors = NULL, \
+             SET data = excluded.data, canonical = excluded.canonical, version = NULL, \
+                 is_valid = NULL, to_delete = false, errors = NULL, \
                  received_at = excluded.received_at",
         )
         .await?;
-    Ok(client.execute(&stmt, &[&entity_type, &ids, &data]).await?)
+    // The text is kept beside the jsonb only where jsonb would rewrite it.
+    let exact: Vec<bool> = data
+        .iter()
+        .map(|d| crate::canonical::jsonb_rewrites(d))
+        .collect();
+    Ok(client
+        .execute(&stmt, &[&entity_type, &ids, &data, &exact])
+        .await?)
 }
 
 /// Up to `limit` ids of staging rows of `entity_type` in `state`, matching
@@ -85,7 +94,7 @@ pub async fn lock(
     state: Staged,
 ) -> Result<Vec<(String, Value)>, StoreError> {
     let sql = format!(
-        "SELECT st.id, st.data FROM staging st \
+        "SELECT st.id, st.data, st.canonical FROM staging st \
          WHERE st.type = $1 AND st.id = ANY($2::text[]) AND {} \
          ORDER BY st.id FOR UPDATE OF st",
         state.condition()
@@ -94,7 +103,12 @@ pub async fn lock(
     tx.query(&stmt, &[&entity_type, &ids])
         .await?
         .iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .map(|r| {
+            Ok((
+                r.try_get(0)?,
+                super::exact_data(r.try_get(1)?, r.try_get(2)?)?,
+            ))
+        })
         .collect()
 }
 

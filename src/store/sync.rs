@@ -6,7 +6,6 @@
 //! if the sync dies half-way.
 
 use deadpool_postgres::{Client, Transaction};
-use time::OffsetDateTime;
 
 use super::StoreError;
 use crate::filter::{Filter, SqlParams};
@@ -44,10 +43,42 @@ pub async fn add_seen(client: &Client, ids: &[&str]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The database's clock, which stamps `updated_at`.
-pub async fn now(client: &Client) -> Result<OffsetDateTime, StoreError> {
-    Ok(client.query_one("SELECT now()", &[]).await?.try_get(0)?)
+/// When a sync began, as PostgreSQL orders writes: by commit. It is the
+/// snapshot of committed transactions (`pg_current_snapshot()`) taken at
+/// the start, so "written after the sync began" means exactly "written by
+/// a transaction that had not committed when the sync began". A timestamp
+/// cannot say that: `updated_at = now()` is the writer's *start*, and even a
+/// `clock_timestamp()` taken under the key locks precedes its COMMIT by as
+/// long as the rest of the batch takes (docs/bulk.md).
+#[derive(Debug, Clone)]
+pub struct Began {
+    /// `pg_current_snapshot()` as text (`xmin:xmax:xip,…`).
+    snapshot: String,
 }
+
+/// The sync's start: the snapshot of what has committed by now.
+pub async fn began(client: &Client) -> Result<Began, StoreError> {
+    let row = client
+        .query_one("SELECT pg_current_snapshot()::text", &[])
+        .await?;
+    Ok(Began {
+        snapshot: row.try_get(0)?,
+    })
+}
+
+/// Whether the transaction that wrote the row `r` (its `xmin`) had
+/// committed when snapshot `{b}` was taken. `xmin` is a 32-bit transaction
+/// id and snapshots hold 64-bit ones: the row's id is widened to the one
+/// nearest the snapshot's `xmax` (a signed 32-bit distance), which is exact
+/// for every row younger than 2^31 transactions: PostgreSQL freezes rows
+/// before that age. An older, frozen row may come out as not yet committed
+/// and be spared, never the other way round. (Rows written inside a
+/// subtransaction would need the snapshot's subtransaction list, which
+/// `pg_snapshot` lacks; no writer of `resources` uses one.)
+const WRITTEN_BEFORE: &str = "pg_visible_in_snapshot(greatest( \
+       pg_snapshot_xmax({b}::text::pg_snapshot)::text::int8 \
+       + (((r.xmin::text::int8 - pg_snapshot_xmax({b}::text::pg_snapshot)::text::int8 + 2147483648) \
+           & 4294967295) - 2147483648), 3)::text::xid8, {b}::text::pg_snapshot)";
 
 /// The scope of a sync: the resources of `entity_type` matching `filter`.
 fn scope(entity_type: &str, filter: Option<&Filter>, params: &mut SqlParams) -> String {
@@ -58,19 +89,22 @@ fn scope(entity_type: &str, filter: Option<&Filter>, params: &mut SqlParams) -> 
     }
 }
 
-/// The resources of the scope not seen in the input and not changed since
-/// the sync began, so that a save the daemon committed meanwhile is never
-/// deleted.
+/// The resources of the scope not seen in the input and not written by a
+/// transaction that committed after the sync began, so that a save the
+/// daemon committed meanwhile is never deleted, even one whose transaction
+/// started before the sync did. Every write of a row gives it a new `xmin`
+/// (a full save, a version-only update); an unchanged save writes nothing.
 fn unseen(
     entity_type: &str,
     filter: Option<&Filter>,
-    began: OffsetDateTime,
+    began: &Began,
     params: &mut SqlParams,
 ) -> String {
     let scope = scope(entity_type, filter, params);
-    let b = params.push(began);
+    let b = params.push(began.snapshot.clone());
+    let written_before = WRITTEN_BEFORE.replace("{b}", &b);
     format!(
-        "{scope} AND r.updated_at < {b} \
+        "{scope} AND {written_before} \
          AND NOT EXISTS (SELECT 1 FROM scramjet_seen s WHERE s.id = r.id)"
     )
 }
@@ -97,7 +131,7 @@ pub async fn count_unseen(
     client: &Client,
     entity_type: &str,
     filter: Option<&Filter>,
-    began: OffsetDateTime,
+    began: &Began,
 ) -> Result<i64, StoreError> {
     let mut params = SqlParams::new();
     let sql = format!(
@@ -118,7 +152,7 @@ pub async fn lock_unseen_page(
     tx: &Transaction<'_>,
     entity_type: &str,
     filter: Option<&Filter>,
-    began: OffsetDateTime,
+    began: &Began,
     after: &str,
     limit: i64,
 ) -> Result<Vec<String>, StoreError> {

@@ -448,6 +448,100 @@ async fn an_ingest_beside_the_daemon_on_the_same_ids_never_loses_the_newer_save(
     );
 }
 
+/// Takes (or, with `unlock`, releases) the advisory lock every writer of
+/// (person, `id`) takes first, from the test's own session.
+async fn hold_key_lock(app: &TestApp, id: &str, unlock: bool) {
+    let f = if unlock {
+        "pg_advisory_unlock"
+    } else {
+        "pg_advisory_lock"
+    };
+    app.db
+        .execute(
+            &format!("SELECT {f}(hashtextextended('person' || chr(31) || $1, 5930))"),
+            &[&id],
+        )
+        .await
+        .unwrap();
+}
+
+/// Waits until `n` transactions of the test's database wait for an advisory lock.
+async fn wait_for_lock_waiters(app: &TestApp, n: i64) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let waiting: i64 = app
+            .db
+            .query_one(
+                "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+                 WHERE d.datname = current_database() AND l.locktype = 'advisory' \
+                   AND NOT l.granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{waiting} of {n} waiting"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_full_set_sync_spares_a_save_that_began_before_it_and_committed_after() {
+    let mut app = spawn_app().await;
+    for id in ["x", "w", "y1", "y2", "y3"] {
+        app.save("person", id, r#"{"name":"old"}"#).await;
+    }
+    assert_eq!(app.next_events(5).await.len(), 5);
+
+    // The daemon's batch saving x begins, then waits for x's key lock.
+    hold_key_lock(&app, "x", false).await;
+    hold_key_lock(&app, "y1", false).await;
+    app.save("person", "x", r#"{"name":"new"}"#).await;
+    wait_for_lock_waiters(&app, 1).await;
+
+    // The sync begins meanwhile; its first chunk waits for y1's key lock.
+    let feed: Vec<Value> = ["y1", "y2", "y3"]
+        .iter()
+        .map(|id| person(id, "old"))
+        .collect();
+    let scramjet = Scramjet::connect(&app.settings).await.unwrap();
+    let options = IngestOptions {
+        full_set: true,
+        ..IngestOptions::new("person")
+    };
+    let syncing = scramjet.ingest(
+        std::io::Cursor::new(ndjson(&feed)),
+        Format::Ndjson,
+        &options,
+        |_| {},
+    );
+    let meanwhile = async {
+        wait_for_lock_waiters(&app, 2).await;
+        // The daemon's save commits after the sync began; then the sync goes on.
+        hold_key_lock(&app, "x", true).await;
+        let e = app.next_event().await;
+        assert_eq!((e.op(), e.id()), ("updated", "x"));
+        hold_key_lock(&app, "y1", true).await;
+    };
+    let (summary, ()) = tokio::join!(syncing, meanwhile);
+    let summary = summary.unwrap();
+
+    assert_eq!(summary.deletes, Some(DeleteStep::Done(1)), "{summary}");
+    let names = names_by_id(&app).await;
+    assert_eq!(
+        names.keys().collect::<Vec<_>>(),
+        ["x", "y1", "y2", "y3"],
+        "w, unchanged since before the sync, is gone; x, saved during it, stays"
+    );
+    assert_eq!(names["x"], "new");
+}
+
 #[tokio::test]
 async fn a_full_set_with_a_scope_deletes_only_inside_it() {
     let mut app = spawn_app().await;

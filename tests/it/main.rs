@@ -6,6 +6,7 @@ mod bounds;
 mod bulk;
 mod cli;
 mod events;
+mod exact;
 mod faults;
 mod filters;
 mod helpers;
