@@ -77,7 +77,7 @@ impl fmt::Display for Outcome {
 }
 
 /// A message made ready for the database: hashed and validated, outside any transaction.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Prepared {
     /// Entity type.
     pub entity_type: String,
@@ -94,7 +94,7 @@ pub struct Prepared {
 }
 
 /// The prepared operation.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum PreparedKind {
     /// A save.
     Save {
@@ -870,32 +870,68 @@ impl Pipeline {
     }
 }
 
-/// Applies `prepared` in `tx` one message at a time, each in a savepoint
-/// rolled back if the database refuses it; passes the fence once, first.
+/// Applies `prepared` in `tx` as if one message at a time, leaving out the
+/// ones the database refuses; passes the fence once, first.
+///
+/// Each message is first tried in a savepoint of its own, inside an outer
+/// one, to find which the database refuses; the outer savepoint is then
+/// rolled back and the others are applied together at the top level. So
+/// every row is written by the top-level transaction, never a
+/// subtransaction: a full-set sync tells rows committed after it began by
+/// their `xmin` against its snapshot, which lists top-level transactions only.
 async fn each_alone(
     tx: &mut deadpool_postgres::Transaction<'_>,
     fence: Option<batch::Fence<'_>>,
     prepared: &[Prepared],
 ) -> Result<(Vec<Result<Outcome, Refusal>>, Current), StoreError> {
     let current = batch::pass_fence(tx, fence).await?;
-    let mut results = Vec::with_capacity(prepared.len());
-    for p in prepared {
-        let savepoint = tx.savepoint("scramjet_message").await?;
-        match apply_in(&savepoint, None, std::slice::from_ref(p), &[p.key()]).await {
-            Ok((mut outcomes, _)) => {
-                savepoint.commit().await?;
-                results.push(Ok(outcomes.remove(0)));
+    let mut refusals: Vec<Option<Refusal>> = Vec::with_capacity(prepared.len());
+    {
+        let mut probe = tx.savepoint("scramjet_probe").await?;
+        for p in prepared {
+            let savepoint = probe.savepoint("scramjet_message").await?;
+            match apply_in(&savepoint, None, std::slice::from_ref(p), &[p.key()]).await {
+                Ok(_) => {
+                    savepoint.commit().await?;
+                    refusals.push(None);
+                }
+                Err(StoreError::Refused { sqlstate, detail }) => {
+                    savepoint.rollback().await?;
+                    refusals.push(Some(Refusal {
+                        sqlstate,
+                        reason: detail,
+                    }));
+                }
+                Err(outage) => return Err(outage),
             }
-            Err(StoreError::Refused { sqlstate, detail }) => {
-                savepoint.rollback().await?;
-                results.push(Err(Refusal {
-                    sqlstate,
-                    reason: detail,
-                }));
-            }
-            Err(outage) => return Err(outage),
         }
+        probe.rollback().await?;
     }
+    let accepted: Vec<&Prepared> = prepared
+        .iter()
+        .zip(&refusals)
+        .filter(|(_, r)| r.is_none())
+        .map(|(p, _)| p)
+        .collect();
+    let mut outcomes = Vec::new().into_iter();
+    if !accepted.is_empty() {
+        // Cloned: a refused batch is the rare path.
+        let accepted: Vec<Prepared> = accepted.into_iter().cloned().collect();
+        let mut keys: Vec<Key> = accepted.iter().map(Prepared::key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        // Refused now, after the probe let these through, the refusal
+        // belongs to no one message: the caller waits it out.
+        let (applied, _) = apply_in(tx, None, &accepted, &keys).await?;
+        outcomes = applied.into_iter();
+    }
+    let results = refusals
+        .into_iter()
+        .map(|r| match r {
+            Some(refusal) => Err(refusal),
+            None => Ok(outcomes.next().expect("one outcome per accepted message")),
+        })
+        .collect();
     Ok((results, current))
 }
 
