@@ -33,6 +33,9 @@ use crate::{
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// The name under which the relay reports its outages to [`Health`].
 const WORKER: &str = "publisher";
+/// What `/readyz` says while the broker blocks the publishing connection.
+const BLOCKED: &str =
+    "RabbitMQ blocks publishing (a memory or disk alarm); events wait in the outbox";
 /// Longest wait between two attempts, to the database or the broker: short,
 /// since events wait meanwhile.
 const RETRY_CAP: Duration = Duration::from_secs(5);
@@ -145,12 +148,7 @@ impl Relay {
             if l.events.blocked() {
                 // A resource alarm: another connection would be blocked as
                 // well, and publishing into this one only queues copies.
-                self.health.outage(
-                    WORKER,
-                    "rabbitmq",
-                    "blocked",
-                    "RabbitMQ blocks publishing (a memory or disk alarm); events wait in the outbox",
-                );
+                self.health.outage(WORKER, "rabbitmq", "blocked", BLOCKED);
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(amqp::BLOCKED_POLL) => continue,
@@ -291,10 +289,23 @@ impl Relay {
             })
             .collect();
         // On failure the transaction is dropped, which rolls back: the events stay.
-        publisher
-            .publish_all_within(messages, CONFIRM_TIMEOUT)
-            .await
-            .map_err(RelayError::Broker)?;
+        let published = publisher.publish_all_within(messages, CONFIRM_TIMEOUT);
+        tokio::pin!(published);
+        loop {
+            tokio::select! {
+                result = &mut published => {
+                    result.map_err(RelayError::Broker)?;
+                    break;
+                }
+                // The broker says it blocks the connection only once it
+                // has something to publish: report it while the confirms wait.
+                _ = tokio::time::sleep(amqp::BLOCKED_POLL) => {
+                    if publisher.blocked() {
+                        self.health.outage(WORKER, "rabbitmq", "blocked", BLOCKED);
+                    }
+                }
+            }
+        }
         tx.commit().await.map_err(StoreError::from)?;
         self.health.set_postgres(true);
         for p in &pending {

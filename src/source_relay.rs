@@ -3,15 +3,16 @@
 //! — to the inbound exchange, so a database that cannot speak AMQP feeds
 //! Scramjet without code.
 //!
-//! Each round is one source transaction: take the relay lock, take the
+//! Each round is one source transaction: take the
 //! oldest rows (`FOR UPDATE SKIP LOCKED`, `seq` order), publish them with
 //! confirms, delete them, commit. A crash anywhere before the commit leaves
 //! the rows in place, so they are published again with the same
 //! `message_id` — which the daemon drops as duplicates (CONTRACT §4); nothing
-//! is lost. The lock (transaction-scoped, keyed by the outbox table) lets
+//! is lost. The relay lock (session-level, keyed by the outbox table) lets
 //! one relay at a time publish, so rows reach the broker strictly in `seq`
-//! order however many relays run: the others stand by and take over within
-//! `relay.poll_interval` when the active one dies.
+//! order however many relays run: the one that holds it keeps the role until
+//! it stops or dies, and the others stand by and take over within
+//! `relay.poll_interval`.
 
 use std::{
     net::SocketAddr,

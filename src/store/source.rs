@@ -16,7 +16,9 @@ use crate::{config::RelaySettings, redact};
 
 /// First half of the advisory lock key (the second is the outbox table's
 /// oid): the lock lets one relay at a time publish a given outbox, so its
-/// rows go out strictly in `seq` order however many relays run.
+/// rows go out strictly in `seq` order however many relays run. It is held
+/// for the session: the relay that has it keeps the role until it stops or
+/// its connection dies (the server then releases it), and the others stand by.
 const RELAY_LOCK_CLASS: i32 = 0x5c7a_3e70;
 
 /// One outbox row, as written by the trigger.
@@ -42,7 +44,7 @@ pub struct OutboxRow {
 struct Statements {
     /// `SET LOCAL synchronous_commit = off`.
     relaxed: Statement,
-    /// Tries the relay lock for this transaction.
+    /// Tries the relay lock for this session.
     lock: Statement,
     /// The oldest rows, locked.
     take: Statement,
@@ -60,6 +62,9 @@ pub struct Source {
     statements: Statements,
     /// The outbox table's oid as the advisory lock takes it.
     lock_key: i32,
+    /// Whether this session holds the relay lock (it keeps it until the
+    /// connection ends).
+    active: bool,
     /// Drives the connection and turns notifications into wake-ups.
     driver: JoinHandle<()>,
 }
@@ -111,7 +116,7 @@ impl Source {
             let statements = Statements {
                 relaxed: client.prepare("SET LOCAL synchronous_commit = off").await?,
                 lock: client
-                    .prepare("SELECT pg_try_advisory_xact_lock($1::int4, $2::int4)")
+                    .prepare("SELECT pg_try_advisory_lock($1::int4, $2::int4)")
                     .await?,
                 take: client
                     .prepare(&format!(
@@ -150,6 +155,7 @@ impl Source {
             client,
             statements,
             lock_key,
+            active: false,
             driver,
         })
     }
@@ -168,18 +174,26 @@ impl Source {
             .get(0))
     }
 
-    /// Starts a relay transaction.
+    /// Starts a relay transaction, first trying for the relay lock unless
+    /// this session holds it already.
     pub async fn begin(&mut self) -> Result<Batch<'_>, StoreError> {
         let Source {
             client,
             statements,
             lock_key,
+            active,
             ..
         } = self;
+        if !*active {
+            *active = client
+                .query_one(&statements.lock, &[&RELAY_LOCK_CLASS, &*lock_key])
+                .await?
+                .try_get(0)?;
+        }
         Ok(Batch {
             tx: client.transaction().await?,
             statements,
-            lock_key: *lock_key,
+            active: *active,
         })
     }
 }
@@ -198,30 +212,27 @@ pub struct Batch<'a> {
     tx: Transaction<'a>,
     /// The connection's statements.
     statements: &'a Statements,
-    /// Second half of the lock key.
-    lock_key: i32,
+    /// Whether the session holds the relay lock.
+    active: bool,
 }
 
 impl Batch<'_> {
-    /// Takes the relay lock and the oldest `limit` rows, locked until commit,
-    /// in `seq` order. `None` when another relay holds the lock (this one
-    /// stands by).
+    /// The oldest `limit` rows, locked until commit, in `seq` order. `None`
+    /// when another relay holds the relay lock (this one stands by).
     ///
     /// The commit of the delete does not wait for the WAL flush: should the
     /// source server lose it in a crash, the rows come back and are published
     /// again with their `message_id`, which the daemon drops as duplicates.
     pub async fn take(&self, limit: i64) -> Result<Option<Vec<OutboxRow>>, StoreError> {
-        let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
-            [&RELAY_LOCK_CLASS, &self.lock_key];
-        // One round trip: both go out in order.
-        let (_, locked) = futures_util::try_join!(
-            self.tx.execute(&self.statements.relaxed, &[]),
-            self.tx.query_one(&self.statements.lock, &lock_params),
-        )?;
-        if !locked.try_get::<_, bool>(0)? {
+        if !self.active {
             return Ok(None);
         }
-        let rows = self.tx.query(&self.statements.take, &[&limit]).await?;
+        // One round trip: both go out in order.
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&limit];
+        let (_, rows) = futures_util::try_join!(
+            self.tx.execute(&self.statements.relaxed, &[]),
+            self.tx.query(&self.statements.take, &params),
+        )?;
         rows.iter()
             .map(|r| {
                 Ok(OutboxRow {

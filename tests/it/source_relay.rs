@@ -837,3 +837,42 @@ async fn a_source_row_over_max_message_bytes_goes_out_without_its_data_and_the_r
     assert_eq!(relay.metrics.reduced.get(), 1);
     assert_eq!(source.outbox_len().await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_relays_one_holds_the_active_role_until_it_stops_and_the_other_says_it_stands_by() {
+    const ROWS: i64 = 20;
+    let source = SourceDb::create().await;
+    let app = spawn_app().await;
+    create_items(&source, ROWS).await;
+    let mut first = InProcessRelay::start(&app, &source, 20).await;
+    // The first has taken the role (it published the initial rows) before
+    // the second starts.
+    let deadline = Instant::now() + PATIENCE;
+    while first.metrics.active.get() != 1 {
+        assert!(Instant::now() < deadline, "the first relay becomes active");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second = InProcessRelay::start(&app, &source, 20).await;
+    let writer = burst(&source, 30, Duration::from_millis(20));
+    // Sampled over the burst: one active relay, always the first.
+    let mut samples = Vec::new();
+    for _ in 0..40 {
+        samples.push((first.metrics.active.get(), second.metrics.active.get()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    writer.await.unwrap();
+    assert!(
+        samples.iter().all(|s| *s == (1, 0)),
+        "(first, second) scramjet_relay_active over 2 s: {samples:?}"
+    );
+    assert_eq!(second.published("save"), 0, "the standby published nothing");
+
+    // The first stops: the second takes the role and the rows.
+    first.stop().await;
+    burst(&source, 1, Duration::ZERO).await.unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while second.metrics.active.get() != 1 || second.published("save") == 0 {
+        assert!(Instant::now() < deadline, "the second relay takes over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
