@@ -58,12 +58,14 @@ const METRICS: &[&str] = &[
     "scramjet_connected",
     "scramjet_reconnects_total",
     "scramjet_outages_total",
+    "scramjet_events_reduced_total",
     "scramjet_relay_messages_total",
     "scramjet_relay_delay_seconds",
     "scramjet_relay_pending",
     "scramjet_relay_active",
     "scramjet_relay_connected",
     "scramjet_relay_reconnects_total",
+    "scramjet_relay_reduced_total",
 ];
 
 fn deploy_dir() -> PathBuf {
