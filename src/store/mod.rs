@@ -288,20 +288,33 @@ pub async fn connect_migrated(settings: &Settings) -> anyhow::Result<Pool> {
         .map(|m| i64::from(m.version()))
         .max()
         .unwrap_or(0);
-    let applied: Option<i64> = client
+    let read = |e: tokio_postgres::Error| {
+        anyhow::anyhow!(
+            "cannot read the schema version at {shown}: {}",
+            db_error_text(&e)
+        )
+    };
+    // Two statements: one naming a missing table fails as it is parsed.
+    let exists: bool = client
         .query_one(
-            "SELECT CASE WHEN to_regclass('refinery_schema_history') IS NULL THEN NULL \
-             ELSE (SELECT max(version)::int8 FROM refinery_schema_history) END",
+            "SELECT to_regclass('refinery_schema_history') IS NOT NULL",
             &[],
         )
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot read the schema version at {shown}: {}",
-                db_error_text(&e)
-            )
-        })?
+        .map_err(read)?
         .try_get(0)?;
+    let applied: Option<i64> = if exists {
+        client
+            .query_one(
+                "SELECT max(version)::int8 FROM refinery_schema_history",
+                &[],
+            )
+            .await
+            .map_err(read)?
+            .try_get(0)?
+    } else {
+        None
+    };
     match applied {
         Some(v) if v >= newest => build_pool(config, tls, settings.postgres.pool_size),
         Some(v) => anyhow::bail!(
