@@ -415,11 +415,12 @@ impl Bench {
         let mut out = String::new();
         writeln!(
             out,
-            "Inbound queue: {:?}, single-active-consumer {}; prefetch {}, batch size {}.",
+            "Inbound queue: {:?}, single-active-consumer {}; prefetch {}, batch size {} (at most half the prefetch: {}).",
             self.settings.amqp.queue_type,
             self.settings.amqp.single_active_consumer,
             self.settings.prefetch(),
             self.settings.pipeline.batch_size,
+            self.settings.batch_size(),
         )?;
         writeln!(out)?;
         writeln!(

@@ -650,6 +650,17 @@ impl Settings {
             .max(1)
     }
 
+    /// The most messages the daemon puts in one batch: `pipeline.batch_size`,
+    /// but at most half of [`Settings::prefetch`], so that the next batch
+    /// arrives while one commits. When `amqp.max_inflight_bytes` lowers the
+    /// prefetch below twice the batch size, batches of the whole prefetch
+    /// would leave the broker idle during every commit (BENCHMARKS.md).
+    pub fn batch_size(&self) -> usize {
+        self.pipeline
+            .batch_size
+            .min((usize::from(self.prefetch()) / 2).max(1))
+    }
+
     /// Rejects values that deserialize but cannot work.
     pub fn check(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
@@ -868,8 +879,10 @@ mod tests {
         let mut s = Settings::default();
         // 256 MiB / 1 MiB: 256 messages, below amqp.prefetch.
         assert_eq!(s.prefetch(), 256);
+        assert_eq!(s.batch_size(), 128, "half the prefetch");
         s.limits.max_message_bytes = 64 * 1024;
         assert_eq!(s.prefetch(), 1000, "amqp.prefetch stays the upper bound");
+        assert_eq!(s.batch_size(), 500);
         s.limits.max_message_bytes = 100 * 1024 * 1024;
         s.amqp.max_inflight_bytes = 100 * 1024 * 1024;
         assert_eq!(s.prefetch(), 1);

@@ -61,7 +61,7 @@ impl Consumer {
         mut stream: lapin::Consumer,
         stop: &CancellationToken,
     ) -> anyhow::Result<()> {
-        let batch_size = self.settings.pipeline.batch_size;
+        let batch_size = self.settings.batch_size();
         let max_bytes = self.settings.pipeline.max_batch_bytes;
         let linger = self.settings.pipeline.linger();
         loop {
