@@ -117,14 +117,7 @@ impl Relay {
         let mut link: Option<Link> = None;
         while !stop.is_cancelled() {
             if link.as_ref().is_none_or(|l| !l.is_up()) {
-                self.dead_letters.offer(None);
-                if let Some(l) = link.take() {
-                    self.metrics
-                        .reconnects
-                        .with_label_values(&["rabbitmq"])
-                        .inc();
-                    l.close().await;
-                }
+                self.drop_link(&mut link).await;
                 match Link::open(&self.amqp).await {
                     Ok(l) => {
                         self.dead_letters.offer(Some(l.dead_letters.clone()));
@@ -184,14 +177,7 @@ impl Relay {
                         RelayError::Broker(e) => {
                             self.health
                                 .outage(WORKER, "rabbitmq", "connection", &format!("{e:#}"));
-                            self.dead_letters.offer(None);
-                            if let Some(l) = link.take() {
-                                self.metrics
-                                    .reconnects
-                                    .with_label_values(&["rabbitmq"])
-                                    .inc();
-                                l.close().await;
-                            }
+                            self.drop_link(&mut link).await;
                         }
                     }
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "outbox relay round failed; events wait in the outbox");
@@ -231,6 +217,19 @@ impl Relay {
             ),
         }
         l.close().await;
+    }
+
+    /// Withdraws the dead-letter channel and closes `link`, if any, counting
+    /// a reconnection: the next turn opens a new one.
+    async fn drop_link(&self, link: &mut Option<Link>) {
+        self.dead_letters.offer(None);
+        if let Some(l) = link.take() {
+            self.metrics
+                .reconnects
+                .with_label_values(&["rabbitmq"])
+                .inc();
+            l.close().await;
+        }
     }
 
     /// Publishes rounds (one outbox row, i.e. one committed batch, each)
