@@ -382,6 +382,9 @@ async fn a_daemon_that_lost_its_broker_while_waiting_for_postgresql_never_commit
     standby.postgres.url = direct_db_url(&app.names);
     standby.amqp.url = amqp_url();
     let (_, stop_standby, standby_task, _) = launch(&standby).await;
+    // Stopped before the test's cleanup also when an assertion fails, so a
+    // standby left running cannot declare the test's exchanges again.
+    let _standby_stops = stop_standby.clone().drop_guard();
     let ids: Vec<String> = (0..10).map(|i| format!("e{i}")).collect();
     // No version, no message_id: only the order of commits protects them.
     let round = |name: &str| -> Vec<String> {
