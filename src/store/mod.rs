@@ -227,6 +227,19 @@ pub fn pg_config(
     if !settings.url.contains("sslmode") && only_loopback(&config) {
         config.ssl_mode(tokio_postgres::config::SslMode::Disable);
     }
+    // A server that stops answering without closing the connection (a
+    // black-holed network, a frozen host) would otherwise hold a batch for
+    // hours: tokio-postgres probes an idle connection only after 2 h, and
+    // unacknowledged data waits for the kernel's retransmissions (about
+    // 15 min). Probe after 30 s, and give up on data unacknowledged for 60 s.
+    if !settings.url.contains("keepalives") {
+        config.keepalives_idle(Duration::from_secs(30));
+        config.keepalives_interval(Duration::from_secs(10));
+        config.keepalives_retries(3);
+    }
+    if !settings.url.contains("tcp_user_timeout") {
+        config.tcp_user_timeout(Duration::from_secs(60));
+    }
     let connector = tls::postgres_connector(mode, settings.tls_ca_file.as_deref())?;
     Ok((config, connector))
 }
@@ -566,6 +579,21 @@ mod tests {
         }
         assert!(!Cause::Conflict.is_outage());
         assert!(Cause::ReadOnly.is_outage());
+    }
+
+    #[test]
+    fn a_silent_server_is_given_up_on_within_a_minute_unless_the_url_says_otherwise() {
+        let mut settings = PostgresSettings::default();
+        let (config, _) = pg_config(&settings).unwrap();
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(30));
+        assert_eq!(
+            config.get_tcp_user_timeout(),
+            Some(&Duration::from_secs(60))
+        );
+        settings.url = "postgres://u@db/x?keepalives_idle=5&tcp_user_timeout=7".into();
+        let (config, _) = pg_config(&settings).unwrap();
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(5));
+        assert_eq!(config.get_tcp_user_timeout(), Some(&Duration::from_secs(7)));
     }
 
     #[test]
