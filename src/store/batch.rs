@@ -285,33 +285,9 @@ pub async fn pass_fence(
     tx: &Transaction<'_>,
     fence: Option<Fence<'_>>,
 ) -> Result<Current, StoreError> {
-    let epoch = match fence {
-        None => None,
-        Some(Fence::Register(queue)) => {
-            let stmt = tx.prepare_cached(sql::REGISTER_EPOCH).await?;
-            tx.query_opt(&stmt, &[&queue]).await?
-        }
-        Some(Fence::Check(queue)) => {
-            let stmt = tx.prepare_cached(sql::CHECK_EPOCH).await?;
-            tx.query_opt(&stmt, &[&queue]).await?
-        }
-    };
-    let row = tx
-        .query_one(
-            "SELECT txid_current(), (SELECT system_identifier FROM pg_control_system()), \
-             substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)",
-            &[],
-        )
-        .await?;
-    Ok(Current {
-        xid: row.try_get(0)?,
-        server: ServerId {
-            system: row.try_get(1)?,
-            timeline: row.try_get(2)?,
-        },
-        epoch: epoch.map(|row| row.try_get(0)).transpose()?,
-        ..Current::default()
-    })
+    claim_and_lock(tx, fence, &[], &[])
+        .await
+        .map(|(_, current)| current)
 }
 
 /// Takes the advisory lock of every key in `keys` (as every batch does

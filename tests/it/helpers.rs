@@ -150,16 +150,29 @@ impl Drop for Cleanup {
         let settings = self.settings.clone();
         let names = self.names.clone();
         // Drop may run inside a test's runtime; clean up from a thread with its own.
-        std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(cleanup(&settings, &names));
-        })
-        .join()
-        .expect("cleanup does not panic");
+        on_own_runtime(move || async move { cleanup(&settings, &names).await })
+            .join()
+            .expect("cleanup does not panic");
     }
+}
+
+/// Runs the future `work` makes on a thread of its own, with a runtime of
+/// its own: for async cleanup from `Drop` (which may run inside a test's
+/// runtime), and for load that must not share the daemon's runtime.
+pub fn on_own_runtime<F>(
+    work: impl FnOnce() -> F + Send + 'static,
+) -> std::thread::JoinHandle<F::Output>
+where
+    F: std::future::Future,
+    F::Output: Send + 'static,
+{
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(work())
+    })
 }
 
 pub async fn spawn_app() -> TestApp {

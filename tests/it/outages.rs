@@ -36,19 +36,13 @@ impl Role {
 impl Drop for Role {
     fn drop(&mut self) {
         let name = self.name.clone();
-        std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async {
-                    let admin = connect_admin().await;
-                    // The test's database (owned by the role) is gone by now,
-                    // unless its cleanup failed: then take it down here too.
-                    let _ = admin
-                        .batch_execute(&format!("DROP OWNED BY {name}; DROP ROLE IF EXISTS {name}"))
-                        .await;
-                })
+        on_own_runtime(move || async move {
+            let admin = connect_admin().await;
+            // The test's database (owned by the role) is gone by now,
+            // unless its cleanup failed: then take it down here too.
+            let _ = admin
+                .batch_execute(&format!("DROP OWNED BY {name}; DROP ROLE IF EXISTS {name}"))
+                .await;
         })
         .join()
         .unwrap();
@@ -286,6 +280,9 @@ async fn a_migration_that_changes_a_column_the_cached_statements_read_dead_lette
     let events = app.next_events(20).await;
     assert!(events.iter().all(|e| e.op() == "updated"), "{events:?}");
     assert_no_dead_letter_within(&mut app, Duration::from_millis(500)).await;
+    // The pipeline's pool hands it the one connection it used for the
+    // warm-up, so the stale statement really was hit (and healed).
+    assert!(outages(&app, "schema").await >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

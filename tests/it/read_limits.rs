@@ -131,19 +131,13 @@ fn spawn_readers(
     stop: Arc<AtomicBool>,
     tally: Arc<Tally>,
 ) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async {
-                let readers: Vec<_> = (0..READERS)
-                    .map(|_| tokio::spawn(read_until(app, stop.clone(), tally.clone())))
-                    .collect();
-                for reader in readers {
-                    reader.await.unwrap();
-                }
-            })
+    on_own_runtime(move || async move {
+        let readers: Vec<_> = (0..READERS)
+            .map(|_| tokio::spawn(read_until(app, stop.clone(), tally.clone())))
+            .collect();
+        for reader in readers {
+            reader.await.unwrap();
+        }
     })
 }
 

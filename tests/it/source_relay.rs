@@ -95,18 +95,12 @@ impl SourceDb {
 impl Drop for SourceDb {
     fn drop(&mut self) {
         let name = self.name.clone();
-        std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async {
-                    connect_admin()
-                        .await
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                        .await
-                        .unwrap();
-                })
+        on_own_runtime(move || async move {
+            connect_admin()
+                .await
+                .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .await
+                .unwrap();
         })
         .join()
         .expect("the source database is dropped");
