@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{AmqpSettings, QueueType},
-    redact,
+    support::redact,
 };
 
 /// How long publisher confirms may take. A blocked broker never sends them

@@ -10,7 +10,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context;
 use serde::Deserialize;
 
-use crate::message;
+use crate::domain::message;
 
 /// The file read when no `--config` is given (it is optional: defaults suffice).
 pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
@@ -90,7 +90,7 @@ impl PostgresSettings {
 impl std::fmt::Debug for PostgresSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresSettings")
-            .field("url", &crate::redact::url(&self.url))
+            .field("url", &crate::support::redact::url(&self.url))
             .field("pool_size", &self.pool_size)
             .field("password", &self.password)
             .field("password_file", &self.password_file)
@@ -102,7 +102,7 @@ impl std::fmt::Debug for PostgresSettings {
 impl std::fmt::Debug for AmqpSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AmqpSettings")
-            .field("url", &crate::redact::url(&self.url))
+            .field("url", &crate::support::redact::url(&self.url))
             .field("inbound_exchange", &self.inbound_exchange)
             .field("inbound_queue", &self.inbound_queue)
             .field("changes_exchange", &self.changes_exchange)

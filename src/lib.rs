@@ -14,52 +14,32 @@
 //!
 //! | module | concern |
 //! |---|---|
-//! | [`config`] | settings: defaults ← TOML file ← `SCRAMJET__…` environment |
-//! | [`telemetry`] | log subscriber (text or JSON) |
-//! | [`app`] | builds everything, runs until the shutdown token fires, reconnects |
-//! | [`amqp`] | broker connections (one consumes, one publishes), topology, confirms, deadlines |
-//! | [`consumer`] | deliveries → batches → pipeline → dead letters → ack |
-//! | [`message`] | bytes → a typed inbound message, or a dead-letter reason |
-//! | [`canonical`] | canonical JSON and its SHA-256 hash |
-//! | [`validate`] | JSON Schema registry, one schema per type |
+//! | [`daemon`] | `scramjet run`: builds everything, runs sessions until the shutdown token fires, reconnects; the consumer turns deliveries into batches, dead letters and acks |
+//! | [`domain`] | what the data is: inbound messages, canonical form and hash, schemas, change events |
 //! | [`pipeline`] | a batch → per-message outcomes and net writes, in one transaction |
-//! | [`event`] | change event bodies |
-//! | [`store`] | all SQL: pool, migrations, batch writes, outbox, a source's outbox |
-//! | [`filter`] | `--where` / `?where=` filters: parsed, then rendered to parameterized SQL |
-//! | [`relay`] | outbox → changes exchange over the publishing connection, deleting only what the broker confirmed |
-//! | [`source_relay`] | `scramjet relay`: a producer database's outbox → inbound exchange |
-//! | [`http`] | `/healthz`, `/readyz`, `/metrics`, the read API |
-//! | [`metrics`] | Prometheus metrics, one registry per daemon |
-//! | [`admin`] | `scramjet send`, `status` and `tail` |
-//! | [`replay`] | `scramjet replay`: snapshot events through the outbox |
-//! | [`revalidate`] | `scramjet revalidate`: rejected rows again, after a schema change |
-//! | [`bulk`] | the library API: stash, validate, traject, ingest (full-set sync), remove, apply, list; `scramjet ingest` and `delete` |
-//! | [`bench`] | `scramjet bench`: throughput, latency, memory, CPU |
-//! | [`tls`] | rustls for PostgreSQL (`sslmode`) and RabbitMQ (`amqps://`) |
-//! | [`health`], [`backoff`], [`redact`] | small shared pieces |
+//! | [`outbox`] | where events leave: outbox rows → changes exchange, deleting only what the broker confirmed |
+//! | [`store`] | all SQL: pools, migrations, batch writes, outbox, reads, a producer's outbox |
+//! | [`amqp`] | broker connections, topology, publisher confirms, dead letters |
+//! | [`api`] | HTTP: `/healthz`, `/readyz`, `/metrics`, the read API, the filter language |
+//! | [`producer`] | `scramjet relay`: a producer database's outbox → inbound exchange |
+//! | [`commands`] | the one-shot commands: `send`, `status`, `tail`, `replay`, `revalidate`, `ingest`, `delete` |
+//! | [`bulk`] | the library API: stash, validate, traject, ingest (full-set sync), remove, apply, list |
+//! | [`config`] | settings: defaults ← TOML file ← `SCRAMJET__…` environment |
+//! | [`telemetry`] | logs, Prometheus metrics, health and outages |
+//! | [`support`] | backoff, redaction, TLS |
+//! | [`bench`](mod@bench) | `scramjet bench`: throughput, latency, memory, CPU |
 
-pub mod admin;
 pub mod amqp;
-pub mod app;
-pub mod backoff;
+pub mod api;
 pub mod bench;
 pub mod bulk;
-pub mod canonical;
+pub mod commands;
 pub mod config;
-pub mod consumer;
-pub mod event;
-pub mod filter;
-pub mod health;
-pub mod http;
-pub mod message;
-pub mod metrics;
+pub mod daemon;
+pub mod domain;
+pub mod outbox;
 pub mod pipeline;
-pub mod redact;
-pub mod relay;
-pub mod replay;
-pub mod revalidate;
-pub mod source_relay;
+pub mod producer;
 pub mod store;
+pub mod support;
 pub mod telemetry;
-pub mod tls;
-pub mod validate;

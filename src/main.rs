@@ -4,12 +4,14 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use scramjet::{
-    admin,
-    app::App,
+    api::filter,
     bench, bulk,
+    commands::replay,
+    commands::revalidate,
+    commands::{self, admin},
     config::{Secret, Settings},
-    filter, replay, revalidate,
-    source_relay::SourceRelay,
+    daemon::app::App,
+    producer::SourceRelay,
     store, telemetry,
 };
 use tokio_util::sync::CancellationToken;
@@ -284,10 +286,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 scope: parse_where(filter.as_deref())?,
                 ..bulk::IngestOptions::new(entity_type)
             };
-            bulk::command::ingest(&settings, &input, format, &options).await
+            commands::bulk::ingest(&settings, &input, format, &options).await
         }
         Command::Delete { entity_type, ids } => {
-            bulk::command::delete(&settings, &entity_type, &ids).await
+            commands::bulk::delete(&settings, &entity_type, &ids).await
         }
         Command::Revalidate {
             entity_type,
@@ -382,7 +384,7 @@ fn parse_where(text: Option<&str>) -> anyhow::Result<Option<filter::Filter>> {
 }
 
 /// Reloads the schemas on every SIGHUP; a broken schema keeps the old ones.
-async fn reload_on_sighup(schemas: std::sync::Arc<scramjet::validate::Schemas>) {
+async fn reload_on_sighup(schemas: std::sync::Arc<scramjet::domain::validate::Schemas>) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot listen for SIGHUP; schemas reload only on restart");

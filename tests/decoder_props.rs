@@ -3,8 +3,8 @@
 
 use proptest::prelude::*;
 use scramjet::{
-    canonical,
-    message::{self, Action, Limits},
+    domain::canonical,
+    domain::message::{self, Action, Limits},
 };
 use serde_json::Value;
 

@@ -18,7 +18,7 @@ use anyhow::{Context, bail, ensure};
 use futures_util::StreamExt;
 
 use super::{Bench, Daemon, clock_ticks, peak_rss_kib, postgres_cpu_ticks, process_cpu_ticks};
-use crate::canonical;
+use crate::domain::canonical;
 
 /// The filler of every document: about 1 KB per record.
 fn filler() -> String {

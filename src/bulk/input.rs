@@ -12,7 +12,7 @@ use std::io::BufRead;
 
 use serde_json::{Map, Value};
 
-use crate::message::{self, Limits};
+use crate::domain::message::{self, Limits};
 
 /// The shape of the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

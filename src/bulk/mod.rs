@@ -34,7 +34,7 @@
 //! let feed = std::io::BufReader::new(std::fs::File::open("physics.csv")?);
 //! let options = IngestOptions {
 //!     full_set: true,
-//!     scope: Some(scramjet::filter::parse(r#"dept = "physics""#)?),
+//!     scope: Some(scramjet::api::filter::parse(r#"dept = "physics""#)?),
 //!     ..IngestOptions::new("person")
 //! };
 //! let summary = scramjet.ingest(feed, Format::Csv, &options, |_| {}).await?;
@@ -44,7 +44,7 @@
 //! let record = serde_json::json!({"name": "Ada"}).as_object().unwrap().clone();
 //! scramjet.stash("person", &[("p1".to_owned(), record)]).await?;
 //! scramjet.validate("person", None).await?;
-//! let physics = scramjet::filter::parse(r#"dept = "physics""#)?;
+//! let physics = scramjet::api::filter::parse(r#"dept = "physics""#)?;
 //! scramjet.traject("person", Some(&physics)).await?;
 //! for resource in scramjet.list("person", Some(&physics), None, 100).await? {
 //!     println!("{} {}", resource.id, resource.hash);
@@ -56,7 +56,6 @@
 //! The guide, with the guards and the rule for running beside the daemon,
 //! is `docs/bulk.md`.
 
-pub mod command;
 pub mod input;
 
 use std::{
@@ -74,14 +73,14 @@ use tokio_util::sync::CancellationToken;
 pub use input::{BadRecord, Format, Record, RecordShape, Records};
 
 use crate::{
+    api::filter::Filter,
     config::Settings,
-    filter::Filter,
-    health::Health,
-    message::{Action, Inbound, Limits},
-    metrics::Metrics,
+    domain::message::{Action, Inbound, Limits},
+    domain::validate::SchemaRegistry,
     pipeline::{self, Outcome, Pipeline, Prepared, PreparedKind},
     store::{self, StoreError, read, stage::Staged, sync},
-    validate::SchemaRegistry,
+    telemetry::health::Health,
+    telemetry::metrics::Metrics,
 };
 
 /// Records per transaction.
@@ -392,17 +391,18 @@ impl Scramjet {
         entity_type: &str,
         records: &[(String, Map<String, Value>)],
     ) -> anyhow::Result<u64> {
-        crate::message::check_type(entity_type).map_err(|e| anyhow::anyhow!("{e}"))?;
+        crate::domain::message::check_type(entity_type).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut written = 0;
         for chunk in records.chunks(DEFAULT_CHUNK) {
             let mut ids = Vec::with_capacity(chunk.len());
             let mut data = Vec::with_capacity(chunk.len());
             for (id, entity) in chunk {
-                crate::message::check_id(id).map_err(|e| anyhow::anyhow!("id {id:?}: {e}"))?;
-                crate::message::check_data(entity, self.limits)
+                crate::domain::message::check_id(id)
+                    .map_err(|e| anyhow::anyhow!("id {id:?}: {e}"))?;
+                crate::domain::message::check_data(entity, self.limits)
                     .map_err(|e| anyhow::anyhow!("id {id:?}: {e}"))?;
                 ids.push(id.as_str());
-                data.push(crate::canonical::object_to_canonical(entity));
+                data.push(crate::domain::canonical::object_to_canonical(entity));
             }
             let data: Vec<&str> = data.iter().map(String::as_str).collect();
             let client = self.pool.get().await.map_err(StoreError::from)?;
@@ -464,7 +464,7 @@ impl Scramjet {
         filter: Option<&Filter>,
         split: impl Fn(Vec<Prepared>, &mut Summary) -> (Vec<Prepared>, Vec<Prepared>),
     ) -> anyhow::Result<Summary> {
-        crate::message::check_type(entity_type).map_err(|e| anyhow::anyhow!("{e}"))?;
+        crate::domain::message::check_type(entity_type).map_err(|e| anyhow::anyhow!("{e}"))?;
         let started = Instant::now();
         let mut summary = Summary::default();
         let mut after = String::new();
@@ -534,7 +534,7 @@ impl Scramjet {
         chunk: usize,
         mut progress: impl FnMut(&Summary),
     ) -> anyhow::Result<Summary> {
-        crate::message::check_type(entity_type).map_err(|e| anyhow::anyhow!("{e}"))?;
+        crate::domain::message::check_type(entity_type).map_err(|e| anyhow::anyhow!("{e}"))?;
         let started = Instant::now();
         let mut summary = Summary::default();
         let this = self.clone();
@@ -560,7 +560,7 @@ impl Scramjet {
                     if id.is_empty() {
                         return None;
                     }
-                    Some(match crate::message::check_id(&id) {
+                    Some(match crate::domain::message::check_id(&id) {
                         Ok(()) => Ok((line_number, this.prepare_delete(&entity_type_owned, &id))),
                         Err(e) => Err(BadRecord {
                             line: line_number,
@@ -591,7 +591,8 @@ impl Scramjet {
         options: &IngestOptions,
         mut progress: impl FnMut(&Summary),
     ) -> anyhow::Result<Summary> {
-        crate::message::check_type(&options.entity_type).map_err(|e| anyhow::anyhow!("{e}"))?;
+        crate::domain::message::check_type(&options.entity_type)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let most = crate::config::MAX_KEYS_PER_TRANSACTION;
         anyhow::ensure!(
             (1..=most).contains(&options.chunk),
@@ -825,7 +826,7 @@ async fn retry_transient<T>(
             Ok(done) => return Ok(done),
             Err(reason @ StoreError::Unavailable { .. }) => {
                 tracing::warn!(%reason, "{what} failed for a moment; retrying");
-                tokio::time::sleep(crate::backoff::jitter(delay)).await;
+                tokio::time::sleep(crate::support::backoff::jitter(delay)).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(StoreError::Refused { detail, .. }) => anyhow::bail!("{what} failed: {detail}"),

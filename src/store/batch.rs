@@ -9,7 +9,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::StoreError;
-use crate::{canonical, event::Event};
+use crate::{domain::canonical, domain::event::Event};
 
 /// (type, id).
 pub type Key = (String, String);

@@ -1,14 +1,14 @@
 //! PostgreSQL: connection pool, database creation, migrations, and (in the
-//! submodules) every SQL statement the daemon runs — and, in [`source`], the
+//! submodules) every SQL statement the daemon runs — and, in [`producer`], the
 //! ones `scramjet relay` runs against a producer's database. SQL lives only
-//! here (and in the expressions [`crate::filter`] renders for the statements
+//! here (and in the expressions [`crate::api::filter`] renders for the statements
 //! here to embed), and every value goes in as a parameter.
 
 pub mod batch;
 pub mod outbox;
+pub mod producer;
 pub mod read;
 pub mod retention;
-pub mod source;
 pub mod stage;
 pub mod sync;
 
@@ -22,7 +22,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::{
     config::{PostgresSettings, Settings},
-    redact, tls,
+    support::redact,
+    support::tls,
 };
 
 mod embedded {

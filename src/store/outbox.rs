@@ -5,7 +5,7 @@ use deadpool_postgres::Transaction;
 use uuid::Uuid;
 
 use super::StoreError;
-use crate::event::Event;
+use crate::domain::event::Event;
 
 /// Arbitrary constant naming the transaction-scoped advisory lock that lets
 /// only one relay (of however many daemons share the database) publish at a

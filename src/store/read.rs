@@ -8,7 +8,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use super::StoreError;
-use crate::filter::{Filter, SqlParams};
+use crate::api::filter::{Filter, SqlParams};
 
 /// A `resources` row as the API shows it.
 #[derive(Debug)]

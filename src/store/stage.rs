@@ -6,7 +6,7 @@ use deadpool_postgres::{Client, Transaction};
 use serde_json::Value;
 
 use super::StoreError;
-use crate::filter::{Filter, SqlParams};
+use crate::api::filter::{Filter, SqlParams};
 
 /// Which staging rows a stage works on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +49,7 @@ pub async fn stash(
     // The text is kept beside the jsonb only where jsonb would rewrite it.
     let exact: Vec<bool> = data
         .iter()
-        .map(|d| crate::canonical::jsonb_rewrites(d))
+        .map(|d| crate::domain::canonical::jsonb_rewrites(d))
         .collect();
     Ok(client
         .execute(&stmt, &[&entity_type, &ids, &data, &exact])

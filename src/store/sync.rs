@@ -8,7 +8,7 @@
 use deadpool_postgres::{Client, Transaction};
 
 use super::StoreError;
-use crate::filter::{Filter, SqlParams};
+use crate::api::filter::{Filter, SqlParams};
 
 /// Creates (or empties) the session's table of seen ids.
 pub async fn begin_seen(client: &Client) -> Result<(), StoreError> {

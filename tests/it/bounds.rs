@@ -21,12 +21,11 @@ const LIST_SCHEMA: &str = r#"{
 
 /// The `x-scramjet-error` header of a dead letter.
 fn dead_letter_reason(d: &lapin::message::Delivery) -> String {
-    match d
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(scramjet::consumer::ERROR_HEADER).cloned())
-    {
+    match d.properties.headers().as_ref().and_then(|h| {
+        h.inner()
+            .get(scramjet::daemon::consumer::ERROR_HEADER)
+            .cloned()
+    }) {
         Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
         other => panic!("no error header: {other:?}"),
     }
@@ -207,8 +206,12 @@ async fn an_event_over_max_event_bytes_is_published_reduced_and_the_events_behin
     }
     // What was left out is still told by the hashes, and readable over HTTP.
     let created = &events[0].body;
-    let canonical = scramjet::canonical::to_canonical(&serde_json::from_str(&data).unwrap());
-    assert_eq!(created["hash"], scramjet::canonical::hash(&canonical));
+    let canonical =
+        scramjet::domain::canonical::to_canonical(&serde_json::from_str(&data).unwrap());
+    assert_eq!(
+        created["hash"],
+        scramjet::domain::canonical::hash(&canonical)
+    );
     assert_eq!(events[2].body["previous_hash"], created["hash"]);
     assert_eq!(events[3].body["previous_hash"], events[2].body["hash"]);
     app.save("person", "big", &data).await;
@@ -228,7 +231,7 @@ async fn a_max_event_bytes_the_broker_would_refuse_stops_the_start() {
     // RabbitMQ's default max_message_size is 128 MiB (16 MiB from 4.0).
     settings.limits.max_event_bytes = 128 * 1024 * 1024 + 1;
     let started = std::time::Instant::now();
-    let error = match scramjet::app::App::build(settings).await {
+    let error = match scramjet::daemon::app::App::build(settings).await {
         Ok(_) => panic!("started with events the broker would refuse"),
         Err(e) => format!("{e:#}"),
     };

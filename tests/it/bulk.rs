@@ -558,7 +558,7 @@ async fn a_full_set_with_a_scope_deletes_only_inside_it() {
     // Department a's feed: a3 is gone; department b is not part of it.
     let options = IngestOptions {
         full_set: true,
-        scope: Some(scramjet::filter::parse(r#"dept = "a""#).unwrap()),
+        scope: Some(scramjet::api::filter::parse(r#"dept = "a""#).unwrap()),
         ..IngestOptions::new("person")
     };
     let s = ingest(&app, &people[..2], &options).await;
@@ -573,7 +573,7 @@ async fn a_full_set_with_a_scope_deletes_only_inside_it() {
     // nothing is deleted.
     let options = IngestOptions {
         full_set: true,
-        scope: Some(scramjet::filter::parse(r#"dept = "a' OR '1'='1""#).unwrap()),
+        scope: Some(scramjet::api::filter::parse(r#"dept = "a' OR '1'='1""#).unwrap()),
         ..IngestOptions::new("person")
     };
     let s = ingest(&app, &people[..1], &options).await;
@@ -633,7 +633,7 @@ async fn each_stage_runs_on_its_own_stash_then_validate_then_traject_by_filter()
     );
 
     // Traject one department first, then the rest.
-    let dept_b = scramjet::filter::parse(r#"dept = "b""#).unwrap();
+    let dept_b = scramjet::api::filter::parse(r#"dept = "b""#).unwrap();
     let s = scramjet.traject("person", Some(&dept_b)).await.unwrap();
     assert_eq!((s.records, s.created), (1, 1), "{s}");
     assert_eq!(all_events(&mut app).await, pairs(&[("p2", "created")]));

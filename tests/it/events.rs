@@ -1,7 +1,7 @@
 //! Each event op and its fields, as a downstream consumer sees them.
 
 use lapin::{BasicProperties, types::ShortString};
-use scramjet::canonical;
+use scramjet::domain::canonical;
 use serde_json::{Value, json};
 
 use crate::helpers::*;

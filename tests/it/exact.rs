@@ -4,7 +4,7 @@
 //! rewrite; an unchanged save with a higher version raises only the
 //! version; revalidation keeps a staged save's version.
 
-use scramjet::{canonical, replay::ReplayRequest};
+use scramjet::{commands::replay::ReplayRequest, domain::canonical};
 use serde_json::{Value, json};
 
 use crate::helpers::*;
@@ -46,7 +46,7 @@ async fn events_and_the_api_built_from_stored_rows_hash_to_their_hashes() {
     assert_eq!(hash_of(&parse(&body)["items"][0]["data"]), hash, "{body}");
 
     // A snapshot carries it too.
-    let replayed = scramjet::replay::replay(
+    let replayed = scramjet::commands::replay::replay(
         &app.settings,
         &ReplayRequest {
             entity_type: "person".into(),
@@ -165,7 +165,7 @@ async fn revalidate_applies_a_staged_save_with_its_version() {
     .unwrap();
     let mut settings = app.settings.clone();
     settings.validation.schema_dir = app.schema_dir.path().to_owned();
-    let summary = scramjet::revalidate::revalidate(&settings, Some("person"), None)
+    let summary = scramjet::commands::revalidate::revalidate(&settings, Some("person"), None)
         .await
         .unwrap();
     assert_eq!(summary.created, 1);

@@ -127,8 +127,8 @@ async fn a_rendered_filter_is_never_null_so_its_negation_selects_the_rest() {
             &["p1", "p2", "p3"],
         ),
     ] {
-        let parsed = scramjet::filter::parse(filter).unwrap();
-        let mut params = scramjet::filter::SqlParams::new();
+        let parsed = scramjet::api::filter::parse(filter).unwrap();
+        let mut params = scramjet::api::filter::SqlParams::new();
         let t = params.push("person".to_owned());
         let sql = parsed.to_sql("r", &mut params);
         let rows = app

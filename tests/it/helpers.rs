@@ -15,7 +15,7 @@ use lapin::{
     },
     types::FieldTable,
 };
-use scramjet::{app::App, config::Settings};
+use scramjet::{config::Settings, daemon::app::App};
 use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -124,7 +124,7 @@ pub struct TestApp {
     /// The daemon's schema directory (holds `person.json`).
     pub schema_dir: tempfile::TempDir,
     /// The daemon's schemas, to reload them as SIGHUP does.
-    pub schemas: std::sync::Arc<scramjet::validate::Schemas>,
+    pub schemas: std::sync::Arc<scramjet::domain::validate::Schemas>,
     /// Declared last, so it drops after the daemon task is stopped.
     _cleanup: Cleanup,
 }
@@ -242,7 +242,7 @@ pub async fn launch(
     SocketAddr,
     CancellationToken,
     JoinHandle<anyhow::Result<()>>,
-    std::sync::Arc<scramjet::validate::Schemas>,
+    std::sync::Arc<scramjet::domain::validate::Schemas>,
 ) {
     let app = App::build(settings.clone())
         .await

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use scramjet::canonical;
+use scramjet::domain::canonical;
 use serde_json::Value;
 
 use crate::helpers::*;

@@ -439,10 +439,10 @@ async fn a_daemon_that_lost_its_broker_while_waiting_for_postgresql_never_commit
 async fn a_session_another_consumer_took_over_from_cannot_commit_even_unaware_of_it() {
     use scramjet::{
         config::UnknownTypes,
-        health::Health,
-        metrics::Metrics,
+        domain::validate::SchemaRegistry,
         pipeline::{Pipeline, Prepared, Session},
-        validate::SchemaRegistry,
+        telemetry::health::Health,
+        telemetry::metrics::Metrics,
     };
     use tokio_util::sync::CancellationToken;
     let app = spawn_app().await;
@@ -458,9 +458,11 @@ async fn a_session_another_consumer_took_over_from_cannot_commit_even_unaware_of
     let (first, second) = (session(), session());
     let save = |name: &str| {
         let body = save_body("person", "f1", &format!(r#"{{"name":"{name}"}}"#));
-        let inbound =
-            scramjet::message::decode(body.as_bytes(), app.settings.limits.decoder_limits())
-                .unwrap();
+        let inbound = scramjet::domain::message::decode(
+            body.as_bytes(),
+            app.settings.limits.decoder_limits(),
+        )
+        .unwrap();
         vec![Prepared::new(inbound, None, None, &schemas)]
     };
     let never = CancellationToken::new();

@@ -17,7 +17,7 @@ use std::{
 
 use futures_util::StreamExt;
 use lapin::{Connection, ConnectionProperties};
-use scramjet::{config::Secret, source_relay::SourceRelay};
+use scramjet::{config::Secret, producer::SourceRelay};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -110,7 +110,7 @@ impl Drop for SourceDb {
 /// A relay running in-process on the daemon's broker names.
 struct InProcessRelay {
     http: SocketAddr,
-    metrics: scramjet::metrics::RelayMetrics,
+    metrics: scramjet::telemetry::metrics::RelayMetrics,
     shutdown: CancellationToken,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }

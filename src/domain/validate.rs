@@ -9,7 +9,7 @@ use std::{
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::{config::UnknownTypes, message};
+use crate::{config::UnknownTypes, domain::message};
 
 /// One reason a document does not satisfy its schema.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

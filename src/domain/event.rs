@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::{canonical, validate::ValidationError};
+use crate::{domain::canonical, domain::validate::ValidationError};
 
 /// The kind of change an event reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

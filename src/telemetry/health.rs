@@ -11,7 +11,7 @@ use std::{
 
 use prometheus::{IntCounterVec, IntGaugeVec};
 
-use crate::metrics::{Metrics, RelayMetrics};
+use crate::telemetry::metrics::{Metrics, RelayMetrics};
 
 /// Connection state as the workers see it. `/readyz` reads the RabbitMQ
 /// flag and the outages (PostgreSQL it also pings itself); they feed
@@ -76,7 +76,7 @@ impl Health {
                 service,
                 reason: reason.to_owned(),
                 detail: detail.to_owned(),
-                since: crate::event::now_rfc3339(),
+                since: crate::domain::event::now_rfc3339(),
             },
         );
     }

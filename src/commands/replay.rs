@@ -14,11 +14,12 @@ use anyhow::Context;
 use time::OffsetDateTime;
 
 use crate::{
-    canonical,
+    api::filter::Filter,
     config::Settings,
-    event::{self, Event, EventFields, Op},
-    filter::Filter,
-    message, store,
+    domain::canonical,
+    domain::event::{self, Event, EventFields, Op},
+    domain::message,
+    store,
 };
 
 /// What to replay.

@@ -12,7 +12,7 @@ use tokio::{sync::Notify, task::JoinHandle};
 use tokio_postgres::{AsyncMessage, Client, Statement, Transaction};
 
 use super::{StoreError, db_error_text, pg_config, quote_ident};
-use crate::{config::RelaySettings, redact};
+use crate::{config::RelaySettings, support::redact};
 
 /// First half of the advisory lock key (the second is the outbox table's
 /// oid): the lock lets one relay at a time publish a given outbox, so its

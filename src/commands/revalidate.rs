@@ -15,12 +15,12 @@ use anyhow::Context;
 use serde_json::Value;
 
 use crate::{
+    api::filter::Filter,
     config::Settings,
-    filter::Filter,
-    message::{Action, Inbound},
+    domain::message::{Action, Inbound},
+    domain::validate::SchemaRegistry,
     pipeline::{self, Outcome, Prepared},
     store::{self, StoreError},
-    validate::SchemaRegistry,
 };
 
 /// What a run did.

@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
-use crate::canonical;
+use crate::domain::canonical;
 
 /// Longest accepted entity id, in bytes (CONTRACT §2).
 pub const MAX_ID_BYTES: usize = 512;

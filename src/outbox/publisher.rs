@@ -20,11 +20,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     amqp::{self, CONFIRM_TIMEOUT, ConfirmPublisher, DeadLetterSlot, Outgoing, REPLY_TIMEOUT},
-    backoff::Backoff,
     config::AmqpSettings,
-    health::Health,
-    metrics::Metrics,
     store::{StoreError, outbox},
+    support::backoff::Backoff,
+    telemetry::health::Health,
+    telemetry::metrics::Metrics,
 };
 
 /// How often the relay looks at the outbox without being told to (events
@@ -326,7 +326,7 @@ impl Relay {
         if p.payload.len() <= self.max_event_bytes {
             return p.payload.as_str().into();
         }
-        let reduced = crate::event::reduce(&p.payload, self.max_event_bytes);
+        let reduced = crate::domain::event::reduce(&p.payload, self.max_event_bytes);
         let op = p.routing_key.rsplit('.').next().unwrap_or_default();
         self.metrics.events_reduced.with_label_values(&[op]).inc();
         tracing::warn!(

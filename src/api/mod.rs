@@ -9,6 +9,8 @@
 //! after `http.statement_timeout`: one request more is answered 503 with
 //! `Retry-After` at once, never queued, so slow reads cannot pile up.
 
+pub mod filter;
+
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use axum::{
@@ -27,11 +29,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::HttpSettings,
-    filter,
-    health::{Health, RelayHealth},
-    message,
-    metrics::{Metrics, RelayMetrics},
+    domain::message,
     store::{self, StoreError, read},
+    telemetry::health::{Health, RelayHealth},
+    telemetry::metrics::{Metrics, RelayMetrics},
 };
 
 /// Page size when `limit` is not given, and the largest allowed.

@@ -1,5 +1,8 @@
 //! Logging setup: human-readable lines by default, JSON with `log.format = "json"`.
 
+pub mod health;
+pub mod metrics;
+
 use tracing_subscriber::{EnvFilter, fmt};
 
 use crate::config::{LogFormat, LogSettings};

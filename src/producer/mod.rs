@@ -27,16 +27,17 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     amqp::{self, ConfirmPublisher, Outgoing},
-    app::connect_amqp_with_retries,
-    backoff::Backoff,
+    api,
     config::Settings,
-    health::RelayHealth,
-    http, message,
-    metrics::RelayMetrics,
+    daemon::app::connect_amqp_with_retries,
+    domain::message,
     store::{
         StoreError,
-        source::{OutboxRow, Source},
+        producer::{OutboxRow, Source},
     },
+    support::backoff::Backoff,
+    telemetry::health::RelayHealth,
+    telemetry::metrics::RelayMetrics,
 };
 
 /// Longest wait between two reconnection attempts.
@@ -198,13 +199,13 @@ impl SourceRelay {
     /// connections. Either service failing is retried with backoff, forever.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let tasks = TaskTracker::new();
-        let router = http::relay_router(http::RelayHttpState {
+        let router = api::relay_router(api::RelayHttpState {
             health: self.health.clone(),
             metrics: self.metrics.clone(),
             bearer_token: self.bearer_token.clone(),
         });
         let listener = self.listener.take().expect("run is called once");
-        tasks.spawn(http::serve(listener, router, shutdown.clone()));
+        tasks.spawn(api::serve(listener, router, shutdown.clone()));
         tasks.close();
         let r = &self.settings.relay;
         tracing::info!(

@@ -29,10 +29,10 @@ use tracing::Instrument;
 use crate::{
     amqp::{CONFIRM_TIMEOUT, DeadLetters, Outgoing, REPLY_TIMEOUT},
     config::Settings,
-    message::{self, Malformed},
-    metrics::Metrics,
+    domain::message::{self, Malformed},
+    domain::validate::Schemas,
     pipeline::{Interrupted, Pipeline, Prepared, panic_text},
-    validate::Schemas,
+    telemetry::metrics::Metrics,
 };
 
 /// Header added to dead-lettered messages, holding the reason.

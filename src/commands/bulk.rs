@@ -12,7 +12,7 @@ use std::{
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::{DeleteStep, Format, IngestOptions, Scramjet, Summary};
+use crate::bulk::{DeleteStep, Format, IngestOptions, Scramjet, Summary};
 use crate::config::Settings;
 
 /// Input buffer size: large reads for large files.
@@ -130,7 +130,7 @@ pub async fn delete(settings: &Settings, entity_type: &str, ids: &Path) -> anyho
     let scramjet = Scramjet::connect(settings).await?;
     let bar = progress_bar();
     let summary = scramjet
-        .remove(entity_type, reader, super::DEFAULT_CHUNK, |s| {
+        .remove(entity_type, reader, crate::bulk::DEFAULT_CHUNK, |s| {
             bar.set_message(format!("deleted {}, not found {}", s.deleted, s.absent))
         })
         .await?;

@@ -15,14 +15,14 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    canonical,
-    event::{self, Event, EventFields, Op},
-    message::{Action, Inbound},
+    domain::canonical,
+    domain::event::{self, Event, EventFields, Op},
+    domain::message::{Action, Inbound},
+    domain::validate::{Rejection, SchemaRegistry},
     store::{
         Cause, StoreError,
         batch::{self, Current, Key, ResourceWrite, StagingInvalid, TransactionStatus, Writes},
     },
-    validate::{Rejection, SchemaRegistry},
 };
 
 /// What one message did.
@@ -442,9 +442,9 @@ pub struct Pipeline {
     /// Connections for batch transactions.
     pool: Pool,
     /// Set false while the database is failing, for `/readyz`.
-    health: Arc<crate::health::Health>,
+    health: Arc<crate::telemetry::health::Health>,
     /// Counts database reconnections.
-    metrics: crate::metrics::Metrics,
+    metrics: crate::telemetry::metrics::Metrics,
     /// The broker session whose deliveries this pipeline commits, if any.
     session: Option<Arc<Session>>,
 }
@@ -490,7 +490,7 @@ impl Session {
     }
 }
 
-/// The name under which the pipeline reports its outages to [`crate::health::Health`].
+/// The name under which the pipeline reports its outages to [`crate::telemetry::health::Health`].
 const WORKER: &str = "pipeline";
 
 /// Longest pause between two attempts at a batch during an outage.
@@ -530,8 +530,8 @@ impl Pipeline {
     /// A pipeline over `pool`.
     pub fn new(
         pool: Pool,
-        health: Arc<crate::health::Health>,
-        metrics: crate::metrics::Metrics,
+        health: Arc<crate::telemetry::health::Health>,
+        metrics: crate::telemetry::metrics::Metrics,
     ) -> Self {
         Self {
             pool,
@@ -570,7 +570,7 @@ impl Pipeline {
         if prepared.is_empty() {
             return Ok(Vec::new());
         }
-        let mut backoff = crate::backoff::Backoff::new(RETRY_CAP);
+        let mut backoff = crate::support::backoff::Backoff::new(RETRY_CAP);
         loop {
             let refusal = match self
                 .apply_retrying(prepared, Mode::Together, shutdown)
@@ -642,7 +642,7 @@ impl Pipeline {
         mode: Mode,
         shutdown: &CancellationToken,
     ) -> Result<Applied, Interrupted> {
-        let mut backoff = crate::backoff::Backoff::new(RETRY_CAP);
+        let mut backoff = crate::support::backoff::Backoff::new(RETRY_CAP);
         // A transaction whose COMMIT was sent but not answered: it may have
         // committed. Applying the batch again would then repeat its changes
         // as events (a save A then B replayed over B publishes B→A→B), so
@@ -727,7 +727,7 @@ impl Pipeline {
     async fn wait_out(
         &self,
         error: &StoreError,
-        backoff: &mut crate::backoff::Backoff,
+        backoff: &mut crate::support::backoff::Backoff,
         shutdown: &CancellationToken,
     ) -> Result<(), Interrupted> {
         let delay = backoff.next_delay();
@@ -1093,7 +1093,7 @@ mod tests {
     }
 
     fn message(body: String, r: &SchemaRegistry) -> Prepared {
-        let inbound = crate::message::decode(body.as_bytes(), Default::default()).unwrap();
+        let inbound = crate::domain::message::decode(body.as_bytes(), Default::default()).unwrap();
         Prepared::new(inbound, None, None, r)
     }
 

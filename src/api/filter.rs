@@ -50,7 +50,7 @@ use std::fmt;
 use serde_json::Value;
 use tokio_postgres::types::ToSql;
 
-use crate::message;
+use crate::domain::message;
 
 /// Most conditions in a filter, sub-filters included: a filter comes from a
 /// command line or a URL, and a bounded one keeps the query plan bounded.

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use crate::{
     amqp::{self, ConfirmPublisher, Outgoing},
     config::Settings,
-    message,
+    domain::message,
 };
 
 /// What `send` publishes.

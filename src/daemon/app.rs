@@ -15,16 +15,16 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     amqp::{self, DeadLetters, REPLY_TIMEOUT},
-    backoff::Backoff,
+    api,
     config::Settings,
-    consumer::Consumer,
-    health::Health,
-    http,
-    metrics::Metrics,
+    daemon::consumer::Consumer,
+    domain::validate::Schemas,
+    outbox::publisher::Relay,
     pipeline::{Pipeline, Session},
-    relay::Relay,
     store,
-    validate::Schemas,
+    support::backoff::Backoff,
+    telemetry::health::Health,
+    telemetry::metrics::Metrics,
 };
 
 /// Longest wait between two reconnection attempts to RabbitMQ.
@@ -113,15 +113,15 @@ impl App {
     /// even with the broker blocked.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let tasks = TaskTracker::new();
-        let router = http::router(http::HttpState {
+        let router = api::router(api::HttpState {
             pool: self.pools.background.clone(),
-            read: http::ReadApi::new(self.pools.read.clone(), &self.settings.http),
+            read: api::ReadApi::new(self.pools.read.clone(), &self.settings.http),
             health: self.health.clone(),
             metrics: self.metrics.clone(),
             bearer_token: self.bearer_token.clone(),
         });
         let listener = self.listener.take().expect("run is called once");
-        tasks.spawn(http::serve(listener, router, shutdown.clone()));
+        tasks.spawn(api::serve(listener, router, shutdown.clone()));
         tasks.spawn(refresh_gauges(
             self.pools.background.clone(),
             self.metrics.clone(),

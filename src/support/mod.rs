@@ -1,0 +1,5 @@
+//! Small pieces shared by the daemon and the commands.
+
+pub mod backoff;
+pub mod redact;
+pub mod tls;
