@@ -5,7 +5,10 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
-use crate::domain::canonical;
+use crate::domain::{
+    canonical,
+    entity::{EntityId, EntityType},
+};
 
 /// Longest accepted entity id, in bytes (CONTRACT §2).
 pub const MAX_ID_BYTES: usize = 512;
@@ -180,40 +183,12 @@ pub fn check_data(data: &Map<String, Value>, limits: Limits) -> Result<(), Malfo
 
 /// Checks a type name against `^[A-Za-z][A-Za-z0-9_-]{0,63}$`.
 pub fn check_type(t: &str) -> Result<(), Malformed> {
-    let mut chars = t.chars();
-    let valid = match chars.next() {
-        None => false,
-        Some(first) => {
-            first.is_ascii_alphabetic()
-                && t.len() <= MAX_TYPE_BYTES
-                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        }
-    };
-    if valid {
-        Ok(())
-    } else {
-        Err(malformed!(
-            "field \"type\" must match ^[A-Za-z][A-Za-z0-9_-]{{0,63}}$, got {}",
-            quote(t)
-        ))
-    }
+    EntityType::parse(t).map(drop)
 }
 
 /// Checks an id: non-empty, at most 512 bytes, no NUL.
 pub fn check_id(id: &str) -> Result<(), Malformed> {
-    if id.is_empty() {
-        return Err(malformed!("field \"id\" must not be empty"));
-    }
-    if id.len() > MAX_ID_BYTES {
-        return Err(malformed!(
-            "field \"id\" is {} bytes long; the limit is {MAX_ID_BYTES}",
-            id.len()
-        ));
-    }
-    if id.contains('\0') {
-        return Err(malformed!("field \"id\" contains a NUL character"));
-    }
-    Ok(())
+    EntityId::parse(id).map(drop)
 }
 
 fn required_string<'a>(fields: &'a Map<String, Value>, name: &str) -> Result<&'a str, Malformed> {
@@ -366,7 +341,7 @@ fn kind_of(v: &Value) -> &'static str {
 }
 
 /// Quotes a value for an error message, shortened so the reason stays one short line.
-fn quote(s: &str) -> String {
+pub(crate) fn quote(s: &str) -> String {
     const MAX: usize = 80;
     if s.len() <= MAX {
         return serde_json::to_string(s).expect("a string serializes");

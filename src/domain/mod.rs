@@ -2,6 +2,7 @@
 //! the canonical form and its hash, schemas, and change events.
 
 pub mod canonical;
+pub mod entity;
 pub mod event;
 pub mod message;
 pub mod validate;
