@@ -18,8 +18,9 @@ use crate::{
     api::filter::Filter,
     config::Settings,
     domain::message::{Action, Inbound},
+    domain::outcome::Outcome,
     domain::validate::SchemaRegistry,
-    pipeline::{self, Outcome, Prepared},
+    pipeline::{self, Prepared},
     store::{self, StoreError},
 };
 

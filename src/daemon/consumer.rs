@@ -31,7 +31,8 @@ use crate::{
     config::Settings,
     domain::message::{self, Malformed},
     domain::validate::Schemas,
-    pipeline::{Interrupted, Pipeline, Prepared, panic_text},
+    pipeline::{Interrupted, Pipeline, Prepared},
+    support::panic::panic_text,
     telemetry::metrics::Metrics,
 };
 

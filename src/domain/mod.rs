@@ -4,4 +4,5 @@
 pub mod canonical;
 pub mod event;
 pub mod message;
+pub mod outcome;
 pub mod validate;

@@ -8,7 +8,7 @@
 //! statement each. A stash-then-clear of a staging row inside one transaction
 //! is invisible to everyone else, so only the net staging change is written.
 
-use std::{collections::HashMap, fmt, panic::AssertUnwindSafe, sync::Arc, time::Duration};
+use std::{collections::HashMap, panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
 use deadpool_postgres::Pool;
 use serde_json::Value;
@@ -18,63 +18,14 @@ use crate::{
     domain::canonical,
     domain::event::{self, Event, EventFields, Op},
     domain::message::{Action, Inbound},
+    domain::outcome::Outcome,
     domain::validate::{Rejection, SchemaRegistry},
     store::{
         Cause, StoreError,
         batch::{self, Current, Key, ResourceWrite, StagingInvalid, TransactionStatus, Writes},
     },
+    support::panic::panic_text,
 };
-
-/// What one message did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Outcome {
-    /// A save created the entity (`created` event).
-    Created,
-    /// A save changed the entity (`updated` event).
-    Updated,
-    /// A save matched the stored hash: no change, no event.
-    Unchanged,
-    /// A delete removed the entity (`deleted` event).
-    Deleted,
-    /// A delete of an entity that was not there: no event.
-    Absent,
-    /// A save failed validation (`rejected` event).
-    Rejected,
-    /// The `version` is lower than the one stored: no change, no event.
-    Stale,
-    /// The `message_id` was processed before: no change, no event.
-    Duplicate,
-}
-
-impl Outcome {
-    /// Whether the outcome publishes an event.
-    pub fn has_event(self) -> bool {
-        matches!(
-            self,
-            Outcome::Created | Outcome::Updated | Outcome::Deleted | Outcome::Rejected
-        )
-    }
-
-    /// Lowercase name for logs and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Created => "created",
-            Outcome::Updated => "updated",
-            Outcome::Unchanged => "unchanged",
-            Outcome::Deleted => "deleted",
-            Outcome::Absent => "absent",
-            Outcome::Rejected => "rejected",
-            Outcome::Stale => "stale",
-            Outcome::Duplicate => "duplicate",
-        }
-    }
-}
-
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// A message made ready for the database: hashed and validated, outside any transaction.
 #[derive(Debug, Clone)]
@@ -1063,17 +1014,6 @@ enum Attempt {
 impl<E: Into<StoreError>> From<E> for Attempt {
     fn from(e: E) -> Attempt {
         Attempt::Failed(e.into())
-    }
-}
-
-/// The message of a caught panic.
-pub fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic".to_owned()
     }
 }
 
