@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use plan::plan;
 pub use prepare::{Prepared, PreparedKind};
-pub use transaction::apply_in_transaction;
+pub use transaction::process_in_transaction;
 
 use crate::{domain::outcome::Outcome, store::batch};
 

@@ -79,7 +79,16 @@ impl Prepared {
         }
     }
 
+    /// The (type, id) the message is about.
     pub(super) fn key(&self) -> Key {
         (self.entity_type.clone(), self.id.clone())
     }
+}
+
+/// The distinct keys of `prepared`, sorted: a batch locks them in this order.
+pub(super) fn sorted_keys(prepared: &[Prepared]) -> Vec<Key> {
+    let mut keys: Vec<Key> = prepared.iter().map(Prepared::key).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
 }

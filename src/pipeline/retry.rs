@@ -10,13 +10,13 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Interrupted, Pipeline, Results, Session,
     prepare::Prepared,
-    transaction::{Refusal, apply_in, each_alone},
+    transaction::{Refusal, each_alone, plan_and_write},
 };
 use crate::{
     domain::outcome::Outcome,
     store::{
         Cause, StoreError,
-        batch::{self, Key, TransactionStatus},
+        batch::{self, TransactionStatus},
     },
 };
 
@@ -26,7 +26,7 @@ const WORKER: &str = "pipeline";
 /// Longest pause between two attempts at a batch during an outage.
 const RETRY_CAP: Duration = Duration::from_secs(5);
 
-/// How one call of [`Pipeline::apply_retrying`] ended.
+/// How one call of [`Pipeline::commit_with_retries`] ended.
 enum Applied {
     /// Committed, with each message's outcome (or, applied
     /// [`Mode::EachAlone`], the refusal of the ones that were rolled back).
@@ -70,7 +70,7 @@ impl Pipeline {
         let mut backoff = crate::support::backoff::Backoff::new(RETRY_CAP);
         loop {
             let refusal = match self
-                .apply_retrying(prepared, Mode::Together, shutdown)
+                .commit_with_retries(prepared, Mode::Together, shutdown)
                 .await?
             {
                 Applied::Done(results) => return Ok(results_of(results)),
@@ -95,7 +95,7 @@ impl Pipeline {
                 "database refused a batch; applying its messages one by one"
             );
             let results = match self
-                .apply_retrying(prepared, Mode::EachAlone, shutdown)
+                .commit_with_retries(prepared, Mode::EachAlone, shutdown)
                 .await?
             {
                 Applied::Done(results) => results,
@@ -133,7 +133,7 @@ impl Pipeline {
     /// Applies `prepared` in one transaction, waiting out outages. Returns
     /// the outcomes, the data's refusal, or — for a batch of several
     /// messages that a statement timeout stopped — that it is too big.
-    async fn apply_retrying(
+    async fn commit_with_retries(
         &self,
         prepared: &[Prepared],
         mode: Mode,
@@ -159,7 +159,7 @@ impl Pipeline {
                         }
                         Ok(u.outcomes)
                     }
-                    Ok(TransactionStatus::Aborted) => self.apply_once(prepared, mode).await,
+                    Ok(TransactionStatus::Aborted) => self.commit_once(prepared, mode).await,
                     Ok(TransactionStatus::InProgress) => {
                         let xid = u.xid;
                         unsettled = Some(u);
@@ -173,7 +173,7 @@ impl Pipeline {
                         Err(Attempt::Failed(e))
                     }
                 },
-                None => self.apply_once(prepared, mode).await,
+                None => self.commit_once(prepared, mode).await,
             };
             let error = match attempt {
                 Ok(outcomes) => {
@@ -275,7 +275,10 @@ impl Pipeline {
         answer
     }
 
-    async fn apply_once(
+    /// One attempt at `prepared`: one transaction that passes the fence,
+    /// writes the batch as `mode` says and commits — unless the broker
+    /// session ended or another consumer took the queue over meanwhile.
+    async fn commit_once(
         &self,
         prepared: &[Prepared],
         mode: Mode,
@@ -287,10 +290,7 @@ impl Pipeline {
             let mut tx = client.transaction().await?;
             let (results, current) = match mode {
                 Mode::Together => {
-                    let mut keys: Vec<Key> = prepared.iter().map(Prepared::key).collect();
-                    keys.sort_unstable();
-                    keys.dedup();
-                    let (outcomes, current) = apply_in(&tx, fence, prepared, &keys).await?;
+                    let (outcomes, current) = plan_and_write(&tx, fence, prepared).await?;
                     (outcomes.into_iter().map(Ok).collect(), current)
                 }
                 Mode::EachAlone => each_alone(&mut tx, fence, prepared).await?,

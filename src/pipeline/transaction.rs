@@ -4,13 +4,16 @@
 
 use std::{collections::HashMap, panic::AssertUnwindSafe};
 
-use super::{plan::plan, prepare::Prepared};
+use super::{
+    plan::plan,
+    prepare::{Prepared, sorted_keys},
+};
 use crate::{
     domain::event,
     domain::outcome::Outcome,
     store::{
         StoreError,
-        batch::{self, Current, Key},
+        batch::{self, Current},
     },
     support::panic::panic_text,
 };
@@ -18,7 +21,9 @@ use crate::{
 /// The database's reason for refusing a message, and its SQLSTATE.
 #[derive(Debug)]
 pub(super) struct Refusal {
+    /// The SQLSTATE, when the server gave one.
     pub(super) sqlstate: Option<String>,
+    /// The database's words.
     pub(super) reason: String,
 }
 
@@ -42,7 +47,7 @@ pub(super) async fn each_alone(
         let mut probe = tx.savepoint("scramjet_probe").await?;
         for p in prepared {
             let savepoint = probe.savepoint("scramjet_message").await?;
-            match apply_in(&savepoint, None, std::slice::from_ref(p), &[p.key()]).await {
+            match plan_and_write(&savepoint, None, std::slice::from_ref(p)).await {
                 Ok(_) => {
                     savepoint.commit().await?;
                     refusals.push(None);
@@ -69,12 +74,9 @@ pub(super) async fn each_alone(
     if !accepted.is_empty() {
         // Cloned: a refused batch is the rare path.
         let accepted: Vec<Prepared> = accepted.into_iter().cloned().collect();
-        let mut keys: Vec<Key> = accepted.iter().map(Prepared::key).collect();
-        keys.sort_unstable();
-        keys.dedup();
         // Refused now, after the probe let these through, the refusal
         // belongs to no one message: the caller waits it out.
-        let (applied, _) = apply_in(tx, None, &accepted, &keys).await?;
+        let (applied, _) = plan_and_write(tx, None, &accepted).await?;
         outcomes = applied.into_iter();
     }
     let results = refusals
@@ -90,13 +92,12 @@ pub(super) async fn each_alone(
 /// Applies `prepared` inside `tx` (which the caller commits): claim message
 /// ids, lock the keys, plan, write. Returns the outcomes and what the
 /// locking statement read (the transaction's id, its server, the fence).
-pub(super) async fn apply_in(
+pub(super) async fn plan_and_write(
     tx: &deadpool_postgres::Transaction<'_>,
     fence: Option<batch::Fence<'_>>,
     prepared: &[Prepared],
-    keys: &[Key],
 ) -> Result<(Vec<Outcome>, Current), StoreError> {
-    let (duplicate, current) = claim_and_lock(tx, fence, prepared, keys).await?;
+    let (duplicate, current) = lock_and_find_duplicates(tx, fence, prepared).await?;
     // A bug in planning (patch computation, say) must not take the daemon
     // down: report it like a refused batch, so the messages are retried
     // one by one and only the one that triggers it is dead-lettered.
@@ -114,24 +115,20 @@ pub(super) async fn apply_in(
 
 /// Applies `prepared` inside `tx`, for callers that lock more rows in the
 /// same transaction first (`scramjet revalidate` locks the staging rows).
-pub async fn apply_in_transaction(
+pub async fn process_in_transaction(
     tx: &deadpool_postgres::Transaction<'_>,
     prepared: &[Prepared],
 ) -> Result<Vec<Outcome>, StoreError> {
-    let mut keys: Vec<Key> = prepared.iter().map(Prepared::key).collect();
-    keys.sort_unstable();
-    keys.dedup();
-    let (outcomes, _) = apply_in(tx, None, prepared, &keys).await?;
+    let (outcomes, _) = plan_and_write(tx, None, prepared).await?;
     Ok(outcomes)
 }
 
 /// Claims the batch's message ids and locks its keys; returns, per message,
 /// whether it is a duplicate (claimed before, or earlier in the same batch).
-async fn claim_and_lock(
+async fn lock_and_find_duplicates(
     tx: &deadpool_postgres::Transaction<'_>,
     fence: Option<batch::Fence<'_>>,
     prepared: &[Prepared],
-    keys: &[Key],
 ) -> Result<(Vec<bool>, Current), StoreError> {
     let mut first_seen: HashMap<&str, usize> = HashMap::new();
     for (i, p) in prepared.iter().enumerate() {
@@ -140,7 +137,8 @@ async fn claim_and_lock(
         }
     }
     let ids: Vec<&str> = first_seen.keys().copied().collect();
-    let (fresh, current) = batch::claim_and_lock(tx, fence, &ids, keys).await?;
+    let keys = sorted_keys(prepared);
+    let (fresh, current) = batch::claim_and_lock(tx, fence, &ids, &keys).await?;
     let duplicate = prepared
         .iter()
         .enumerate()
