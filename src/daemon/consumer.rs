@@ -22,7 +22,6 @@ use lapin::{
     options::BasicAckOptions,
     types::{AMQPValue, FieldTable, ShortString},
 };
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -31,6 +30,7 @@ use crate::{
     config::Settings,
     domain::message::{self, Malformed},
     domain::validate::Schemas,
+    outbox::Wake,
     pipeline::{Interrupted, Pipeline, Prepared},
     support::panic::panic_text,
     telemetry::metrics::Metrics,
@@ -50,7 +50,7 @@ pub struct Consumer {
     /// Publishes to the dead-letter exchange, over the publishing connection.
     pub dead_letters: DeadLetters,
     /// Wakes the outbox relay after a commit that wrote events.
-    pub relay_notify: Arc<Notify>,
+    pub relay_notify: Wake,
     /// Counts outcomes and times batches.
     pub metrics: Metrics,
 }
@@ -189,7 +189,7 @@ impl Consumer {
             }
         }
         if wrote_events {
-            self.relay_notify.notify_one();
+            self.relay_notify.notify();
         }
 
         if !dead.is_empty() {

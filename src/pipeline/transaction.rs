@@ -14,6 +14,7 @@ use crate::{
     store::{
         StoreError,
         batch::{self, Current},
+        outbox,
     },
     support::panic::panic_text,
 };
@@ -109,7 +110,13 @@ pub(super) async fn plan_and_write(
         sqlstate: None,
         detail: format!("internal error: {}", panic_text(&*panic)),
     })?;
-    batch::apply(tx, &writes).await?;
+    // Two steps, one round trip, one transaction: the net writes to
+    // resources, staging and tombstones, then the batch's events appended to
+    // the outbox, whence the publisher sends them once this commits.
+    futures_util::try_join!(
+        batch::write(tx, &writes),
+        outbox::append(tx, &writes.events),
+    )?;
     Ok((outcomes, current))
 }
 
