@@ -131,6 +131,8 @@ impl Consumer {
             .await
             .map_err(|Interrupted| HandleError::Interrupted)?;
         let mut counts = tally(batch, &mut decoded, results);
+        // Rung as soon as the events are committed: the dead letters below
+        // may wait on a blocked broker for up to CONFIRM_TIMEOUT.
         if counts.wrote_events {
             self.relay_notify.notify();
         }
