@@ -76,8 +76,9 @@ use crate::{
     api::filter::Filter,
     config::Settings,
     domain::message::{Action, Inbound, Limits},
+    domain::outcome::Outcome,
     domain::validate::SchemaRegistry,
-    pipeline::{self, Outcome, Pipeline, Prepared, PreparedKind},
+    pipeline::{self, Pipeline, Prepared, PreparedKind},
     store::{self, StoreError, read, stage::Staged, sync},
     telemetry::health::Health,
     telemetry::metrics::Metrics,
@@ -497,7 +498,7 @@ impl Scramjet {
                 let (mark, apply) = split(prepared, &mut page);
                 let marked: Vec<&str> = mark.iter().map(|p| p.id.as_str()).collect();
                 store::stage::mark_valid(&tx, entity_type, &marked).await?;
-                for outcome in pipeline::apply_in_transaction(&tx, &apply).await? {
+                for outcome in pipeline::process_in_transaction(&tx, &apply).await? {
                     page.count(outcome);
                 }
                 tx.commit().await?;
@@ -722,7 +723,7 @@ impl Scramjet {
     async fn try_chunk(&self, prepared: &[Prepared]) -> anyhow::Result<Vec<Outcome>> {
         let mut client = self.pool.get().await.map_err(StoreError::from)?;
         let tx = client.transaction().await.map_err(StoreError::from)?;
-        let outcomes = pipeline::apply_in_transaction(&tx, prepared).await?;
+        let outcomes = pipeline::process_in_transaction(&tx, prepared).await?;
         tx.rollback().await.map_err(StoreError::from)?;
         Ok(outcomes)
     }
@@ -805,7 +806,7 @@ impl Scramjet {
                 .iter()
                 .map(|id| self.prepare_delete(entity_type, id))
                 .collect();
-            let outcomes = pipeline::apply_in_transaction(&tx, &prepared).await?;
+            let outcomes = pipeline::process_in_transaction(&tx, &prepared).await?;
             tx.commit().await?;
             Ok((ids, outcomes))
         })

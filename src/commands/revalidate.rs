@@ -18,8 +18,9 @@ use crate::{
     api::filter::Filter,
     config::Settings,
     domain::message::{Action, Inbound},
+    domain::outcome::Outcome,
     domain::validate::SchemaRegistry,
-    pipeline::{self, Outcome, Prepared},
+    pipeline::{self, Prepared},
     store::{self, StoreError},
 };
 
@@ -128,7 +129,7 @@ async fn page(
             _ => summary.still_invalid += 1,
         }
     }
-    for outcome in pipeline::apply_in_transaction(&tx, &valid).await? {
+    for outcome in pipeline::process_in_transaction(&tx, &valid).await? {
         match outcome {
             Outcome::Created => summary.created += 1,
             Outcome::Updated => summary.updated += 1,

@@ -10,7 +10,7 @@ use lapin::{
     options::{BasicConsumeOptions, BasicQosOptions},
     types::FieldTable,
 };
-use tokio::{net::TcpListener, sync::Notify};
+use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -19,7 +19,7 @@ use crate::{
     config::Settings,
     daemon::consumer::Consumer,
     domain::validate::Schemas,
-    outbox::publisher::Relay,
+    outbox::{Wake, publisher::Relay},
     pipeline::{Pipeline, Session},
     store,
     support::backoff::Backoff,
@@ -137,7 +137,7 @@ impl App {
 
         // The outbox publisher outlives sessions: it has its own connection,
         // so a blocked or lost one never stops consuming (see `amqp`).
-        let notify = Arc::new(Notify::new());
+        let notify = Wake::default();
         let (slot, dead_letters) = amqp::dead_letter_link();
         let relay = Relay {
             pool: self.pools.publisher.clone(),
@@ -212,7 +212,7 @@ impl App {
     async fn session(
         &mut self,
         shutdown: &CancellationToken,
-        notify: &Arc<Notify>,
+        notify: &Wake,
         dead_letters: &DeadLetters,
         backoff: &mut Backoff,
     ) -> anyhow::Result<()> {

@@ -22,7 +22,6 @@ use lapin::{
     options::BasicAckOptions,
     types::{AMQPValue, FieldTable, ShortString},
 };
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -30,8 +29,10 @@ use crate::{
     amqp::{CONFIRM_TIMEOUT, DeadLetters, Outgoing, REPLY_TIMEOUT},
     config::Settings,
     domain::message::{self, Malformed},
-    domain::validate::Schemas,
-    pipeline::{Interrupted, Pipeline, Prepared, panic_text},
+    domain::validate::{SchemaRegistry, Schemas},
+    outbox::Wake,
+    pipeline::{Interrupted, Pipeline, Prepared, Results},
+    support::panic::panic_text,
     telemetry::metrics::Metrics,
 };
 
@@ -49,7 +50,7 @@ pub struct Consumer {
     /// Publishes to the dead-letter exchange, over the publishing connection.
     pub dead_letters: DeadLetters,
     /// Wakes the outbox relay after a commit that wrote events.
-    pub relay_notify: Arc<Notify>,
+    pub relay_notify: Wake,
     /// Counts outcomes and times batches.
     pub metrics: Metrics,
 }
@@ -113,142 +114,221 @@ impl Consumer {
         }
     }
 
+    /// One batch, in the order its effects must happen: decode, apply in
+    /// one transaction, dead-letter (confirmed), ack, record. Nothing is
+    /// acked before its transaction committed and its dead letters were
+    /// confirmed.
     async fn handle(
         &self,
         batch: &[Delivery],
         stop: &CancellationToken,
     ) -> Result<(), HandleError> {
         let started = Instant::now();
+        let mut decoded = self.decode_all(batch);
+        let results = self
+            .pipeline
+            .process(&decoded.prepared, stop)
+            .await
+            .map_err(|Interrupted| HandleError::Interrupted)?;
+        let mut counts = tally(batch, &mut decoded, results);
+        // Rung as soon as the events are committed: the dead letters below
+        // may wait on a blocked broker for up to CONFIRM_TIMEOUT.
+        if counts.wrote_events {
+            self.relay_notify.notify();
+        }
+        if !decoded.dead.is_empty() {
+            let dead_lettered = self.dead_letter_all(batch, decoded.dead).await?;
+            counts.per_label.insert("dead_lettered", dead_lettered);
+        }
+        ack(batch).await?;
+        self.record(batch.len(), &counts, started);
+        Ok(())
+    }
+
+    /// Decodes and prepares every delivery of `batch`; those that cannot be
+    /// processed are set aside for the dead-letter exchange, with the reason.
+    fn decode_all(&self, batch: &[Delivery]) -> Decoded {
         let limits = self.settings.limits.decoder_limits();
         let schemas = self.schemas.current();
 
-        let mut dead: Vec<(usize, String)> = Vec::new();
-        let mut prepared = Vec::with_capacity(batch.len());
-        let mut positions = Vec::with_capacity(batch.len());
+        let mut decoded = Decoded {
+            prepared: Vec::with_capacity(batch.len()),
+            positions: Vec::with_capacity(batch.len()),
+            dead: Vec::new(),
+        };
         for (i, d) in batch.iter().enumerate() {
             if let Some(property) = property_not_utf8(&d.properties) {
                 // Warn, not debug like other malformed messages: the producer
                 // breaks the AMQP specification, and its library is to blame.
                 tracing::warn!(delivery_tag = d.delivery_tag, %property, "an AMQP property is not UTF-8; dead-lettering the message");
-                dead.push((i, format!("the AMQP {property} is not valid UTF-8 (its invalid bytes are U+FFFD in this dead letter)")));
+                decoded.dead.push((i, format!("the AMQP {property} is not valid UTF-8 (its invalid bytes are U+FFFD in this dead letter)")));
                 continue;
             }
-            // Validation runs third-party code on producer data: a panic in it
-            // dead-letters that message instead of stopping the daemon.
-            let decoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                message::decode(&d.data, limits).map(|inbound| {
-                    let property = |p: &Option<lapin::types::ShortString>| {
-                        p.as_ref().map(|s| s.as_str().to_owned())
-                    };
-                    Prepared::new(
-                        inbound,
-                        property(d.properties.correlation_id()),
-                        property(d.properties.message_id()),
-                        &schemas,
-                    )
-                })
-            }))
-            .unwrap_or_else(|panic| {
-                Err(Malformed(format!(
-                    "internal error while decoding or validating: {}",
-                    panic_text(&*panic)
-                )))
-            });
-            match decoded {
+            match prepare(d, limits, &schemas) {
                 Ok(p) => {
-                    prepared.push(p);
-                    positions.push(i);
+                    decoded.prepared.push(p);
+                    decoded.positions.push(i);
                 }
                 Err(reason) => {
                     tracing::debug!(delivery_tag = d.delivery_tag, %reason, "malformed message");
-                    dead.push((i, reason.0));
+                    decoded.dead.push((i, reason.0));
                 }
             }
         }
+        decoded
+    }
 
-        let results = self
-            .pipeline
-            .process(&prepared, stop)
+    /// Publishes `dead` to the dead-letter exchange in batch order and waits
+    /// for the broker's confirms; returns how many there were.
+    async fn dead_letter_all(
+        &self,
+        batch: &[Delivery],
+        mut dead: Vec<(usize, String)>,
+    ) -> Result<usize, HandleError> {
+        dead.sort_by_key(|(i, _)| *i);
+        let messages = dead
+            .iter()
+            .map(|(i, reason)| {
+                dead_letter(&batch[*i], reason, &self.settings.amqp.dead_letter_exchange)
+            })
+            .collect();
+        self.dead_letters
+            .publish_all(messages, CONFIRM_TIMEOUT)
             .await
-            .map_err(|Interrupted| HandleError::Interrupted)?;
+            .map_err(HandleError::Broker)?;
+        Ok(dead.len())
+    }
 
-        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-        let mut wrote_events = false;
-        for ((p, &i), result) in prepared.iter().zip(&positions).zip(results) {
-            match result {
-                Ok(outcome) => {
-                    tracing::debug!(delivery_tag = batch[i].delivery_tag, r#type = %p.entity_type, id = %p.id, correlation_id = ?p.correlation_id, %outcome, "processed");
-                    wrote_events |= outcome.has_event();
-                    *counts.entry(outcome.as_str()).or_default() += 1;
-                }
-                Err(reason) => {
-                    tracing::warn!(delivery_tag = batch[i].delivery_tag, r#type = %p.entity_type, id = %p.id, %reason, "database refused a message; dead-lettering it");
-                    dead.push((i, format!("the database refused the message: {reason}")));
-                }
-            }
-        }
-        if wrote_events {
-            self.relay_notify.notify_one();
-        }
-
-        if !dead.is_empty() {
-            dead.sort_by_key(|(i, _)| *i);
-            let messages = dead
-                .iter()
-                .map(|(i, reason)| {
-                    dead_letter(&batch[*i], reason, &self.settings.amqp.dead_letter_exchange)
-                })
-                .collect();
-            self.dead_letters
-                .publish_all(messages, CONFIRM_TIMEOUT)
-                .await
-                .map_err(HandleError::Broker)?;
-            counts.insert("dead_lettered", dead.len());
-        }
-
-        let last = batch.last().expect("a batch is never empty");
-        // An ack that cannot be written means a dead connection: reconnect,
-        // and the broker redelivers the (committed, so harmless) batch.
-        tokio::time::timeout(
-            REPLY_TIMEOUT,
-            last.acker.ack(BasicAckOptions { multiple: true }),
-        )
-        .await
-        .map_err(|_| {
-            HandleError::Broker(anyhow::anyhow!(
-                "cannot ack: no progress within {} s",
-                REPLY_TIMEOUT.as_secs()
-            ))
-        })?
-        .map_err(|e| HandleError::Broker(anyhow::anyhow!("cannot ack: {e}")))?;
-
-        for (outcome, n) in &counts {
+    /// Counts the batch in the metrics and logs the "batch committed" line.
+    fn record(&self, size: usize, counts: &Counts, started: Instant) {
+        for (outcome, n) in &counts.per_label {
             self.metrics
                 .messages
                 .with_label_values(&[outcome])
                 .inc_by(*n as u64);
         }
-        self.metrics.batch_size.observe(batch.len() as f64);
+        self.metrics.batch_size.observe(size as f64);
         self.metrics
             .batch_duration
             .observe(started.elapsed().as_secs_f64());
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         tracing::info!(
-            size = batch.len(),
-            created = counts.get("created").copied().unwrap_or(0),
-            updated = counts.get("updated").copied().unwrap_or(0),
-            unchanged = counts.get("unchanged").copied().unwrap_or(0),
-            deleted = counts.get("deleted").copied().unwrap_or(0),
-            absent = counts.get("absent").copied().unwrap_or(0),
-            rejected = counts.get("rejected").copied().unwrap_or(0),
-            stale = counts.get("stale").copied().unwrap_or(0),
-            duplicate = counts.get("duplicate").copied().unwrap_or(0),
-            dead_lettered = counts.get("dead_lettered").copied().unwrap_or(0),
+            size,
+            created = counts.get("created"),
+            updated = counts.get("updated"),
+            unchanged = counts.get("unchanged"),
+            deleted = counts.get("deleted"),
+            absent = counts.get("absent"),
+            rejected = counts.get("rejected"),
+            stale = counts.get("stale"),
+            duplicate = counts.get("duplicate"),
+            dead_lettered = counts.get("dead_lettered"),
             elapsed_ms = format!("{elapsed_ms:.1}"),
             "batch committed"
         );
-        Ok(())
     }
+}
+
+/// A batch after decoding: what goes to the pipeline, and what cannot.
+struct Decoded {
+    /// The well-formed messages, prepared, in batch order.
+    prepared: Vec<Prepared>,
+    /// The position in the batch of each of `prepared`.
+    positions: Vec<usize>,
+    /// Messages to dead-letter: (position in the batch, reason).
+    dead: Vec<(usize, String)>,
+}
+
+/// What a batch's messages did, for the metrics and the log.
+struct Counts {
+    /// Messages per label of `scramjet_messages_total`: each outcome's name,
+    /// and `dead_lettered` (a label appears only when counted).
+    per_label: BTreeMap<&'static str, usize>,
+    /// Whether any outcome published an event: the outbox has a new row.
+    wrote_events: bool,
+}
+
+impl Counts {
+    /// The count under `label`, 0 when there is none.
+    fn get(&self, label: &str) -> usize {
+        self.per_label.get(label).copied().unwrap_or(0)
+    }
+}
+
+/// Decodes and prepares one delivery, or says why it is malformed.
+fn prepare(
+    d: &Delivery,
+    limits: message::Limits,
+    schemas: &SchemaRegistry,
+) -> Result<Prepared, Malformed> {
+    // Validation runs third-party code on producer data: a panic in it
+    // dead-letters that message instead of stopping the daemon.
+    std::panic::catch_unwind(AssertUnwindSafe(|| {
+        message::decode(&d.data, limits).map(|inbound| {
+            let property =
+                |p: &Option<lapin::types::ShortString>| p.as_ref().map(|s| s.as_str().to_owned());
+            Prepared::new(
+                inbound,
+                property(d.properties.correlation_id()),
+                property(d.properties.message_id()),
+                schemas,
+            )
+        })
+    }))
+    .unwrap_or_else(|panic| {
+        Err(Malformed(format!(
+            "internal error while decoding or validating: {}",
+            panic_text(&*panic)
+        )))
+    })
+}
+
+/// Counts the pipeline's `results` and logs each message; the ones the
+/// database refused join the dead letters of `decoded`.
+fn tally(batch: &[Delivery], decoded: &mut Decoded, results: Results) -> Counts {
+    let mut counts = Counts {
+        per_label: BTreeMap::new(),
+        wrote_events: false,
+    };
+    let Decoded {
+        prepared,
+        positions,
+        dead,
+    } = decoded;
+    for ((p, &i), result) in prepared.iter().zip(positions.iter()).zip(results) {
+        match result {
+            Ok(outcome) => {
+                tracing::debug!(delivery_tag = batch[i].delivery_tag, r#type = %p.entity_type, id = %p.id, correlation_id = ?p.correlation_id, %outcome, "processed");
+                counts.wrote_events |= outcome.has_event();
+                *counts.per_label.entry(outcome.as_str()).or_default() += 1;
+            }
+            Err(reason) => {
+                tracing::warn!(delivery_tag = batch[i].delivery_tag, r#type = %p.entity_type, id = %p.id, %reason, "database refused a message; dead-lettering it");
+                dead.push((i, format!("the database refused the message: {reason}")));
+            }
+        }
+    }
+    counts
+}
+
+/// Acks the whole batch with one `basic.ack(multiple)` on its last delivery.
+async fn ack(batch: &[Delivery]) -> Result<(), HandleError> {
+    let last = batch.last().expect("a batch is never empty");
+    // An ack that cannot be written means a dead connection: reconnect,
+    // and the broker redelivers the (committed, so harmless) batch.
+    tokio::time::timeout(
+        REPLY_TIMEOUT,
+        last.acker.ack(BasicAckOptions { multiple: true }),
+    )
+    .await
+    .map_err(|_| {
+        HandleError::Broker(anyhow::anyhow!(
+            "cannot ack: no progress within {} s",
+            REPLY_TIMEOUT.as_secs()
+        ))
+    })?
+    .map_err(|e| HandleError::Broker(anyhow::anyhow!("cannot ack: {e}")))?;
+    Ok(())
 }
 
 /// How a batch ended without being acked.

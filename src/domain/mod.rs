@@ -5,4 +5,5 @@ pub mod canonical;
 pub mod entity;
 pub mod event;
 pub mod message;
+pub mod outcome;
 pub mod validate;

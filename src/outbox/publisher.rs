@@ -15,12 +15,12 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use lapin::{BasicProperties, Connection};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     amqp::{self, CONFIRM_TIMEOUT, ConfirmPublisher, DeadLetterSlot, Outgoing, REPLY_TIMEOUT},
     config::AmqpSettings,
+    outbox::Wake,
     store::{StoreError, outbox},
     support::backoff::Backoff,
     telemetry::health::Health,
@@ -99,7 +99,7 @@ pub struct Relay {
     /// Where the dead-letter channel of each connection is lent to the consumer.
     pub dead_letters: DeadLetterSlot,
     /// Poked by the pipeline after each commit that wrote events.
-    pub notify: Arc<Notify>,
+    pub notify: Wake,
     /// Readiness state.
     pub health: Arc<Health>,
     /// Counts published events and reconnections.

@@ -1,15 +1,15 @@
 //! The SQL of one pipeline batch: read and lock the current rows of the keys a
 //! batch touches, then write the batch's net effect with one set-based
-//! statement per table and operation (arrays through `unnest`).
+//! statement per table and operation (arrays through `unnest`). The batch's
+//! events are not written here but by [`super::outbox::append`], in the same
+//! transaction and the same round trip.
 
 use std::collections::{HashMap, HashSet};
 
-use deadpool_postgres::Transaction;
-use serde_json::Value;
-use uuid::Uuid;
-
 use super::StoreError;
 use crate::{domain::canonical, domain::event::Event};
+use deadpool_postgres::Transaction;
+use serde_json::Value;
 
 /// (type, id).
 pub type Key = (String, String);
@@ -104,7 +104,8 @@ pub struct Writes {
     pub tombstone_upserts: Vec<(Key, i64)>,
     /// Tombstones of keys that exist again.
     pub tombstone_deletes: Vec<Key>,
-    /// Events for the outbox, in order.
+    /// Events for the outbox, in order: [`super::outbox::append`] writes
+    /// them, not [`write()`].
     pub events: Vec<Event>,
 }
 
@@ -188,7 +189,6 @@ mod sql {
          SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) \
          ON CONFLICT (type, id) DO UPDATE \
          SET version = GREATEST(tombstones.version, excluded.version), deleted_at = now()";
-    pub const OUTBOX: &str = super::super::outbox::INSERT;
 }
 
 /// Passes `fence` (when given), records `message_ids` as processed and
@@ -355,9 +355,13 @@ async fn execute_unless(
     }
 }
 
-/// Applies `writes` inside `tx`: every statement sent at once, in order,
-/// and the replies awaited together (one round trip). Empty parts are skipped.
-pub async fn apply(tx: &Transaction<'_>, writes: &Writes) -> Result<(), StoreError> {
+/// Writes `writes` inside `tx`, all but its events: every statement sent at
+/// once, in order, and the replies awaited together (one round trip). Empty
+/// parts are skipped. Each request goes out when the future is first polled
+/// (the statements are prepared by then, after the first batch), so a
+/// statement joined after this one, such as [`super::outbox::append`],
+/// shares the round trip.
+pub async fn write(tx: &Transaction<'_>, writes: &Writes) -> Result<(), StoreError> {
     // Prepare first (cached after the first batch), so that no statement
     // waits on a prepare while a later one is already sent: order matters
     // (deletes before upserts of the same keys).
@@ -370,7 +374,6 @@ pub async fn apply(tx: &Transaction<'_>, writes: &Writes) -> Result<(), StoreErr
             sql::STAGE_INVALID,
             sql::DELETE_TOMBSTONES,
             sql::UPSERT_TOMBSTONES,
-            sql::OUTBOX,
         ]
         .map(|q| tx.prepare_cached(q)),
     )
@@ -407,12 +410,6 @@ pub async fn apply(tx: &Transaction<'_>, writes: &Writes) -> Result<(), StoreErr
     let tu_types: Vec<&str> = tu.iter().map(|(k, _)| k.0.as_str()).collect();
     let tu_ids: Vec<&str> = tu.iter().map(|(k, _)| k.1.as_str()).collect();
     let tu_versions: Vec<i64> = tu.iter().map(|(_, v)| *v).collect();
-    let ev = &writes.events;
-    let ev_ids: Vec<Uuid> = ev.iter().map(|e| e.event_id).collect();
-    let ev_keys: Vec<&str> = ev.iter().map(|e| e.routing_key.as_str()).collect();
-    let ev_payloads: Vec<&str> = ev.iter().map(|e| e.payload.as_str()).collect();
-    let ev_correlations: Vec<Option<&str>> =
-        ev.iter().map(|e| e.correlation_id.as_deref()).collect();
 
     let p0: [&Param<'_>; 2] = [&rd_types, &rd_ids];
     let p1: [&Param<'_>; 6] = [
@@ -435,7 +432,6 @@ pub async fn apply(tx: &Transaction<'_>, writes: &Writes) -> Result<(), StoreErr
     ];
     let p4: [&Param<'_>; 2] = [&td_types, &td_ids];
     let p5: [&Param<'_>; 3] = [&tu_types, &tu_ids, &tu_versions];
-    let p6: [&Param<'_>; 4] = [&ev_ids, &ev_keys, &ev_payloads, &ev_correlations];
     let s = &statements;
     futures_util::try_join!(
         execute_unless(tx, rd_types.is_empty(), &s[0], &p0),
@@ -445,7 +441,6 @@ pub async fn apply(tx: &Transaction<'_>, writes: &Writes) -> Result<(), StoreErr
         execute_unless(tx, st.is_empty(), &s[4], &p3),
         execute_unless(tx, td_types.is_empty(), &s[5], &p4),
         execute_unless(tx, tu.is_empty(), &s[6], &p5),
-        execute_unless(tx, ev.is_empty(), &s[7], &p6),
     )?;
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! The outbox: events written with the change they describe, read in commit
-//! order by the relay, deleted once the broker has confirmed them.
+//! The outbox: events written with the change they describe ([`append`], in
+//! the pipeline batch's own transaction), read in commit order by the relay
+//! ([`take_oldest`]), deleted once the broker has confirmed them.
 
 use deadpool_postgres::Transaction;
 use uuid::Uuid;
@@ -26,18 +27,42 @@ pub struct Pending {
 }
 
 /// One outbox row: the events of one batch, in order.
-pub(crate) const INSERT: &str = "INSERT INTO outbox \
+const INSERT: &str = "INSERT INTO outbox \
      (event_ids, routing_keys, payloads, correlation_ids) VALUES ($1, $2, $3, $4)";
 
 /// Writes `events` as one outbox row (they are published in this order).
 pub async fn insert(tx: &Transaction<'_>, events: &[Event]) -> Result<(), StoreError> {
     let stmt = tx.prepare_cached(INSERT).await?;
+    insert_row(tx, &stmt, events).await
+}
+
+/// Where a pipeline batch's events are born: appends them to the outbox as
+/// one row, inside the batch's transaction, so that an event exists exactly
+/// when its change is committed; no row when the batch has none. Joined after
+/// [`super::batch::write`], its request goes out with the batch's other
+/// statements: no round trip of its own.
+pub async fn append(tx: &Transaction<'_>, events: &[Event]) -> Result<(), StoreError> {
+    // Prepared even when there is nothing to append, as every statement of
+    // a batch is: the first batch on a connection prepares them all at once.
+    let stmt = tx.prepare_cached(INSERT).await?;
+    if events.is_empty() {
+        return Ok(());
+    }
+    insert_row(tx, &stmt, events).await
+}
+
+/// Runs [`INSERT`] (prepared as `stmt`) for `events`.
+async fn insert_row(
+    tx: &Transaction<'_>,
+    stmt: &tokio_postgres::Statement,
+    events: &[Event],
+) -> Result<(), StoreError> {
     let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
     let keys: Vec<&str> = events.iter().map(|e| e.routing_key.as_str()).collect();
     let payloads: Vec<&str> = events.iter().map(|e| e.payload.as_str()).collect();
     let correlations: Vec<Option<&str>> =
         events.iter().map(|e| e.correlation_id.as_deref()).collect();
-    tx.execute(&stmt, &[&ids, &keys, &payloads, &correlations])
+    tx.execute(stmt, &[&ids, &keys, &payloads, &correlations])
         .await?;
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Small pieces shared by the daemon and the commands.
 
 pub mod backoff;
+pub mod panic;
 pub mod redact;
 pub mod tls;

@@ -1,0 +1,295 @@
+//! The pure planner: a batch's messages, in queue order, against the locked
+//! current rows → each message's outcome, the events, and the batch's net
+//! writes. No I/O, so that it is tested without a database.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use super::prepare::{Prepared, PreparedKind};
+use crate::{
+    domain::canonical,
+    domain::event::{Event, EventFields, Op},
+    domain::outcome::Outcome,
+    store::batch::{Current, Key, ResourceWrite, StagingInvalid, Writes},
+};
+
+/// The state of one (type, id) while a batch is planned.
+struct KeyState<'a> {
+    /// Whether `resources` held the key when the batch started.
+    existed: bool,
+    /// The row as it stands after the messages planned so far.
+    now: Option<Row<'a>>,
+    /// The tombstone version when the batch started.
+    initial_tombstone: Option<i64>,
+    /// The tombstone version after the messages planned so far.
+    tombstone: Option<i64>,
+    /// Whether `now` differs from the stored row and must be written.
+    dirty: bool,
+    /// Whether a message of the batch deleted a row that existed at the start.
+    deleted_initial: bool,
+    /// The rejected save whose staging row must remain, if the key's last message was one.
+    staging: Option<&'a Prepared>,
+    /// Whether any message of the batch took effect on the key (stale and
+    /// duplicate messages leave staging alone).
+    touched: bool,
+}
+
+impl KeyState<'_> {
+    /// The highest version known for the key: the row's, else the tombstone's.
+    fn known_version(&self) -> Option<i64> {
+        match &self.now {
+            Some(row) => row.version,
+            None => self.tombstone,
+        }
+    }
+}
+
+/// A `resources` row during planning, borrowed from the stored row or a message.
+#[derive(Clone, Copy)]
+struct Row<'a> {
+    hash: &'a str,
+    data: &'a Value,
+    /// The canonical text when the row comes from a message (it is written as is).
+    canonical: Option<&'a str>,
+    version: Option<i64>,
+}
+
+/// Plans a batch: outcomes per message (same order), and the net writes.
+///
+/// `duplicate[i]` says that message `i` carries a `message_id` already
+/// processed; it is skipped. A message whose `version` is lower than the
+/// key's known version (row or tombstone) is stale and skipped too.
+pub fn plan(
+    prepared: &[Prepared],
+    duplicate: &[bool],
+    current: &Current,
+    occurred_at: &str,
+) -> (Writes, Vec<Outcome>) {
+    let mut order: Vec<Key> = Vec::new();
+    let mut states: HashMap<Key, KeyState<'_>> = HashMap::new();
+    let mut writes = Writes::default();
+    let mut outcomes = Vec::with_capacity(prepared.len());
+
+    for (p, &is_duplicate) in prepared.iter().zip(duplicate) {
+        if is_duplicate {
+            outcomes.push(Outcome::Duplicate);
+            continue;
+        }
+        let key = p.key();
+        let state = states.entry(key.clone()).or_insert_with(|| {
+            order.push(key.clone());
+            let now = current.rows.get(&key).map(|c| Row {
+                hash: &c.hash,
+                data: &c.data,
+                canonical: None,
+                version: c.version,
+            });
+            let tombstone = current.tombstones.get(&key).copied();
+            KeyState {
+                existed: now.is_some(),
+                now,
+                initial_tombstone: tombstone,
+                tombstone,
+                dirty: false,
+                deleted_initial: false,
+                staging: None,
+                touched: false,
+            }
+        });
+        if let (Some(v), Some(known)) = (p.version, state.known_version())
+            && v < known
+        {
+            outcomes.push(Outcome::Stale);
+            continue;
+        }
+        state.touched = true;
+        let event = |op, fields| {
+            Event::new(
+                op,
+                &p.entity_type,
+                &p.id,
+                fields,
+                occurred_at,
+                p.correlation_id.clone(),
+            )
+        };
+        let outcome = match &p.kind {
+            PreparedKind::Save {
+                canonical,
+                hash,
+                errors: Some(errors),
+                ..
+            } => {
+                writes.events.push(event(
+                    Op::Rejected,
+                    EventFields {
+                        data: Some(canonical),
+                        hash: Some(hash),
+                        errors: Some(&errors.errors),
+                        errors_total: Some(errors.total),
+                        version: p.version,
+                        ..Default::default()
+                    },
+                ));
+                state.staging = Some(p);
+                Outcome::Rejected
+            }
+            PreparedKind::Save {
+                data,
+                canonical,
+                hash,
+                errors: None,
+            } => {
+                state.staging = None;
+                // A message without a version keeps the version already known.
+                let version = p.version.or(state.known_version());
+                let new = Row {
+                    hash,
+                    data,
+                    canonical: Some(canonical),
+                    version,
+                };
+                let outcome = match state.now {
+                    None => {
+                        writes.events.push(event(
+                            Op::Created,
+                            EventFields {
+                                data: Some(canonical),
+                                hash: Some(hash),
+                                version: p.version,
+                                ..Default::default()
+                            },
+                        ));
+                        state.dirty = true;
+                        state.tombstone = None;
+                        Outcome::Created
+                    }
+                    Some(old) if old.hash == hash.as_str() => {
+                        // Same content: the row stays as it is (data, hash,
+                        // updated_at), but a higher version is still kept,
+                        // so that a later stale message stays stale. The
+                        // version alone is written at the end, unless the
+                        // row is written whole anyway.
+                        Outcome::Unchanged
+                    }
+                    Some(old) => {
+                        let patch = json_patch::diff(old.data, data);
+                        writes.events.push(event(
+                            Op::Updated,
+                            EventFields {
+                                data: Some(canonical),
+                                hash: Some(hash),
+                                previous_hash: Some(old.hash),
+                                patch: Some(&patch),
+                                version: p.version,
+                                ..Default::default()
+                            },
+                        ));
+                        state.dirty = true;
+                        Outcome::Updated
+                    }
+                };
+                state.now = Some(new);
+                outcome
+            }
+            PreparedKind::Delete => {
+                state.staging = None;
+                // Remember the highest version seen, so a stale save cannot revive the entity.
+                let known = state.known_version();
+                let tombstone = match (p.version, known) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
+                state.tombstone = tombstone;
+                match state.now.take() {
+                    Some(old) => {
+                        writes.events.push(event(
+                            Op::Deleted,
+                            EventFields {
+                                previous_hash: Some(old.hash),
+                                previous: Some(old.data),
+                                version: p.version,
+                                ..Default::default()
+                            },
+                        ));
+                        state.deleted_initial |= state.existed;
+                        state.dirty = false;
+                        Outcome::Deleted
+                    }
+                    None => Outcome::Absent,
+                }
+            }
+        };
+        outcomes.push(outcome);
+    }
+
+    for key in order {
+        let state = states.remove(&key).expect("every ordered key has a state");
+        if !state.touched {
+            continue;
+        }
+        if state.existed && (state.now.is_none() || state.deleted_initial) {
+            writes.resource_deletes.push(key.clone());
+        }
+        if let Some(row) = state.now
+            && !state.dirty
+            && !state.deleted_initial
+            && let Some(version) = row.version
+            && current
+                .rows
+                .get(&key)
+                .is_some_and(|c| c.version != row.version)
+        {
+            writes.version_updates.push((key.clone(), version));
+        }
+        if let Some(row) = state.now
+            && (state.dirty || state.deleted_initial)
+        {
+            writes.resource_upserts.push(ResourceWrite {
+                entity_type: key.0.clone(),
+                id: key.1.clone(),
+                hash: row.hash.to_owned(),
+                canonical: row
+                    .canonical
+                    .map_or_else(|| canonical::to_canonical(row.data), str::to_owned),
+                version: row.version,
+            });
+        }
+        match (
+            state.now.is_some(),
+            state.initial_tombstone,
+            state.tombstone,
+        ) {
+            (true, Some(_), _) => writes.tombstone_deletes.push(key.clone()),
+            (false, initial, Some(v)) if initial != Some(v) => {
+                writes.tombstone_upserts.push((key.clone(), v));
+            }
+            _ => {}
+        }
+        match state.staging {
+            Some(p) => {
+                let PreparedKind::Save {
+                    canonical,
+                    errors: Some(errors),
+                    ..
+                } = &p.kind
+                else {
+                    unreachable!("only rejected saves leave a staging row");
+                };
+                writes.staging_invalid.push(StagingInvalid {
+                    entity_type: key.0,
+                    id: key.1,
+                    canonical: canonical.clone(),
+                    errors: errors.staging_json(),
+                    version: p.version,
+                });
+            }
+            None => writes.staging_clears.push(key),
+        }
+    }
+    (writes, outcomes)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,94 @@
+//! A message made ready for the database, outside any transaction: its
+//! canonical form hashed and its data validated, so that the transaction
+//! spends no time on either.
+
+use serde_json::Value;
+
+use crate::{
+    domain::canonical,
+    domain::message::{Action, Inbound},
+    domain::validate::{Rejection, SchemaRegistry},
+    store::batch::Key,
+};
+
+/// A message made ready for the database: hashed and validated, outside any transaction.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// Entity type.
+    pub entity_type: String,
+    /// Entity id.
+    pub id: String,
+    /// Producer version, if sent.
+    pub version: Option<i64>,
+    /// The inbound AMQP `correlation_id`, copied onto events.
+    pub correlation_id: Option<String>,
+    /// The inbound AMQP `message_id`, for duplicate detection.
+    pub message_id: Option<String>,
+    /// What to do.
+    pub kind: PreparedKind,
+}
+
+/// The prepared operation.
+#[derive(Debug, Clone)]
+pub enum PreparedKind {
+    /// A save.
+    Save {
+        /// The document.
+        data: Value,
+        /// Its canonical text (stored, published, hashed).
+        canonical: String,
+        /// SHA-256 of `canonical`.
+        hash: String,
+        /// Why it is invalid; `None` when valid.
+        errors: Option<Rejection>,
+    },
+    /// A delete.
+    Delete,
+}
+
+impl Prepared {
+    /// Hashes and validates a decoded message.
+    pub fn new(
+        inbound: Inbound,
+        correlation_id: Option<String>,
+        message_id: Option<String>,
+        schemas: &SchemaRegistry,
+    ) -> Self {
+        let kind = match inbound.action {
+            Action::Save { data } => {
+                let canonical = canonical::object_to_canonical(&data);
+                let hash = canonical::hash(&canonical);
+                let data = Value::Object(data);
+                let errors = schemas.validate(&inbound.entity_type, &data).err();
+                PreparedKind::Save {
+                    data,
+                    canonical,
+                    hash,
+                    errors,
+                }
+            }
+            Action::Delete => PreparedKind::Delete,
+        };
+        Prepared {
+            entity_type: inbound.entity_type,
+            id: inbound.id,
+            version: inbound.version,
+            correlation_id,
+            message_id,
+            kind,
+        }
+    }
+
+    /// The (type, id) the message is about.
+    pub(super) fn key(&self) -> Key {
+        (self.entity_type.clone(), self.id.clone())
+    }
+}
+
+/// The distinct keys of `prepared`, sorted: a batch locks them in this order.
+pub(super) fn sorted_keys(prepared: &[Prepared]) -> Vec<Key> {
+    let mut keys: Vec<Key> = prepared.iter().map(Prepared::key).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}

@@ -1,0 +1,158 @@
+//! What one batch transaction runs: claim the message ids, lock the keys
+//! and read their rows, plan, write — for the whole batch at once, or message
+//! by message in savepoints. The caller commits.
+
+use std::{collections::HashMap, panic::AssertUnwindSafe};
+
+use super::{
+    plan::plan,
+    prepare::{Prepared, sorted_keys},
+};
+use crate::{
+    domain::event,
+    domain::outcome::Outcome,
+    store::{
+        StoreError,
+        batch::{self, Current},
+        outbox,
+    },
+    support::panic::panic_text,
+};
+
+/// The database's reason for refusing a message, and its SQLSTATE.
+#[derive(Debug)]
+pub(super) struct Refusal {
+    /// The SQLSTATE, when the server gave one.
+    pub(super) sqlstate: Option<String>,
+    /// The database's words.
+    pub(super) reason: String,
+}
+
+/// Applies `prepared` in `tx` as if one message at a time, leaving out the
+/// ones the database refuses; passes the fence once, first.
+///
+/// Each message is first tried in a savepoint of its own, inside an outer
+/// one, to find which the database refuses; the outer savepoint is then
+/// rolled back and the others are applied together at the top level. So
+/// every row is written by the top-level transaction, never a
+/// subtransaction: a full-set sync tells rows committed after it began by
+/// their `xmin` against its snapshot, which lists top-level transactions only.
+pub(super) async fn each_alone(
+    tx: &mut deadpool_postgres::Transaction<'_>,
+    fence: Option<batch::Fence<'_>>,
+    prepared: &[Prepared],
+) -> Result<(Vec<Result<Outcome, Refusal>>, Current), StoreError> {
+    let current = batch::pass_fence(tx, fence).await?;
+    let mut refusals: Vec<Option<Refusal>> = Vec::with_capacity(prepared.len());
+    {
+        let mut probe = tx.savepoint("scramjet_probe").await?;
+        for p in prepared {
+            let savepoint = probe.savepoint("scramjet_message").await?;
+            match plan_and_write(&savepoint, None, std::slice::from_ref(p)).await {
+                Ok(_) => {
+                    savepoint.commit().await?;
+                    refusals.push(None);
+                }
+                Err(StoreError::Refused { sqlstate, detail }) => {
+                    savepoint.rollback().await?;
+                    refusals.push(Some(Refusal {
+                        sqlstate,
+                        reason: detail,
+                    }));
+                }
+                Err(outage) => return Err(outage),
+            }
+        }
+        probe.rollback().await?;
+    }
+    let accepted: Vec<&Prepared> = prepared
+        .iter()
+        .zip(&refusals)
+        .filter(|(_, r)| r.is_none())
+        .map(|(p, _)| p)
+        .collect();
+    let mut outcomes = Vec::new().into_iter();
+    if !accepted.is_empty() {
+        // Cloned: a refused batch is the rare path.
+        let accepted: Vec<Prepared> = accepted.into_iter().cloned().collect();
+        // Refused now, after the probe let these through, the refusal
+        // belongs to no one message: the caller waits it out.
+        let (applied, _) = plan_and_write(tx, None, &accepted).await?;
+        outcomes = applied.into_iter();
+    }
+    let results = refusals
+        .into_iter()
+        .map(|r| match r {
+            Some(refusal) => Err(refusal),
+            None => Ok(outcomes.next().expect("one outcome per accepted message")),
+        })
+        .collect();
+    Ok((results, current))
+}
+
+/// Applies `prepared` inside `tx` (which the caller commits): claim message
+/// ids, lock the keys, plan, write. Returns the outcomes and what the
+/// locking statement read (the transaction's id, its server, the fence).
+pub(super) async fn plan_and_write(
+    tx: &deadpool_postgres::Transaction<'_>,
+    fence: Option<batch::Fence<'_>>,
+    prepared: &[Prepared],
+) -> Result<(Vec<Outcome>, Current), StoreError> {
+    let (duplicate, current) = lock_and_find_duplicates(tx, fence, prepared).await?;
+    // A bug in planning (patch computation, say) must not take the daemon
+    // down: report it like a refused batch, so the messages are retried
+    // one by one and only the one that triggers it is dead-lettered.
+    let now = event::now_rfc3339();
+    let (writes, outcomes) = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        plan(prepared, &duplicate, &current, &now)
+    }))
+    .map_err(|panic| StoreError::Refused {
+        sqlstate: None,
+        detail: format!("internal error: {}", panic_text(&*panic)),
+    })?;
+    // Two steps, one round trip, one transaction: the net writes to
+    // resources, staging and tombstones, then the batch's events appended to
+    // the outbox, whence the publisher sends them once this commits.
+    futures_util::try_join!(
+        batch::write(tx, &writes),
+        outbox::append(tx, &writes.events),
+    )?;
+    Ok((outcomes, current))
+}
+
+/// Applies `prepared` inside `tx`, for callers that lock more rows in the
+/// same transaction first (`scramjet revalidate` locks the staging rows).
+pub async fn process_in_transaction(
+    tx: &deadpool_postgres::Transaction<'_>,
+    prepared: &[Prepared],
+) -> Result<Vec<Outcome>, StoreError> {
+    let (outcomes, _) = plan_and_write(tx, None, prepared).await?;
+    Ok(outcomes)
+}
+
+/// Claims the batch's message ids and locks its keys; returns, per message,
+/// whether it is a duplicate (claimed before, or earlier in the same batch).
+async fn lock_and_find_duplicates(
+    tx: &deadpool_postgres::Transaction<'_>,
+    fence: Option<batch::Fence<'_>>,
+    prepared: &[Prepared],
+) -> Result<(Vec<bool>, Current), StoreError> {
+    let mut first_seen: HashMap<&str, usize> = HashMap::new();
+    for (i, p) in prepared.iter().enumerate() {
+        if let Some(m) = &p.message_id {
+            first_seen.entry(m.as_str()).or_insert(i);
+        }
+    }
+    let ids: Vec<&str> = first_seen.keys().copied().collect();
+    let keys = sorted_keys(prepared);
+    let (fresh, current) = batch::claim_and_lock(tx, fence, &ids, &keys).await?;
+    let duplicate = prepared
+        .iter()
+        .enumerate()
+        .map(|(i, p)| match &p.message_id {
+            None => false,
+            Some(m) => !(fresh.contains(m.as_str()) && first_seen[m.as_str()] == i),
+        })
+        .collect();
+    Ok((duplicate, current))
+}
