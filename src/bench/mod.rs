@@ -32,25 +32,36 @@ mod ingest;
 
 use crate::{amqp, config::Settings, store};
 
-/// What to run.
-#[derive(Debug, Clone)]
-pub struct BenchOptions {
+/// What to run: the arguments of `scramjet bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
     /// Messages per 1 KB throughput scenario.
+    #[arg(long, default_value_t = 20_000)]
     pub messages: usize,
-    /// Rows preloaded for the "large table" scenario (0 skips it).
+    /// Rows preloaded into resources for the large-table scenario (0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
     pub preload_rows: usize,
-    /// Seconds of the latency run at `latency_rate` messages per second.
+    /// Length of the latency run, in seconds.
+    #[arg(long, default_value_t = 10)]
     pub latency_seconds: u64,
-    /// Offered rate of the latency run.
+    /// Offered rate of the latency run, messages per second.
+    #[arg(long, default_value_t = 1_000)]
     pub latency_rate: u64,
-    /// Exit non-zero when a target is missed (a wrong outcome always does).
+    /// Exit non-zero when a performance target is missed (a wrong
+    /// outcome always exits non-zero).
+    #[arg(long)]
     pub strict: bool,
-    /// Run the ingest benchmark instead: a full-set sync of this many
-    /// records (see `bench/ingest.rs`).
+    /// Instead, measure `scramjet ingest --full-set` of this many ~1 KB
+    /// records against a table holding them (10 % changed, 1 % new,
+    /// 1 % gone), e.g. 1000000.
+    #[arg(long, value_name = "RECORDS")]
     pub ingest: Option<usize>,
-    /// With `ingest`: also send the same changes through the daemon.
+    /// With --ingest: also send the same changes through the daemon.
+    #[arg(long = "through-daemon", requires = "ingest")]
     pub ingest_through_daemon: bool,
-    /// Run the memory benchmark instead: drain this many ~1 MiB messages.
+    /// Instead, drain this many messages of about 1 MiB (creates) and
+    /// report the daemon's peak RSS against amqp.max_inflight_bytes.
+    #[arg(long, value_name = "MESSAGES", conflicts_with = "ingest")]
     pub large: Option<usize>,
 }
 
@@ -226,7 +237,7 @@ impl Names {
 }
 
 /// Runs everything and prints the table.
-pub async fn run(base: &Settings, opts: &BenchOptions) -> anyhow::Result<()> {
+pub async fn run(base: &Settings, opts: &BenchArgs) -> anyhow::Result<()> {
     let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
     let names = Names {
         database: format!("scramjet_bench_{tag}"),
@@ -312,7 +323,7 @@ impl Bench {
         })
     }
 
-    async fn all(&self, opts: &BenchOptions) -> anyhow::Result<(String, Vec<String>)> {
+    async fn all(&self, opts: &BenchArgs) -> anyhow::Result<(String, Vec<String>)> {
         let n = opts.messages;
         let mut measures = Vec::new();
         let mut failures = Vec::new();

@@ -23,6 +23,26 @@ use crate::{
     store::{self, StoreError},
 };
 
+/// The arguments of `scramjet revalidate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RevalidateArgs {
+    /// Only this type.
+    #[arg(long = "type", value_name = "TYPE")]
+    pub entity_type: Option<String>,
+    /// Only rows whose id and data match this filter (docs/filters.md),
+    /// e.g. 'age >= 30 and dept in ("a", "b")'.
+    #[arg(long = "where", value_name = "FILTER")]
+    pub filter: Option<String>,
+}
+
+/// `scramjet revalidate`: parses `--where`, then [`revalidate`]s.
+pub async fn run(settings: &Settings, args: RevalidateArgs) -> anyhow::Result<()> {
+    let filter = super::parse_where(args.filter.as_deref())?;
+    revalidate(settings, args.entity_type.as_deref(), filter.as_ref())
+        .await
+        .map(drop)
+}
+
 /// What a run did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
