@@ -36,8 +36,13 @@ pub struct ReplayArgs {
     /// e.g. 'dept_id in department(name = "Physics")'.
     #[arg(long = "where", value_name = "FILTER")]
     pub filter: Option<String>,
-    /// Prefix for the routing key, e.g. "replay." gives "replay.<type>.snapshot".
-    #[arg(long, default_value = "")]
+    /// Put before `<type>.snapshot` in the routing key, e.g. `replay.`.
+    // The help says it without code marks, as it always has.
+    #[arg(
+        long,
+        default_value = "",
+        help = r#"Prefix for the routing key, e.g. "replay." gives "replay.<type>.snapshot""#
+    )]
     pub routing_prefix: String,
     /// Resume after this id (as printed by an earlier run).
     #[arg(long, value_name = "ID")]

@@ -65,11 +65,7 @@ pub async fn revalidate(
     entity_type: Option<&str>,
     filter: Option<&Filter>,
 ) -> anyhow::Result<Summary> {
-    let schemas = SchemaRegistry::load(
-        &settings.validation.schema_dir,
-        settings.validation.unknown_types,
-        settings.validation.max_errors,
-    )?;
+    let schemas = crate::bulk::load_schemas(settings)?;
     let pool = store::connect(settings).await?;
     let mut summary = Summary::default();
     let mut after: Option<(String, String)> = None;
