@@ -12,7 +12,7 @@ use std::{
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::bulk::{DeleteStep, Summary};
+use crate::bulk::{BadRecord, DeleteStep, Summary};
 
 /// Input buffer size: large reads for large files.
 const BUFFER: usize = 256 * 1024;
@@ -39,30 +39,37 @@ pub(super) fn progress_bar() -> ProgressBar {
     bar
 }
 
+/// Prints the records a summary kept, each after `label`, then how many of
+/// the `total` were only counted (a summary keeps a bounded number).
+fn print_kept(what: &str, label: &str, kept: &[BadRecord], total: u64, more: &str) {
+    for record in kept {
+        eprintln!("{what}: {label}{record}");
+    }
+    if total > kept.len() as u64 {
+        eprintln!("{what}: … and {} {more}", total - kept.len() as u64);
+    }
+}
+
 /// Prints the summary and the bad records; an error when not everything
 /// went through.
 pub(super) fn report(what: &str, summary: &Summary) -> anyhow::Result<()> {
-    for bad in &summary.bad {
-        eprintln!("{what}: bad record: {bad}");
-    }
-    if summary.bad_count > summary.bad.len() as u64 {
-        eprintln!(
-            "{what}: … and {} more bad record(s)",
-            summary.bad_count - summary.bad.len() as u64
-        );
-    }
+    print_kept(
+        what,
+        "bad record: ",
+        &summary.bad,
+        summary.bad_count,
+        "more bad record(s)",
+    );
     for refused in &summary.refused {
         eprintln!("{what}: refused by the database: {refused}");
     }
-    for rejected in &summary.rejected_records {
-        eprintln!("{what}: {rejected}");
-    }
-    if summary.rejected > summary.rejected_records.len() as u64 {
-        eprintln!(
-            "{what}: … and {} more rejected record(s) (GET /v1/staging/<type> lists them all)",
-            summary.rejected - summary.rejected_records.len() as u64
-        );
-    }
+    print_kept(
+        what,
+        "",
+        &summary.rejected_records,
+        summary.rejected,
+        "more rejected record(s) (GET /v1/staging/<type> lists them all)",
+    );
     println!("{what}: {summary}");
     let mut problems = Vec::new();
     if summary.bad_count > 0 {

@@ -57,16 +57,8 @@ pub struct ReplayArgs {
 
 /// `scramjet replay`: checks the arguments, then [`replay`]s.
 pub async fn run(settings: &Settings, args: ReplayArgs) -> anyhow::Result<()> {
-    let ReplayArgs {
-        entity_type,
-        since,
-        filter,
-        routing_prefix,
-        after,
-        page,
-        rate,
-    } = args;
-    let since = since
+    let since = args
+        .since
         .map(|s| {
             OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339).map_err(
                 |_| anyhow::anyhow!("--since must be an RFC 3339 time, e.g. 2026-11-23T00:00:00Z"),
@@ -74,18 +66,18 @@ pub async fn run(settings: &Settings, args: ReplayArgs) -> anyhow::Result<()> {
         })
         .transpose()?;
     anyhow::ensure!(
-        (1..=10_000).contains(&page),
+        (1..=10_000).contains(&args.page),
         "--page must be from 1 to 10000"
     );
-    let filter = super::parse_where(filter.as_deref())?;
+    let filter = super::parse_where(args.filter.as_deref())?;
     let request = ReplayRequest {
-        entity_type,
         since,
         filter,
-        routing_prefix,
-        after,
-        page,
-        rate,
+        entity_type: args.entity_type,
+        routing_prefix: args.routing_prefix,
+        after: args.after,
+        page: args.page,
+        rate: args.rate,
     };
     replay(settings, &request).await.map(drop)
 }
