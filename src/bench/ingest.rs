@@ -17,7 +17,11 @@ use std::{
 use anyhow::{Context, bail, ensure};
 use futures_util::StreamExt;
 
-use super::{Bench, Daemon, clock_ticks, peak_rss_kib, postgres_cpu_ticks, process_cpu_ticks};
+use super::{
+    Bench,
+    daemon::Daemon,
+    probes::{clock_ticks, peak_rss_kib, postgres_cpu_ticks, process_cpu_ticks},
+};
 use crate::domain::canonical;
 
 /// The filler of every document: about 1 KB per record.

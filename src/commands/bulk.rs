@@ -1,6 +1,6 @@
-//! `scramjet ingest` and `scramjet delete`: input from a file or stdin, a
-//! progress line on a terminal, a summary at the end, and a failing exit
-//! status when anything did not go through.
+//! What `scramjet ingest` and `scramjet delete` share: input from a file or
+//! stdin, a progress line on a terminal, a summary at the end, and a failing
+//! exit status when anything did not go through.
 
 use std::{
     fs::File,
@@ -12,14 +12,13 @@ use std::{
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::bulk::{DeleteStep, Format, IngestOptions, Scramjet, Summary};
-use crate::config::Settings;
+use crate::bulk::{BadRecord, DeleteStep, Summary};
 
 /// Input buffer size: large reads for large files.
 const BUFFER: usize = 256 * 1024;
 
 /// Opens `path`, or stdin for `-`.
-fn open(path: &Path) -> anyhow::Result<Box<dyn BufRead + Send>> {
+pub(super) fn open(path: &Path) -> anyhow::Result<Box<dyn BufRead + Send>> {
     if path == Path::new("-") {
         return Ok(Box::new(BufReader::with_capacity(BUFFER, std::io::stdin())));
     }
@@ -28,7 +27,7 @@ fn open(path: &Path) -> anyhow::Result<Box<dyn BufRead + Send>> {
 }
 
 /// A spinner with the running counts, drawn only on a terminal.
-fn progress_bar() -> ProgressBar {
+pub(super) fn progress_bar() -> ProgressBar {
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
     if !std::io::stderr().is_terminal() {
         bar.set_draw_target(ProgressDrawTarget::hidden());
@@ -40,30 +39,37 @@ fn progress_bar() -> ProgressBar {
     bar
 }
 
+/// Prints the records a summary kept, each after `label`, then how many of
+/// the `total` were only counted (a summary keeps a bounded number).
+fn print_kept(what: &str, label: &str, kept: &[BadRecord], total: u64, more: &str) {
+    for record in kept {
+        eprintln!("{what}: {label}{record}");
+    }
+    if total > kept.len() as u64 {
+        eprintln!("{what}: … and {} {more}", total - kept.len() as u64);
+    }
+}
+
 /// Prints the summary and the bad records; an error when not everything
 /// went through.
-fn report(what: &str, summary: &Summary) -> anyhow::Result<()> {
-    for bad in &summary.bad {
-        eprintln!("{what}: bad record: {bad}");
-    }
-    if summary.bad_count > summary.bad.len() as u64 {
-        eprintln!(
-            "{what}: … and {} more bad record(s)",
-            summary.bad_count - summary.bad.len() as u64
-        );
-    }
+pub(super) fn report(what: &str, summary: &Summary) -> anyhow::Result<()> {
+    print_kept(
+        what,
+        "bad record: ",
+        &summary.bad,
+        summary.bad_count,
+        "more bad record(s)",
+    );
     for refused in &summary.refused {
         eprintln!("{what}: refused by the database: {refused}");
     }
-    for rejected in &summary.rejected_records {
-        eprintln!("{what}: {rejected}");
-    }
-    if summary.rejected > summary.rejected_records.len() as u64 {
-        eprintln!(
-            "{what}: … and {} more rejected record(s) (GET /v1/staging/<type> lists them all)",
-            summary.rejected - summary.rejected_records.len() as u64
-        );
-    }
+    print_kept(
+        what,
+        "",
+        &summary.rejected_records,
+        summary.rejected,
+        "more rejected record(s) (GET /v1/staging/<type> lists them all)",
+    );
     println!("{what}: {summary}");
     let mut problems = Vec::new();
     if summary.bad_count > 0 {
@@ -85,55 +91,4 @@ fn report(what: &str, summary: &Summary) -> anyhow::Result<()> {
         problems.join(", ")
     );
     Ok(())
-}
-
-/// `scramjet ingest`.
-pub async fn ingest(
-    settings: &Settings,
-    input: &Path,
-    format: Option<Format>,
-    options: &IngestOptions,
-) -> anyhow::Result<()> {
-    let mut reader = open(input)?;
-    let format = match format {
-        Some(f) => f,
-        None => Format::detect(input.to_str(), &mut reader)
-            .with_context(|| format!("cannot read {}", input.display()))?,
-    };
-    let scramjet = Scramjet::connect(settings).await?;
-    let bar = progress_bar();
-    let summary = scramjet
-        .ingest(reader, format, options, |s| {
-            bar.set_message(format!(
-                "{} records, {:.0}/s: created {}, updated {}, unchanged {}, rejected {}",
-                s.records,
-                s.rate(),
-                s.created,
-                s.updated,
-                s.unchanged,
-                s.rejected
-            ))
-        })
-        .await?;
-    bar.finish_and_clear();
-    let what = if options.dry_run {
-        "ingest (dry run, nothing changed)"
-    } else {
-        "ingest"
-    };
-    report(what, &summary)
-}
-
-/// `scramjet delete`.
-pub async fn delete(settings: &Settings, entity_type: &str, ids: &Path) -> anyhow::Result<()> {
-    let reader = open(ids)?;
-    let scramjet = Scramjet::connect(settings).await?;
-    let bar = progress_bar();
-    let summary = scramjet
-        .remove(entity_type, reader, crate::bulk::DEFAULT_CHUNK, |s| {
-            bar.set_message(format!("deleted {}, not found {}", s.deleted, s.absent))
-        })
-        .await?;
-    bar.finish_and_clear();
-    report("delete", &summary)
 }

@@ -24,6 +24,26 @@ use crate::{
     store::{self, StoreError},
 };
 
+/// The arguments of `scramjet revalidate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RevalidateArgs {
+    /// Only this type.
+    #[arg(long = "type", value_name = "TYPE")]
+    pub entity_type: Option<String>,
+    /// Only rows whose id and data match this filter (docs/filters.md),
+    /// e.g. 'age >= 30 and dept in ("a", "b")'.
+    #[arg(long = "where", value_name = "FILTER")]
+    pub filter: Option<String>,
+}
+
+/// `scramjet revalidate`: parses `--where`, then [`revalidate`]s.
+pub async fn run(settings: &Settings, args: RevalidateArgs) -> anyhow::Result<()> {
+    let filter = super::parse_where(args.filter.as_deref())?;
+    revalidate(settings, args.entity_type.as_deref(), filter.as_ref())
+        .await
+        .map(drop)
+}
+
 /// What a run did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
@@ -46,11 +66,7 @@ pub async fn revalidate(
     entity_type: Option<&str>,
     filter: Option<&Filter>,
 ) -> anyhow::Result<Summary> {
-    let schemas = SchemaRegistry::load(
-        &settings.validation.schema_dir,
-        settings.validation.unknown_types,
-        settings.validation.max_errors,
-    )?;
+    let schemas = crate::bulk::load_schemas(settings)?;
     let pool = store::connect(settings).await?;
     let mut summary = Summary::default();
     let mut after: Option<(String, String)> = None;

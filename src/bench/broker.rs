@@ -1,0 +1,99 @@
+//! The bench's own broker plumbing: publishing with confirms, and watching
+//! the changes exchange.
+
+use anyhow::ensure;
+use lapin::{
+    BasicProperties, Channel, Consumer,
+    options::{
+        BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
+    },
+    types::FieldTable,
+};
+
+use super::{Bench, workload::Op};
+
+impl Bench {
+    pub(super) async fn publish_to(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        ops: &[Op],
+    ) -> anyhow::Result<()> {
+        for chunk in ops.chunks(1000) {
+            self.publish_confirmed(exchange, routing_key, chunk.iter().map(|op| &op.body))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes `bodies` (persistent), then waits for every confirm.
+    pub(super) async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        bodies: impl IntoIterator<Item = &String>,
+    ) -> anyhow::Result<()> {
+        for body in bodies {
+            self.publisher
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?;
+        }
+        ensure!(
+            self.publisher.wait_for_confirms().await?.is_empty(),
+            "unroutable messages"
+        );
+        Ok(())
+    }
+
+    /// A queue bound to the changes exchange, and its consumer.
+    pub(super) async fn watch_events(&self) -> anyhow::Result<(Channel, Consumer)> {
+        let ch = self.conn.create_channel().await?;
+        let q = format!("{}.events", self.names.prefix());
+        ch.queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        ch.queue_bind(
+            q.as_str().into(),
+            self.settings.amqp.changes_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        let stream = consume_no_ack(&ch, &q).await?;
+        Ok((ch, stream))
+    }
+
+    pub(super) async fn delete_queue(&self, name: &str) {
+        if let Ok(ch) = self.conn.create_channel().await {
+            let _ = ch
+                .queue_delete(name.into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+}
+
+/// Consumes `queue` without acks: the bench only counts what arrives.
+pub(super) async fn consume_no_ack(channel: &Channel, queue: &str) -> lapin::Result<Consumer> {
+    channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}

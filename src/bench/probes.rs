@@ -1,0 +1,85 @@
+//! CPU time and peak RSS of processes, read from `/proc`.
+
+use std::process::Command;
+
+pub(super) fn clock_ticks() -> f64 {
+    // Linux reports /proc CPU times in USER_HZ, 100 on every common platform.
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Peak RSS (`VmHWM`) of a process, in KiB; 0 once it has exited.
+pub(super) fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// utime + stime of a process, in clock ticks.
+pub(super) fn process_cpu_ticks(pid: u32) -> u64 {
+    stat_ticks(pid, false)
+}
+
+/// utime + stime of a process, plus cutime + cstime (its children that
+/// have exited and been waited for) when `children`.
+pub(super) fn stat_ticks(pid: u32, children: bool) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the command name (which may hold spaces) start after ')'.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 here.
+    let get = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let own = get(11) + get(12);
+    if children {
+        own + get(13) + get(14)
+    } else {
+        own
+    }
+}
+
+/// CPU ticks of the local RabbitMQ node (its `beam.smp` process), 0 if not found.
+pub(super) fn broker_cpu_ticks() -> u64 {
+    cpu_ticks_of("beam.smp", false)
+}
+
+/// CPU ticks of the local PostgreSQL server: all its processes, and the
+/// backends that have exited (counted in the postmaster's children's time),
+/// so connections that come and go during a run are counted too.
+pub(super) fn postgres_cpu_ticks() -> u64 {
+    cpu_ticks_of("postgres", true)
+}
+
+/// CPU ticks of every process whose command name is `comm`.
+pub(super) fn cpu_ticks_of(comm: &str, children: bool) -> u64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .map(|pid| stat_ticks(pid, children))
+        .sum()
+}

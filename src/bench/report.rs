@@ -1,0 +1,120 @@
+//! What a scenario measured, and the table the standard suite prints.
+
+use std::fmt::Write as _;
+
+use super::{BenchArgs, latency::Latency};
+use crate::config::Settings;
+
+/// One scenario's result.
+#[derive(Debug, Clone)]
+pub(super) struct Measure {
+    pub(super) name: String,
+    pub(super) messages: usize,
+    pub(super) seconds: f64,
+    pub(super) events: usize,
+    pub(super) ceiling: Option<f64>,
+    pub(super) daemon_cpu: f64,
+    pub(super) broker_cpu: f64,
+    pub(super) postgres_cpu: f64,
+    /// Peak RSS of the daemon over the run, in KiB (daemon runs only).
+    pub(super) rss_kib: Option<u64>,
+}
+
+impl Measure {
+    pub(super) fn rate(&self) -> f64 {
+        self.messages as f64 / self.seconds
+    }
+}
+
+/// What the standard suite measured, as the table shows it.
+pub(super) struct Results {
+    /// Every scenario, in the order run.
+    pub(super) measures: Vec<Measure>,
+    /// How much throughput fell with the preloaded table, if it ran.
+    pub(super) large_table: Option<f64>,
+    /// The latency run.
+    pub(super) latency: Latency,
+    /// The daemon's peak RSS over all runs, in KiB.
+    pub(super) peak_rss_kib: u64,
+}
+
+/// The table and the summary lines under it.
+pub(super) fn table(
+    settings: &Settings,
+    opts: &BenchArgs,
+    results: &Results,
+) -> Result<String, std::fmt::Error> {
+    let Results {
+        measures,
+        large_table,
+        latency,
+        peak_rss_kib,
+    } = results;
+    let mut out = String::new();
+    writeln!(
+        out,
+        "Inbound queue: {:?}, single-active-consumer {}; prefetch {}, batch size {} (at most half the prefetch: {}).",
+        settings.amqp.queue_type,
+        settings.amqp.single_active_consumer,
+        settings.prefetch(),
+        settings.pipeline.batch_size,
+        settings.batch_size(),
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "| scenario | messages | seconds | msgs/s | events | vs broker ceiling | daemon CPU | broker CPU | PostgreSQL CPU | daemon peak RSS |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    for m in measures {
+        let rss = match m.rss_kib {
+            Some(kib) => format!("{:.1} MiB", kib as f64 / 1024.0),
+            None => "–".into(),
+        };
+        let ratio = match m.ceiling {
+            Some(c) => format!("{:.0} %", 100.0 * m.rate() / c),
+            None => "–".into(),
+        };
+        writeln!(
+            out,
+            "| {} | {} | {:.2} | {:.0} | {} | {ratio} | {:.0} % | {:.0} % | {:.0} % | {rss} |",
+            m.name,
+            m.messages,
+            m.seconds,
+            m.rate(),
+            m.events,
+            m.daemon_cpu * 100.0,
+            m.broker_cpu * 100.0,
+            m.postgres_cpu * 100.0
+        )?;
+    }
+    writeln!(out)?;
+    if let Some(drop) = *large_table {
+        writeln!(
+            out,
+            "Throughput change with the preloaded table: {:+.1} %",
+            -drop * 100.0
+        )?;
+    }
+    writeln!(
+        out,
+        "Latency at {} msgs/s offered for {} s ({} messages): p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        opts.latency_rate,
+        opts.latency_seconds,
+        latency.count,
+        latency.p50,
+        latency.p90,
+        latency.p99,
+        latency.max
+    )?;
+    writeln!(
+        out,
+        "Daemon peak RSS (VmHWM) over all runs, large documents included: {:.1} MiB",
+        *peak_rss_kib as f64 / 1024.0
+    )?;
+    writeln!(
+        out,
+        "CPU columns: CPU time used during the run / wall time (100 % = one core)."
+    )?;
+    Ok(out)
+}
