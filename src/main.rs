@@ -11,7 +11,7 @@ use scramjet::{
     commands::{self, admin},
     config::{Secret, Settings},
     daemon::app::App,
-    producer::SourceRelay,
+    producer::Relay,
     store, telemetry,
 };
 use tokio_util::sync::CancellationToken;
@@ -362,7 +362,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(url) = source_url {
                 settings.relay.source_url = Some(Secret(url));
             }
-            let relay = SourceRelay::build(settings).await?;
+            let relay = Relay::build(settings).await?;
             let shutdown = CancellationToken::new();
             tokio::spawn(stop_on_signal(shutdown.clone()));
             relay.run(shutdown).await

@@ -1,6 +1,6 @@
 //! HTTP: `/healthz` (liveness), `/readyz` (readiness), `/metrics`
 //! (Prometheus), and the read API under `/v1`; for `scramjet relay`, the
-//! first three only ([`relay_router`]). With `http.bearer_token`
+//! first three only ([`producer_router`]). With `http.bearer_token`
 //! set, everything but `/healthz` and `/readyz` needs
 //! `Authorization: Bearer <token>`.
 //!
@@ -31,8 +31,8 @@ use crate::{
     config::HttpSettings,
     domain::message,
     store::{self, StoreError, read},
-    telemetry::health::{Health, RelayHealth},
-    telemetry::metrics::{Metrics, RelayMetrics},
+    telemetry::health::{Health, ProducerHealth},
+    telemetry::metrics::{Metrics, ProducerMetrics},
 };
 
 /// Page size when `limit` is not given, and the largest allowed.
@@ -232,28 +232,28 @@ fn refuse_without_token(expected: Option<&str>, headers: &HeaderMap) -> Option<R
 
 /// What the endpoints of `scramjet relay` share.
 #[derive(Clone)]
-pub struct RelayHttpState {
+pub struct ProducerHttpState {
     /// Connection state, as the relay last saw it.
-    pub health: Arc<RelayHealth>,
+    pub health: Arc<ProducerHealth>,
     /// Rendered by `/metrics`.
-    pub metrics: RelayMetrics,
+    pub metrics: ProducerMetrics,
     /// Required bearer token for `/metrics`, if configured (`http.bearer_token`).
     pub bearer_token: Option<Arc<str>>,
 }
 
 /// The router of `scramjet relay`: `/healthz`, `/readyz` (source database
 /// and RabbitMQ connected) and `/metrics`.
-pub fn relay_router(state: RelayHttpState) -> Router {
+pub fn producer_router(state: ProducerHttpState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(relay_readyz))
-        .route("/metrics", get(relay_metrics))
+        .route("/readyz", get(producer_readyz))
+        .route("/metrics", get(producer_metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(state)
 }
 
 /// 200 when the relay is connected to its source database and to RabbitMQ.
-async fn relay_readyz(State(state): State<RelayHttpState>) -> (StatusCode, Json<Value>) {
+async fn producer_readyz(State(state): State<ProducerHttpState>) -> (StatusCode, Json<Value>) {
     let source = state.health.source();
     let rabbitmq = state.health.amqp();
     let ready = source && rabbitmq;
@@ -268,7 +268,7 @@ async fn relay_readyz(State(state): State<RelayHttpState>) -> (StatusCode, Json<
     )
 }
 
-async fn relay_metrics(State(state): State<RelayHttpState>, headers: HeaderMap) -> Response {
+async fn producer_metrics(State(state): State<ProducerHttpState>, headers: HeaderMap) -> Response {
     if let Some(refusal) = refuse_without_token(state.bearer_token.as_deref(), &headers) {
         return refusal;
     }

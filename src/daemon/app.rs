@@ -19,7 +19,7 @@ use crate::{
     config::Settings,
     daemon::consumer::Consumer,
     domain::validate::Schemas,
-    outbox::publisher::Relay,
+    outbox::Publisher,
     pipeline::{Pipeline, Session},
     store,
     support::backoff::Backoff,
@@ -139,7 +139,7 @@ impl App {
         // so a blocked or lost one never stops consuming (see `amqp`).
         let notify = Arc::new(Notify::new());
         let (slot, dead_letters) = amqp::dead_letter_link();
-        let relay = Relay {
+        let publisher = Publisher {
             pool: self.pools.publisher.clone(),
             amqp: self.settings.amqp.clone(),
             dead_letters: slot,
@@ -148,10 +148,10 @@ impl App {
             metrics: self.metrics.clone(),
             max_event_bytes: self.settings.limits.max_event_bytes,
         };
-        let relay_stop = CancellationToken::new();
-        let relay_task =
-            tokio::spawn(relay.run(relay_stop.clone(), self.settings.shutdown.timeout));
-        let relay_abort = relay_task.abort_handle();
+        let publisher_stop = CancellationToken::new();
+        let publisher_task =
+            tokio::spawn(publisher.run(publisher_stop.clone(), self.settings.shutdown.timeout));
+        let publisher_abort = publisher_task.abort_handle();
 
         let timeout = self.settings.shutdown.timeout;
         let wind_down = async {
@@ -179,9 +179,9 @@ impl App {
                     }
                 }
             }
-            // Consuming has stopped; let the relay flush what the last batch committed.
-            relay_stop.cancel();
-            if let Err(e) = relay_task.await {
+            // Consuming has stopped; let the publisher flush what the last batch committed.
+            publisher_stop.cancel();
+            if let Err(e) = publisher_task.await {
                 tracing::error!(error = %e, "the outbox relay panicked");
             }
             tasks.wait().await;
@@ -197,7 +197,7 @@ impl App {
         tokio::select! {
             _ = wind_down => {}
             _ = deadline => {
-                relay_abort.abort();
+                publisher_abort.abort();
                 tracing::warn!(timeout_ms = timeout.as_millis() as u64, "shutdown.timeout passed; stopping now: unacked messages are redelivered, unpublished events stay in the outbox");
             }
         }
@@ -208,7 +208,7 @@ impl App {
 
     /// One consuming connection's life: declare, consume until `shutdown`
     /// (→ `Ok`) or a broker failure (→ `Err`). It only consumes and acks;
-    /// dead letters go over the relay's publishing connection.
+    /// dead letters go over the publisher's connection.
     async fn session(
         &mut self,
         shutdown: &CancellationToken,

@@ -3,3 +3,5 @@
 //! exchange and deletes only what the broker confirmed.
 
 pub mod publisher;
+
+pub use publisher::Publisher;

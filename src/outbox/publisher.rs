@@ -1,13 +1,13 @@
-//! The outbox relay: publishes committed events to the changes exchange with
+//! The outbox publisher: publishes committed events to the changes exchange with
 //! publisher confirms, oldest first, and deletes each from the outbox only
 //! after the broker confirmed it. A crash in between publishes an event again
 //! (same `event_id`); it never loses one.
 //!
-//! The relay owns the daemon's publishing connection, apart from the one that
+//! The publisher owns the daemon's publishing connection, apart from the one that
 //! consumes (see [`crate::amqp`]), and lends its dead-letter channel to the
 //! consumer. When that connection fails or its confirms do not come within
 //! [`CONFIRM_TIMEOUT`] (a blocked broker), the round is rolled back — the
-//! events stay in the outbox — and the relay reconnects by itself with
+//! events stay in the outbox — and the publisher reconnects by itself with
 //! backoff; consuming goes on meanwhile.
 
 use std::{sync::Arc, time::Duration};
@@ -27,11 +27,11 @@ use crate::{
     telemetry::metrics::Metrics,
 };
 
-/// How often the relay looks at the outbox without being told to (events
+/// How often the publisher looks at the outbox without being told to (events
 /// left by a crash, or committed by another daemon sharing the database),
 /// and at whether its connection is still up.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
-/// The name under which the relay reports its outages to [`Health`].
+/// The name under which the publisher reports its outages to [`Health`].
 const WORKER: &str = "publisher";
 /// What `/readyz` says while the broker blocks the publishing connection.
 const BLOCKED: &str =
@@ -40,13 +40,13 @@ const BLOCKED: &str =
 /// since events wait meanwhile.
 const RETRY_CAP: Duration = Duration::from_secs(5);
 
-/// Why a relay round failed.
+/// Why a publishing round failed.
 #[derive(Debug, thiserror::Error)]
-pub enum RelayError {
-    /// PostgreSQL failed; the relay retries by itself.
+pub enum PublishError {
+    /// PostgreSQL failed; the publisher retries by itself.
     #[error(transparent)]
     Database(#[from] StoreError),
-    /// RabbitMQ failed or did not confirm in time; the relay reconnects.
+    /// RabbitMQ failed or did not confirm in time; the publisher reconnects.
     #[error("publishing events failed: {0:#}")]
     Broker(anyhow::Error),
 }
@@ -91,7 +91,7 @@ impl Link {
 }
 
 /// Publishes the outbox.
-pub struct Relay {
+pub struct Publisher {
     /// Database pool.
     pub pool: Pool,
     /// Where to connect; the changes exchange.
@@ -108,7 +108,7 @@ pub struct Relay {
     pub max_event_bytes: usize,
 }
 
-impl Relay {
+impl Publisher {
     /// Publishes until `stop`, then makes one last flush of at most `flush`.
     /// Failures of either service are retried with backoff, forever: what is
     /// not published stays in the outbox.
@@ -155,7 +155,7 @@ impl Relay {
                 Err(e) => {
                     let delay = backoff.next_delay();
                     match &e {
-                        RelayError::Database(e) => {
+                        PublishError::Database(e) => {
                             if let StoreError::Unavailable { cause, detail } = e
                                 && cause.is_outage()
                             {
@@ -168,13 +168,13 @@ impl Relay {
                         // the queued publish goes out and the events are
                         // published again after it, in order, on the same
                         // connection (duplicates with the same `event_id`).
-                        RelayError::Broker(_) if l.is_up() && l.events.blocked() => {
+                        PublishError::Broker(_) if l.is_up() && l.events.blocked() => {
                             tracing::warn!(
                                 "RabbitMQ blocks publishing (a memory or disk alarm); events wait in the outbox"
                             );
                         }
                         // Replaced on the next turn.
-                        RelayError::Broker(e) => {
+                        PublishError::Broker(e) => {
                             self.health
                                 .outage(WORKER, "rabbitmq", "connection", &format!("{e:#}"));
                             self.drop_link(&mut link).await;
@@ -234,7 +234,7 @@ impl Relay {
 
     /// Publishes rounds (one outbox row, i.e. one committed batch, each)
     /// until the outbox is empty; returns how many events went out.
-    pub async fn drain(&self, publisher: &ConfirmPublisher) -> Result<usize, RelayError> {
+    pub async fn drain(&self, publisher: &ConfirmPublisher) -> Result<usize, PublishError> {
         let mut total = 0;
         loop {
             match self.round(publisher).await? {
@@ -244,10 +244,10 @@ impl Relay {
         }
     }
 
-    async fn round(&self, publisher: &ConfirmPublisher) -> Result<usize, RelayError> {
+    async fn round(&self, publisher: &ConfirmPublisher) -> Result<usize, PublishError> {
         let mut client = self.pool.get().await.map_err(StoreError::from)?;
         let result = self.round_on(&mut client, publisher).await;
-        if let Err(RelayError::Database(e)) = &result
+        if let Err(PublishError::Database(e)) = &result
             && e.retires_connection()
         {
             drop(deadpool_postgres::Object::take(client));
@@ -259,7 +259,7 @@ impl Relay {
         &self,
         client: &mut deadpool_postgres::Client,
         publisher: &ConfirmPublisher,
-    ) -> Result<usize, RelayError> {
+    ) -> Result<usize, PublishError> {
         let tx = client.transaction().await.map_err(StoreError::from)?;
         let taken = std::time::Instant::now();
         let (pending, waited) = outbox::take_oldest(&tx).await?;
@@ -293,7 +293,7 @@ impl Relay {
         loop {
             tokio::select! {
                 result = &mut published => {
-                    result.map_err(RelayError::Broker)?;
+                    result.map_err(PublishError::Broker)?;
                     break;
                 }
                 // The broker says it blocks the connection only once it

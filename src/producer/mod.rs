@@ -36,8 +36,8 @@ use crate::{
         producer::{OutboxRow, Source},
     },
     support::backoff::Backoff,
-    telemetry::health::RelayHealth,
-    telemetry::metrics::RelayMetrics,
+    telemetry::health::ProducerHealth,
+    telemetry::metrics::ProducerMetrics,
 };
 
 /// Longest wait between two reconnection attempts.
@@ -103,7 +103,7 @@ impl Broker {
 }
 
 /// A relay ready to run: both services reached once, the HTTP port bound.
-pub struct SourceRelay {
+pub struct Relay {
     /// The settings it was built from.
     settings: Arc<Settings>,
     /// The bound HTTP listener (bound early so `http_addr` is known before `run`).
@@ -111,9 +111,9 @@ pub struct SourceRelay {
     /// Its address.
     http_addr: SocketAddr,
     /// Connection state for `/readyz`.
-    health: Arc<RelayHealth>,
+    health: Arc<ProducerHealth>,
     /// This relay's metrics.
-    metrics: RelayMetrics,
+    metrics: ProducerMetrics,
     /// The bearer token `/metrics` requires, if any.
     bearer_token: Option<Arc<str>>,
     /// Poked by the source connection on every `NOTIFY`.
@@ -124,17 +124,17 @@ pub struct SourceRelay {
     first_broker: Option<Broker>,
 }
 
-impl SourceRelay {
+impl Relay {
     /// Reaches the source database (which must hold the outbox table) and
     /// RabbitMQ (declaring the topology), each with `startup.connect_attempts`
     /// tries, and binds `relay.http_listen`.
-    pub async fn build(settings: Settings) -> anyhow::Result<SourceRelay> {
+    pub async fn build(settings: Settings) -> anyhow::Result<Relay> {
         settings.check()?;
         settings.relay.source()?;
         let settings = Arc::new(settings);
         let bearer_token = settings.http.bearer_token()?.map(Arc::from);
-        let metrics = RelayMetrics::new();
-        let health = Arc::new(RelayHealth::new(&metrics));
+        let metrics = ProducerMetrics::new();
+        let health = Arc::new(ProducerHealth::new(&metrics));
         let wake = Arc::new(Notify::new());
 
         let mut attempt = 0;
@@ -172,7 +172,7 @@ impl SourceRelay {
             .await
             .with_context(|| format!("cannot listen on {listen} (relay.http_listen)"))?;
         let http_addr = listener.local_addr()?;
-        Ok(SourceRelay {
+        Ok(Relay {
             settings,
             listener: Some(listener),
             http_addr,
@@ -191,7 +191,7 @@ impl SourceRelay {
     }
 
     /// The relay's metrics (they stay readable after `run` returns).
-    pub fn metrics(&self) -> RelayMetrics {
+    pub fn metrics(&self) -> ProducerMetrics {
         self.metrics.clone()
     }
 
@@ -199,7 +199,7 @@ impl SourceRelay {
     /// connections. Either service failing is retried with backoff, forever.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let tasks = TaskTracker::new();
-        let router = api::relay_router(api::RelayHttpState {
+        let router = api::producer_router(api::ProducerHttpState {
             health: self.health.clone(),
             metrics: self.metrics.clone(),
             bearer_token: self.bearer_token.clone(),

@@ -11,7 +11,7 @@ use std::{
 
 use prometheus::{IntCounterVec, IntGaugeVec};
 
-use crate::telemetry::metrics::{Metrics, RelayMetrics};
+use crate::telemetry::metrics::{Metrics, ProducerMetrics};
 
 /// Connection state as the workers see it. `/readyz` reads the RabbitMQ
 /// flag and the outages (PostgreSQL it also pings itself); they feed
@@ -119,7 +119,7 @@ impl Health {
 
 /// Connection state of `scramjet relay`: `/readyz` is 200 when both are up.
 #[derive(Debug)]
-pub struct RelayHealth {
+pub struct ProducerHealth {
     /// The source database connection is open (LISTENing, outbox found).
     source: AtomicBool,
     /// A RabbitMQ connection with a confirm channel is open.
@@ -128,10 +128,10 @@ pub struct RelayHealth {
     gauge: IntGaugeVec,
 }
 
-impl RelayHealth {
+impl ProducerHealth {
     /// Both services down until the relay says otherwise.
-    pub fn new(metrics: &RelayMetrics) -> RelayHealth {
-        RelayHealth {
+    pub fn new(metrics: &ProducerMetrics) -> ProducerHealth {
+        ProducerHealth {
             source: AtomicBool::new(false),
             amqp: AtomicBool::new(false),
             gauge: metrics.connected.clone(),

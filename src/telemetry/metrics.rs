@@ -163,7 +163,7 @@ impl Metrics {
 
 /// The metrics of `scramjet relay` (a process of its own, so a registry of its own).
 #[derive(Clone)]
-pub struct RelayMetrics {
+pub struct ProducerMetrics {
     /// Where everything below is registered.
     registry: Registry,
     /// Outbox rows published and confirmed by the broker, by action.
@@ -182,15 +182,15 @@ pub struct RelayMetrics {
     pub reconnects: IntCounterVec,
 }
 
-impl Default for RelayMetrics {
+impl Default for ProducerMetrics {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl RelayMetrics {
+impl ProducerMetrics {
     /// Fresh metrics in a registry of their own.
-    pub fn new() -> RelayMetrics {
+    pub fn new() -> ProducerMetrics {
         let registry = Registry::new();
         let register = |c: Box<dyn prometheus::core::Collector>| {
             registry.register(c).expect("registered once");
@@ -256,7 +256,7 @@ impl RelayMetrics {
             connected.with_label_values(&[service]).set(0);
             reconnects.with_label_values(&[service]);
         }
-        RelayMetrics {
+        ProducerMetrics {
             registry,
             messages,
             reduced,
