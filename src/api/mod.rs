@@ -31,7 +31,7 @@ use crate::{
     config::HttpSettings,
     domain::message,
     store::{self, StoreError, read},
-    telemetry::health::{Health, ProducerHealth},
+    telemetry::health::{Connectivity, Health},
     telemetry::metrics::{Metrics, ProducerMetrics},
 };
 
@@ -234,7 +234,7 @@ fn refuse_without_token(expected: Option<&str>, headers: &HeaderMap) -> Option<R
 #[derive(Clone)]
 pub struct ProducerHttpState {
     /// Connection state, as the relay last saw it.
-    pub health: Arc<ProducerHealth>,
+    pub health: Arc<Connectivity>,
     /// Rendered by `/metrics`.
     pub metrics: ProducerMetrics,
     /// Required bearer token for `/metrics`, if configured (`http.bearer_token`).
@@ -254,17 +254,12 @@ pub fn producer_router(state: ProducerHttpState) -> Router {
 
 /// 200 when the relay is connected to its source database and to RabbitMQ.
 async fn producer_readyz(State(state): State<ProducerHttpState>) -> (StatusCode, Json<Value>) {
-    let source = state.health.source();
+    let source = state.health.database();
     let rabbitmq = state.health.amqp();
     let ready = source && rabbitmq;
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        Json(json!({"ready": ready, "source": source, "rabbitmq": rabbitmq})),
+    readiness(
+        ready,
+        json!({"ready": ready, "source": source, "rabbitmq": rabbitmq}),
     )
 }
 
@@ -272,12 +267,27 @@ async fn producer_metrics(State(state): State<ProducerHttpState>, headers: Heade
     if let Some(refusal) = refuse_without_token(state.bearer_token.as_deref(), &headers) {
         return refusal;
     }
+    exposition(state.metrics.render())
+}
+
+/// `/readyz`'s answer: `body`, with 200 when `ready`, else 503.
+fn readiness(ready: bool, body: Value) -> (StatusCode, Json<Value>) {
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body))
+}
+
+/// `/metrics`' answer: `text`, in the Prometheus text format.
+fn exposition(text: String) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        text,
     )
         .into_response()
 }
@@ -327,30 +337,20 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, Json<Value>) {
         })
         .collect();
     let ready = postgres && rabbitmq && outages.is_empty();
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        Json(json!({
+    readiness(
+        ready,
+        json!({
             "ready": ready,
             "postgres": postgres,
             "rabbitmq": rabbitmq,
             "outages": outages,
-        })),
+        }),
     )
 }
 
-async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
+/// `/metrics` (the token was checked by [`authorize`]).
+async fn metrics(State(state): State<HttpState>) -> Response {
+    exposition(state.metrics.render())
 }
 
 fn timestamp(t: OffsetDateTime) -> String {

@@ -36,7 +36,7 @@ use crate::{
         producer::{OutboxRow, Source},
     },
     support::backoff::Backoff,
-    telemetry::health::ProducerHealth,
+    telemetry::health::Connectivity,
     telemetry::metrics::ProducerMetrics,
 };
 
@@ -111,7 +111,7 @@ pub struct Relay {
     /// Its address.
     http_addr: SocketAddr,
     /// Connection state for `/readyz`.
-    health: Arc<ProducerHealth>,
+    health: Arc<Connectivity>,
     /// This relay's metrics.
     metrics: ProducerMetrics,
     /// The bearer token `/metrics` requires, if any.
@@ -134,7 +134,7 @@ impl Relay {
         let settings = Arc::new(settings);
         let bearer_token = settings.http.bearer_token()?.map(Arc::from);
         let metrics = ProducerMetrics::new();
-        let health = Arc::new(ProducerHealth::new(&metrics));
+        let health = Arc::new(Connectivity::producer(&metrics));
         let wake = Arc::new(Notify::new());
 
         let mut attempt = 0;
@@ -155,7 +155,7 @@ impl Relay {
                 }
             }
         };
-        health.set_source(true);
+        health.set_database(true);
         let connection = connect_amqp_with_retries(&settings).await?;
         // Rows are bounded by this (see `reduced`), so the broker must take it.
         amqp::check_message_size(
@@ -237,7 +237,7 @@ impl Relay {
                     let service = match &e {
                         RelayError::Source(_) => {
                             source = None;
-                            self.health.set_source(false);
+                            self.health.set_database(false);
                             "source"
                         }
                         RelayError::Broker(_) => {
@@ -267,7 +267,7 @@ impl Relay {
             b.close().await;
         }
         drop(source);
-        self.health.set_source(false);
+        self.health.set_database(false);
         self.health.set_amqp(false);
         tasks.wait().await;
         tracing::info!("scramjet relay stopped");
@@ -284,9 +284,9 @@ impl Relay {
             if source.take().is_some() {
                 self.metrics.reconnects.with_label_values(&["source"]).inc();
             }
-            self.health.set_source(false);
+            self.health.set_database(false);
             *source = Some(Source::connect(&self.settings.relay, self.wake.clone()).await?);
-            self.health.set_source(true);
+            self.health.set_database(true);
             tracing::info!("connected to the source database");
         }
         if broker.as_ref().is_none_or(|b| !b.is_up()) {
