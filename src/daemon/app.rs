@@ -22,7 +22,7 @@ use crate::{
     outbox::Publisher,
     pipeline::{Pipeline, Session},
     store,
-    support::backoff::Backoff,
+    support::{backoff::Backoff, retry::Retry},
     telemetry::health::Health,
     telemetry::metrics::Metrics,
 };
@@ -155,26 +155,27 @@ impl App {
 
         let timeout = self.settings.shutdown.timeout;
         let wind_down = async {
-            let mut backoff = Backoff::new(RECONNECT_CAP);
+            let mut retry = Retry::new(Backoff::new(RECONNECT_CAP)).until(&shutdown);
             while !shutdown.is_cancelled() {
                 match self
-                    .session(&shutdown, &notify, &dead_letters, &mut backoff)
+                    .session(&shutdown, &notify, &dead_letters, &mut retry)
                     .await
                 {
                     Ok(()) => break,
                     Err(e) => {
+                        let detail = format!("{e:#}");
                         self.health.set_amqp(false);
                         self.health
-                            .outage("consumer", "rabbitmq", "connection", &format!("{e:#}"));
+                            .outage("consumer", "rabbitmq", "connection", &detail);
                         self.metrics
                             .reconnects
                             .with_label_values(&["rabbitmq"])
                             .inc();
-                        let delay = backoff.next_delay();
-                        tracing::error!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "RabbitMQ session ended; reconnecting");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => break,
-                            _ = tokio::time::sleep(delay) => {}
+                        let again = retry.failed(|pause| {
+                            tracing::error!(error = %detail, retry_in_ms = pause.retry_in_ms(), "RabbitMQ session ended; reconnecting");
+                        });
+                        if !again.await {
+                            break;
                         }
                     }
                 }
@@ -214,7 +215,7 @@ impl App {
         shutdown: &CancellationToken,
         notify: &Arc<Notify>,
         dead_letters: &DeadLetters,
-        backoff: &mut Backoff,
+        retry: &mut Retry,
     ) -> anyhow::Result<()> {
         let s = &self.settings.amqp;
         let first = self.first_connection.take();
@@ -252,7 +253,7 @@ impl App {
         })??;
         self.health.set_amqp(true);
         self.health.recovered("consumer");
-        backoff.reset();
+        retry.succeeded();
         tracing::info!(
             prefetch = self.settings.prefetch(),
             "connected to RabbitMQ; consuming"
@@ -353,31 +354,27 @@ async fn prune_periodically(pool: Pool, settings: Arc<Settings>, shutdown: Cance
 
 /// Connects to RabbitMQ and declares the topology, with the start-up retries.
 pub(crate) async fn connect_amqp_with_retries(settings: &Settings) -> anyhow::Result<Connection> {
-    let mut delay = Duration::from_millis(settings.startup.connect_backoff_ms);
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let result = async {
-            let connection = amqp::connect(&settings.amqp).await?;
-            let channel = connection
-                .create_channel()
-                .await
-                .context("cannot open a RabbitMQ channel")?;
-            amqp::declare_topology(&channel, &settings.amqp).await?;
-            let _ = channel.close(200, "bye".into()).await;
-            anyhow::Ok(connection)
-        }
-        .await;
-        match result {
-            Ok(c) => return Ok(c),
-            Err(e) if attempt >= settings.startup.connect_attempts => {
-                return Err(e.context(format!("RabbitMQ unavailable after {attempt} attempt(s)")));
-            }
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), attempt, "RabbitMQ not available yet; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-        }
-    }
+    Retry::startup(&settings.startup)
+        .run(
+            async || {
+                let connection = amqp::connect(&settings.amqp).await?;
+                let channel = connection
+                    .create_channel()
+                    .await
+                    .context("cannot open a RabbitMQ channel")?;
+                amqp::declare_topology(&channel, &settings.amqp).await?;
+                let _ = channel.close(200, "bye".into()).await;
+                anyhow::Ok(connection)
+            },
+            |e, pause| {
+                tracing::warn!(error = %format!("{e:#}"), attempt = pause.attempt, "RabbitMQ not available yet; retrying");
+            },
+        )
+        .await
+        .map_err(|gave_up| {
+            let attempts = gave_up.attempts;
+            gave_up
+                .error
+                .context(format!("RabbitMQ unavailable after {attempts} attempt(s)"))
+        })
 }

@@ -22,7 +22,7 @@ use crate::{
     amqp::{self, CONFIRM_TIMEOUT, ConfirmPublisher, DeadLetterSlot, Outgoing, REPLY_TIMEOUT},
     config::AmqpSettings,
     store::{StoreError, outbox},
-    support::backoff::Backoff,
+    support::{backoff::Backoff, retry::Retry},
     telemetry::health::Health,
     telemetry::metrics::Metrics,
 };
@@ -113,7 +113,7 @@ impl Publisher {
     /// Failures of either service are retried with backoff, forever: what is
     /// not published stays in the outbox.
     pub async fn run(self, stop: CancellationToken, flush: Duration) {
-        let mut backoff = Backoff::new(RETRY_CAP);
+        let mut retry = Retry::new(Backoff::new(RETRY_CAP)).until(&stop);
         let mut link: Option<Link> = None;
         while !stop.is_cancelled() {
             if link.as_ref().is_none_or(|l| !l.is_up()) {
@@ -125,15 +125,16 @@ impl Publisher {
                         tracing::info!("publishing connection open");
                     }
                     Err(e) => {
-                        let delay = backoff.next_delay();
                         let detail = format!("{e:#}");
                         self.health
                             .outage(WORKER, "rabbitmq", "connection", &detail);
-                        tracing::warn!(error = %detail, retry_in_ms = delay.as_millis() as u64, "outbox relay cannot reach RabbitMQ");
-                        tokio::select! {
-                            _ = stop.cancelled() => break,
-                            _ = tokio::time::sleep(delay) => continue,
+                        let again = retry.failed(|pause| {
+                            tracing::warn!(error = %detail, retry_in_ms = pause.retry_in_ms(), "outbox relay cannot reach RabbitMQ");
+                        });
+                        if again.await {
+                            continue;
                         }
+                        break;
                     }
                 }
             }
@@ -142,18 +143,17 @@ impl Publisher {
                 // A resource alarm: another connection would be blocked as
                 // well, and publishing into this one only queues copies.
                 self.health.outage(WORKER, "rabbitmq", "blocked", BLOCKED);
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(amqp::BLOCKED_POLL) => continue,
+                if retry.wait(amqp::BLOCKED_POLL).await {
+                    continue;
                 }
+                break;
             }
             match self.drain(&l.events).await {
                 Ok(_) => {
-                    backoff.reset();
+                    retry.succeeded();
                     self.health.recovered(WORKER);
                 }
                 Err(e) => {
-                    let delay = backoff.next_delay();
                     match &e {
                         PublishError::Database(e) => {
                             if let StoreError::Unavailable { cause, detail } = e
@@ -180,11 +180,13 @@ impl Publisher {
                             self.drop_link(&mut link).await;
                         }
                     }
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "outbox relay round failed; events wait in the outbox");
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(delay) => continue,
+                    let again = retry.failed(|pause| {
+                        tracing::warn!(error = %e, retry_in_ms = pause.retry_in_ms(), "outbox relay round failed; events wait in the outbox");
+                    });
+                    if again.await {
+                        continue;
                     }
+                    break;
                 }
             }
             tokio::select! {

@@ -35,7 +35,7 @@ use crate::{
         StoreError,
         producer::{OutboxRow, Source},
     },
-    support::backoff::Backoff,
+    support::{backoff::Backoff, retry::Retry},
     telemetry::health::Connectivity,
     telemetry::metrics::ProducerMetrics,
 };
@@ -137,24 +137,20 @@ impl Relay {
         let health = Arc::new(Connectivity::producer(&metrics));
         let wake = Arc::new(Notify::new());
 
-        let mut attempt = 0;
-        let mut delay = Duration::from_millis(settings.startup.connect_backoff_ms);
-        let source = loop {
-            attempt += 1;
-            match Source::connect(&settings.relay, wake.clone()).await {
-                Ok(source) => break source,
-                Err(e) if attempt >= settings.startup.connect_attempts => {
-                    return Err(e.context(format!(
-                        "source database unavailable after {attempt} attempt(s)"
-                    )));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), attempt, "source database not available yet; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
-            }
-        };
+        let source = Retry::startup(&settings.startup)
+            .run(
+                async || Source::connect(&settings.relay, wake.clone()).await,
+                |e, pause| {
+                    tracing::warn!(error = %format!("{e:#}"), attempt = pause.attempt, "source database not available yet; retrying");
+                },
+            )
+            .await
+            .map_err(|gave_up| {
+                let attempts = gave_up.attempts;
+                gave_up.error.context(format!(
+                    "source database unavailable after {attempts} attempt(s)"
+                ))
+            })?;
         health.set_database(true);
         let connection = connect_amqp_with_retries(&settings).await?;
         // Rows are bounded by this (see `reduced`), so the broker must take it.
@@ -217,22 +213,23 @@ impl Relay {
 
         let mut source = self.first_source.take();
         let mut broker = self.first_broker.take();
-        let mut backoff = Backoff::new(RECONNECT_CAP);
+        let mut retry = Retry::new(Backoff::new(RECONNECT_CAP)).until(&shutdown);
         let mut counted = None;
         while !shutdown.is_cancelled() {
             if let Err(e) = self.reconnect(&mut source, &mut broker).await {
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "relay cannot reconnect");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => continue,
+                let again = retry.failed(|pause| {
+                    tracing::warn!(error = %format!("{e:#}"), retry_in_ms = pause.retry_in_ms(), "relay cannot reconnect");
+                });
+                if again.await {
+                    continue;
                 }
+                break;
             }
             let (Some(s), Some(b)) = (source.as_mut(), broker.as_ref()) else {
                 unreachable!("reconnect leaves both connected or fails");
             };
             match self.drain(s, b, &shutdown, &mut counted).await {
-                Ok(()) => backoff.reset(),
+                Ok(()) => retry.succeeded(),
                 Err(e) => {
                     let service = match &e {
                         RelayError::Source(_) => {
@@ -249,12 +246,13 @@ impl Relay {
                         }
                     };
                     self.metrics.reconnects.with_label_values(&[service]).inc();
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "relay round failed; reconnecting");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(delay) => continue,
+                    let again = retry.failed(|pause| {
+                        tracing::warn!(error = %e, retry_in_ms = pause.retry_in_ms(), "relay round failed; reconnecting");
+                    });
+                    if again.await {
+                        continue;
                     }
+                    break;
                 }
             }
             tokio::select! {

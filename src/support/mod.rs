@@ -2,4 +2,5 @@
 
 pub mod backoff;
 pub mod redact;
+pub mod retry;
 pub mod tls;
