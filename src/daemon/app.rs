@@ -73,10 +73,9 @@ impl App {
         let health = Arc::new(Health::new(&metrics));
         health.set_postgres(true);
 
-        let connection = connect_amqp_with_retries(&settings).await?;
-        // An event the broker refuses would be offered again forever.
-        amqp::check_message_size(
+        let connection = amqp::connect_at_startup(
             &settings.amqp,
+            &settings.startup,
             settings.limits.max_event_bytes,
             "limits.max_event_bytes",
         )
@@ -350,31 +349,4 @@ async fn prune_periodically(pool: Pool, settings: Arc<Settings>, shutdown: Cance
             Err(e) => tracing::warn!(error = %e, "pruning failed; trying again later"),
         }
     }
-}
-
-/// Connects to RabbitMQ and declares the topology, with the start-up retries.
-pub(crate) async fn connect_amqp_with_retries(settings: &Settings) -> anyhow::Result<Connection> {
-    Retry::startup(&settings.startup)
-        .run(
-            async || {
-                let connection = amqp::connect(&settings.amqp).await?;
-                let channel = connection
-                    .create_channel()
-                    .await
-                    .context("cannot open a RabbitMQ channel")?;
-                amqp::declare_topology(&channel, &settings.amqp).await?;
-                let _ = channel.close(200, "bye".into()).await;
-                anyhow::Ok(connection)
-            },
-            |e, pause| {
-                tracing::warn!(error = %format!("{e:#}"), attempt = pause.attempt, "RabbitMQ not available yet; retrying");
-            },
-        )
-        .await
-        .map_err(|gave_up| {
-            let attempts = gave_up.attempts;
-            gave_up
-                .error
-                .context(format!("RabbitMQ unavailable after {attempts} attempt(s)"))
-        })
 }

@@ -14,12 +14,14 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
-use lapin::{BasicProperties, Connection};
+use lapin::BasicProperties;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    amqp::{self, CONFIRM_TIMEOUT, ConfirmPublisher, DeadLetterSlot, Outgoing, REPLY_TIMEOUT},
+    amqp::{
+        self, CONFIRM_TIMEOUT, ConfirmPublisher, DeadLetterSlot, Link, Outgoing, REPLY_TIMEOUT,
+    },
     config::AmqpSettings,
     store::{StoreError, outbox},
     support::{backoff::Backoff, retry::Retry},
@@ -51,25 +53,22 @@ pub enum PublishError {
     Broker(anyhow::Error),
 }
 
-/// The publishing connection with its two confirm-mode channels.
-struct Link {
-    /// The connection (its status tells whether it is still up).
-    connection: Connection,
-    /// Publishes events.
-    events: ConfirmPublisher,
+/// The publishing connection: events go over its link's confirm channel,
+/// dead letters over a second one.
+struct Publishing {
+    /// The connection and the channel that publishes events.
+    events: Link,
     /// Lent to the consumer for dead letters.
     dead_letters: ConfirmPublisher,
 }
 
-impl Link {
+impl Publishing {
     /// Connects once (the topology is declared by the consuming side).
-    async fn open(settings: &AmqpSettings) -> anyhow::Result<Link> {
+    async fn open(settings: &AmqpSettings) -> anyhow::Result<Publishing> {
         tokio::time::timeout(REPLY_TIMEOUT, async {
-            let connection = amqp::connect(settings).await?;
-            let events = ConfirmPublisher::open(&connection).await?;
-            let dead_letters = ConfirmPublisher::open(&connection).await?;
-            anyhow::Ok(Link {
-                connection,
+            let events = Link::open(amqp::connect(settings).await?).await?;
+            let dead_letters = ConfirmPublisher::open(events.connection()).await?;
+            anyhow::Ok(Publishing {
                 events,
                 dead_letters,
             })
@@ -79,14 +78,19 @@ impl Link {
         .context("cannot open the publishing connection")
     }
 
+    /// Whether the connection is still up.
     fn is_up(&self) -> bool {
-        self.connection.status().connected()
+        self.events.is_up()
     }
 
-    /// Closing the connection closes its channels too (one wait, not three,
-    /// on a connection that may not answer).
+    /// The events' channel.
+    fn publisher(&self) -> &ConfirmPublisher {
+        self.events.publisher()
+    }
+
+    /// Closes the connection, and with it both channels.
     async fn close(self) {
-        amqp::close_connection(&self.connection).await;
+        self.events.close().await;
     }
 }
 
@@ -114,11 +118,11 @@ impl Publisher {
     /// not published stays in the outbox.
     pub async fn run(self, stop: CancellationToken, flush: Duration) {
         let mut retry = Retry::new(Backoff::new(RETRY_CAP)).until(&stop);
-        let mut link: Option<Link> = None;
+        let mut link: Option<Publishing> = None;
         while !stop.is_cancelled() {
             if link.as_ref().is_none_or(|l| !l.is_up()) {
                 self.drop_link(&mut link).await;
-                match Link::open(&self.amqp).await {
+                match Publishing::open(&self.amqp).await {
                     Ok(l) => {
                         self.dead_letters.offer(Some(l.dead_letters.clone()));
                         link = Some(l);
@@ -139,7 +143,7 @@ impl Publisher {
                 }
             }
             let l = link.as_ref().expect("opened above");
-            if l.events.blocked() {
+            if l.publisher().blocked() {
                 // A resource alarm: another connection would be blocked as
                 // well, and publishing into this one only queues copies.
                 self.health.outage(WORKER, "rabbitmq", "blocked", BLOCKED);
@@ -148,7 +152,7 @@ impl Publisher {
                 }
                 break;
             }
-            match self.drain(&l.events).await {
+            match self.drain(l.publisher()).await {
                 Ok(_) => {
                     retry.succeeded();
                     self.health.recovered(WORKER);
@@ -168,7 +172,7 @@ impl Publisher {
                         // the queued publish goes out and the events are
                         // published again after it, in order, on the same
                         // connection (duplicates with the same `event_id`).
-                        PublishError::Broker(_) if l.is_up() && l.events.blocked() => {
+                        PublishError::Broker(_) if l.is_up() && l.publisher().blocked() => {
                             tracing::warn!(
                                 "RabbitMQ blocks publishing (a memory or disk alarm); events wait in the outbox"
                             );
@@ -203,13 +207,13 @@ impl Publisher {
             }
         }
         self.dead_letters.offer(None);
-        let Some(l) = link.filter(|l| l.is_up() && !l.events.blocked()) else {
+        let Some(l) = link.filter(|l| l.is_up() && !l.publisher().blocked()) else {
             tracing::warn!(
                 "no usable publishing connection at shutdown; events stay in the outbox for the next start"
             );
             return;
         };
-        match tokio::time::timeout(flush, self.drain(&l.events)).await {
+        match tokio::time::timeout(flush, self.drain(l.publisher())).await {
             Ok(Ok(n)) => tracing::debug!(published = n, "outbox flushed"),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "final outbox flush failed; events stay in the outbox for the next start")
@@ -223,7 +227,7 @@ impl Publisher {
 
     /// Withdraws the dead-letter channel and closes `link`, if any, counting
     /// a reconnection: the next turn opens a new one.
-    async fn drop_link(&self, link: &mut Option<Link>) {
+    async fn drop_link(&self, link: &mut Option<Publishing>) {
         self.dead_letters.offer(None);
         if let Some(l) = link.take() {
             self.metrics

@@ -21,15 +21,14 @@ use std::{
 };
 
 use anyhow::Context;
-use lapin::{BasicProperties, Connection};
+use lapin::BasicProperties;
 use tokio::{net::TcpListener, sync::Notify};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    amqp::{self, ConfirmPublisher, Outgoing},
+    amqp::{self, Link, Outgoing},
     api,
     config::Settings,
-    daemon::app::connect_amqp_with_retries,
     domain::message,
     store::{
         StoreError,
@@ -61,45 +60,12 @@ pub enum RelayError {
     Broker(anyhow::Error),
 }
 
-/// A broker connection with a confirm-mode channel.
-struct Broker {
-    /// The connection (its status tells whether it is still up).
-    connection: Connection,
-    /// Publishes with confirms.
-    publisher: ConfirmPublisher,
-}
-
-impl Broker {
-    /// Opens a confirm channel on `connection` (topology already declared).
-    async fn open(connection: Connection) -> anyhow::Result<Broker> {
-        let publisher = ConfirmPublisher::open(&connection).await?;
-        Ok(Broker {
-            connection,
-            publisher,
-        })
-    }
-
-    /// Connects once and declares the topology, so the inbound queue is bound
-    /// before anything is published (an unbound exchange would drop messages).
-    async fn connect(settings: &Settings) -> anyhow::Result<Broker> {
-        let connection = amqp::connect(&settings.amqp).await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .context("cannot open a RabbitMQ channel")?;
-        amqp::declare_topology(&channel, &settings.amqp).await?;
-        let _ = channel.close(200, "bye".into()).await;
-        Broker::open(connection).await
-    }
-
-    fn is_up(&self) -> bool {
-        self.connection.status().connected()
-    }
-
-    async fn close(self) {
-        self.publisher.close().await;
-        let _ = self.connection.close(200, "bye".into()).await;
-    }
+/// Closes `link` as the relay always has: its channel first, then the
+/// connection. Unlike [`Link::close`] the connection's close has no
+/// deadline, so it waits for a blocked broker's answer.
+async fn close(link: Link) {
+    link.publisher().close().await;
+    let _ = link.connection().close(200, "bye".into()).await;
 }
 
 /// A relay ready to run: both services reached once, the HTTP port bound.
@@ -121,7 +87,7 @@ pub struct Relay {
     /// The source connection opened at start-up.
     first_source: Option<Source>,
     /// The broker connection opened at start-up.
-    first_broker: Option<Broker>,
+    first_broker: Option<Link>,
 }
 
 impl Relay {
@@ -152,15 +118,15 @@ impl Relay {
                 ))
             })?;
         health.set_database(true);
-        let connection = connect_amqp_with_retries(&settings).await?;
         // Rows are bounded by this (see `reduced`), so the broker must take it.
-        amqp::check_message_size(
+        let connection = amqp::connect_at_startup(
             &settings.amqp,
+            &settings.startup,
             settings.limits.max_message_bytes,
             "limits.max_message_bytes",
         )
         .await?;
-        let broker = Broker::open(connection).await?;
+        let broker = Link::open(connection).await?;
         health.set_amqp(true);
 
         let listen = settings.relay.http_listen;
@@ -239,7 +205,7 @@ impl Relay {
                         }
                         RelayError::Broker(_) => {
                             if let Some(b) = broker.take() {
-                                b.close().await;
+                                close(b).await;
                             }
                             self.health.set_amqp(false);
                             "rabbitmq"
@@ -262,7 +228,7 @@ impl Relay {
             }
         }
         if let Some(b) = broker.take() {
-            b.close().await;
+            close(b).await;
         }
         drop(source);
         self.health.set_database(false);
@@ -276,7 +242,7 @@ impl Relay {
     async fn reconnect(
         &self,
         source: &mut Option<Source>,
-        broker: &mut Option<Broker>,
+        broker: &mut Option<Link>,
     ) -> anyhow::Result<()> {
         if source.as_ref().is_none_or(Source::is_closed) {
             if source.take().is_some() {
@@ -293,10 +259,11 @@ impl Relay {
                     .reconnects
                     .with_label_values(&["rabbitmq"])
                     .inc();
-                b.close().await;
+                close(b).await;
             }
             self.health.set_amqp(false);
-            *broker = Some(Broker::connect(&self.settings).await?);
+            *broker =
+                Some(Link::open(amqp::connect_and_declare(&self.settings.amqp).await?).await?);
             self.health.set_amqp(true);
             tracing::info!("connected to RabbitMQ");
         }
@@ -308,7 +275,7 @@ impl Relay {
     async fn drain(
         &self,
         source: &mut Source,
-        broker: &Broker,
+        broker: &Link,
         shutdown: &CancellationToken,
         counted: &mut Option<Instant>,
     ) -> Result<(), RelayError> {
@@ -328,11 +295,7 @@ impl Relay {
 
     /// One transaction: lock, take, publish with confirms, delete, commit.
     /// Returns how many rows went out, or `None` when standing by.
-    async fn round(
-        &self,
-        source: &mut Source,
-        broker: &Broker,
-    ) -> Result<Option<usize>, RelayError> {
+    async fn round(&self, source: &mut Source, broker: &Link) -> Result<Option<usize>, RelayError> {
         let batch = source.begin().await?;
         let Some(rows) = batch.take(self.settings.relay.batch_size).await? else {
             batch.rollback().await?;
@@ -369,15 +332,11 @@ impl Relay {
             })
             .collect();
         // On failure the batch is dropped, which rolls back: the rows stay.
-        match tokio::time::timeout(PUBLISH_TIMEOUT, broker.publisher.publish_all(messages)).await {
-            Ok(published) => published.map_err(RelayError::Broker)?,
-            Err(_) => {
-                return Err(RelayError::Broker(anyhow::anyhow!(
-                    "no confirms within {} s",
-                    PUBLISH_TIMEOUT.as_secs()
-                )));
-            }
-        }
+        broker
+            .publisher()
+            .publish_all_within(messages, PUBLISH_TIMEOUT)
+            .await
+            .map_err(RelayError::Broker)?;
         let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
         batch.delete_and_commit(&seqs).await?;
         for row in &rows {
