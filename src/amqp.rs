@@ -145,10 +145,6 @@ pub async fn declare_topology(channel: &Channel, s: &AmqpSettings) -> anyhow::Re
         durable: true,
         ..Default::default()
     };
-    let durable_queue = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
     for (name, kind) in [
         (&s.inbound_exchange, ExchangeKind::Topic),
         (&s.changes_exchange, ExchangeKind::Topic),
@@ -164,52 +160,45 @@ pub async fn declare_topology(channel: &Channel, s: &AmqpSettings) -> anyhow::Re
             .await
             .with_context(|| format!("cannot declare exchange {name}"))?;
     }
+    declare_bound_queue(
+        channel,
+        (&s.inbound_queue, inbound_queue_arguments(s)),
+        (&s.inbound_exchange, "#"),
+    )
+    .await?;
+    declare_bound_queue(
+        channel,
+        (&s.dead_letter_queue, queue_type_arguments(s)),
+        (&s.dead_letter_exchange, ""),
+    )
+    .await
+}
+
+/// Declares the durable `queue` with its arguments and binds it to
+/// `exchange` with a routing key.
+async fn declare_bound_queue(
+    channel: &Channel,
+    (queue, arguments): (&str, FieldTable),
+    (exchange, routing_key): (&str, &str),
+) -> anyhow::Result<()> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
     channel
-        .queue_declare(
-            s.inbound_queue.as_str().into(),
-            durable_queue,
-            inbound_queue_arguments(s),
-        )
+        .queue_declare(queue.into(), durable, arguments)
         .await
-        .with_context(|| format!("cannot declare queue {}", s.inbound_queue))?;
+        .with_context(|| format!("cannot declare queue {queue}"))?;
     channel
         .queue_bind(
-            s.inbound_queue.as_str().into(),
-            s.inbound_exchange.as_str().into(),
-            "#".into(),
+            queue.into(),
+            exchange.into(),
+            routing_key.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await
-        .with_context(|| {
-            format!(
-                "cannot bind queue {} to {}",
-                s.inbound_queue, s.inbound_exchange
-            )
-        })?;
-    channel
-        .queue_declare(
-            s.dead_letter_queue.as_str().into(),
-            durable_queue,
-            queue_type_arguments(s),
-        )
-        .await
-        .with_context(|| format!("cannot declare queue {}", s.dead_letter_queue))?;
-    channel
-        .queue_bind(
-            s.dead_letter_queue.as_str().into(),
-            s.dead_letter_exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| {
-            format!(
-                "cannot bind queue {} to {}",
-                s.dead_letter_queue, s.dead_letter_exchange
-            )
-        })?;
+        .with_context(|| format!("cannot bind queue {queue} to {exchange}"))?;
     Ok(())
 }
 
