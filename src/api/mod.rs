@@ -263,6 +263,8 @@ async fn producer_readyz(State(state): State<ProducerHttpState>) -> (StatusCode,
     )
 }
 
+/// `/metrics` of `scramjet relay`: the token is checked here, as it is the
+/// only protected route.
 async fn producer_metrics(State(state): State<ProducerHttpState>, headers: HeaderMap) -> Response {
     if let Some(refusal) = refuse_without_token(state.bearer_token.as_deref(), &headers) {
         return refusal;

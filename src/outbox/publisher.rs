@@ -250,6 +250,8 @@ impl Publisher {
         }
     }
 
+    /// One round on a pooled connection, which is retired after an outage
+    /// rather than reused (see [`StoreError::retires_connection`]).
     async fn round(&self, publisher: &ConfirmPublisher) -> Result<usize, PublishError> {
         let mut client = self.pool.get().await.map_err(StoreError::from)?;
         let result = self.round_on(&mut client, publisher).await;
@@ -261,6 +263,8 @@ impl Publisher {
         result
     }
 
+    /// One transaction: take the oldest outbox row, publish its events with
+    /// confirms, commit (which deletes the row).
     async fn round_on(
         &self,
         client: &mut deadpool_postgres::Client,
