@@ -27,8 +27,8 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::{AmqpSettings, QueueType},
-    support::redact,
+    config::{AmqpSettings, QueueType, StartupSettings},
+    support::{redact, retry::Retry},
 };
 
 /// How long publisher confirms may take. A blocked broker never sends them
@@ -74,6 +74,47 @@ pub async fn connect(settings: &AmqpSettings) -> anyhow::Result<Connection> {
         .with_context(|| format!("cannot connect to RabbitMQ at {shown}"))
 }
 
+/// Connects once and declares the topology, so the inbound queue is bound
+/// before anything is published (an unbound exchange would drop messages).
+pub async fn connect_and_declare(settings: &AmqpSettings) -> anyhow::Result<Connection> {
+    let connection = connect(settings).await?;
+    let channel = connection
+        .create_channel()
+        .await
+        .context("cannot open a RabbitMQ channel")?;
+    declare_topology(&channel, settings).await?;
+    let _ = channel.close(200, "bye".into()).await;
+    Ok(connection)
+}
+
+/// The first connection of a process: [`connect_and_declare`] with the
+/// start-up retries (`startup.*`), then [`check_message_size`] for the
+/// largest message it will publish, `bytes` (the setting `key`), since a
+/// message the broker refuses would be offered again forever.
+pub async fn connect_at_startup(
+    settings: &AmqpSettings,
+    startup: &StartupSettings,
+    bytes: usize,
+    key: &str,
+) -> anyhow::Result<Connection> {
+    let connection = Retry::startup(startup)
+        .run(
+            async || connect_and_declare(settings).await,
+            |e, pause| {
+                tracing::warn!(error = %format!("{e:#}"), attempt = pause.attempt, "RabbitMQ not available yet; retrying");
+            },
+        )
+        .await
+        .map_err(|gave_up| {
+            let attempts = gave_up.attempts;
+            gave_up
+                .error
+                .context(format!("RabbitMQ unavailable after {attempts} attempt(s)"))
+        })?;
+    check_message_size(settings, bytes, key).await?;
+    Ok(connection)
+}
+
 /// `x-queue-type` for the configured queue type. Classic queues are
 /// declared without it, as before the setting existed, so that queues of
 /// existing deployments keep declaring equivalently.
@@ -104,10 +145,6 @@ pub async fn declare_topology(channel: &Channel, s: &AmqpSettings) -> anyhow::Re
         durable: true,
         ..Default::default()
     };
-    let durable_queue = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
     for (name, kind) in [
         (&s.inbound_exchange, ExchangeKind::Topic),
         (&s.changes_exchange, ExchangeKind::Topic),
@@ -123,52 +160,45 @@ pub async fn declare_topology(channel: &Channel, s: &AmqpSettings) -> anyhow::Re
             .await
             .with_context(|| format!("cannot declare exchange {name}"))?;
     }
+    declare_bound_queue(
+        channel,
+        (&s.inbound_queue, inbound_queue_arguments(s)),
+        (&s.inbound_exchange, "#"),
+    )
+    .await?;
+    declare_bound_queue(
+        channel,
+        (&s.dead_letter_queue, queue_type_arguments(s)),
+        (&s.dead_letter_exchange, ""),
+    )
+    .await
+}
+
+/// Declares the durable `queue` with its arguments and binds it to
+/// `exchange` with a routing key.
+async fn declare_bound_queue(
+    channel: &Channel,
+    (queue, arguments): (&str, FieldTable),
+    (exchange, routing_key): (&str, &str),
+) -> anyhow::Result<()> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
     channel
-        .queue_declare(
-            s.inbound_queue.as_str().into(),
-            durable_queue,
-            inbound_queue_arguments(s),
-        )
+        .queue_declare(queue.into(), durable, arguments)
         .await
-        .with_context(|| format!("cannot declare queue {}", s.inbound_queue))?;
+        .with_context(|| format!("cannot declare queue {queue}"))?;
     channel
         .queue_bind(
-            s.inbound_queue.as_str().into(),
-            s.inbound_exchange.as_str().into(),
-            "#".into(),
+            queue.into(),
+            exchange.into(),
+            routing_key.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await
-        .with_context(|| {
-            format!(
-                "cannot bind queue {} to {}",
-                s.inbound_queue, s.inbound_exchange
-            )
-        })?;
-    channel
-        .queue_declare(
-            s.dead_letter_queue.as_str().into(),
-            durable_queue,
-            queue_type_arguments(s),
-        )
-        .await
-        .with_context(|| format!("cannot declare queue {}", s.dead_letter_queue))?;
-    channel
-        .queue_bind(
-            s.dead_letter_queue.as_str().into(),
-            s.dead_letter_exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| {
-            format!(
-                "cannot bind queue {} to {}",
-                s.dead_letter_queue, s.dead_letter_exchange
-            )
-        })?;
+        .with_context(|| format!("cannot bind queue {queue} to {exchange}"))?;
     Ok(())
 }
 
@@ -179,6 +209,48 @@ pub struct ConfirmPublisher {
     channel: Channel,
     /// Its connection's state, to tell a blocked connection from a lost one.
     connection: ConnectionStatus,
+}
+
+/// A publishing connection with a confirm-mode channel: what the outbox
+/// publisher and `scramjet relay` publish over, and replace when it fails.
+pub struct Link {
+    /// The connection (its status tells whether it is still up).
+    connection: Connection,
+    /// Publishes with confirms.
+    publisher: ConfirmPublisher,
+}
+
+impl Link {
+    /// Opens a confirm channel on `connection` (topology already declared).
+    pub async fn open(connection: Connection) -> anyhow::Result<Link> {
+        let publisher = ConfirmPublisher::open(&connection).await?;
+        Ok(Link {
+            connection,
+            publisher,
+        })
+    }
+
+    /// The connection, to open more channels on it.
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
+    /// The confirm channel.
+    pub fn publisher(&self) -> &ConfirmPublisher {
+        &self.publisher
+    }
+
+    /// Whether the connection is still up.
+    pub fn is_up(&self) -> bool {
+        self.connection.status().connected()
+    }
+
+    /// Closes the connection, and with it its channels (one wait, not one a
+    /// channel, on a connection that may not answer), giving up after
+    /// [`REPLY_TIMEOUT`] (see [`close_connection`]).
+    pub async fn close(self) {
+        close_connection(&self.connection).await;
+    }
 }
 
 /// One message to publish.

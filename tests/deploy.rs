@@ -444,7 +444,7 @@ fn verify_unit(name: &str, exec_start: &str) {
 
 #[test]
 fn the_relay_exports_exactly_the_relay_metrics_of_the_list() {
-    let exported = metric_names(&scramjet::telemetry::metrics::RelayMetrics::new().render());
+    let exported = metric_names(&scramjet::telemetry::metrics::ProducerMetrics::new().render());
     let listed: BTreeSet<String> = METRICS
         .iter()
         .filter(|m| m.starts_with("scramjet_relay_"))

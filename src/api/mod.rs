@@ -1,6 +1,6 @@
 //! HTTP: `/healthz` (liveness), `/readyz` (readiness), `/metrics`
 //! (Prometheus), and the read API under `/v1`; for `scramjet relay`, the
-//! first three only ([`relay_router`]). With `http.bearer_token`
+//! first three only ([`producer_router`]). With `http.bearer_token`
 //! set, everything but `/healthz` and `/readyz` needs
 //! `Authorization: Bearer <token>`.
 //!
@@ -31,8 +31,8 @@ use crate::{
     config::HttpSettings,
     domain::message,
     store::{self, StoreError, read},
-    telemetry::health::{Health, RelayHealth},
-    telemetry::metrics::{Metrics, RelayMetrics},
+    telemetry::health::{Connectivity, Health},
+    telemetry::metrics::{Metrics, ProducerMetrics},
 };
 
 /// Page size when `limit` is not given, and the largest allowed.
@@ -232,52 +232,64 @@ fn refuse_without_token(expected: Option<&str>, headers: &HeaderMap) -> Option<R
 
 /// What the endpoints of `scramjet relay` share.
 #[derive(Clone)]
-pub struct RelayHttpState {
+pub struct ProducerHttpState {
     /// Connection state, as the relay last saw it.
-    pub health: Arc<RelayHealth>,
+    pub health: Arc<Connectivity>,
     /// Rendered by `/metrics`.
-    pub metrics: RelayMetrics,
+    pub metrics: ProducerMetrics,
     /// Required bearer token for `/metrics`, if configured (`http.bearer_token`).
     pub bearer_token: Option<Arc<str>>,
 }
 
 /// The router of `scramjet relay`: `/healthz`, `/readyz` (source database
 /// and RabbitMQ connected) and `/metrics`.
-pub fn relay_router(state: RelayHttpState) -> Router {
+pub fn producer_router(state: ProducerHttpState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(relay_readyz))
-        .route("/metrics", get(relay_metrics))
+        .route("/readyz", get(producer_readyz))
+        .route("/metrics", get(producer_metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(state)
 }
 
 /// 200 when the relay is connected to its source database and to RabbitMQ.
-async fn relay_readyz(State(state): State<RelayHttpState>) -> (StatusCode, Json<Value>) {
-    let source = state.health.source();
+async fn producer_readyz(State(state): State<ProducerHttpState>) -> (StatusCode, Json<Value>) {
+    let source = state.health.database();
     let rabbitmq = state.health.amqp();
     let ready = source && rabbitmq;
+    readiness(
+        ready,
+        json!({"ready": ready, "source": source, "rabbitmq": rabbitmq}),
+    )
+}
+
+/// `/metrics` of `scramjet relay`: the token is checked here, as it is the
+/// only protected route.
+async fn producer_metrics(State(state): State<ProducerHttpState>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = refuse_without_token(state.bearer_token.as_deref(), &headers) {
+        return refusal;
+    }
+    exposition(state.metrics.render())
+}
+
+/// `/readyz`'s answer: `body`, with 200 when `ready`, else 503.
+fn readiness(ready: bool, body: Value) -> (StatusCode, Json<Value>) {
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (
-        status,
-        Json(json!({"ready": ready, "source": source, "rabbitmq": rabbitmq})),
-    )
+    (status, Json(body))
 }
 
-async fn relay_metrics(State(state): State<RelayHttpState>, headers: HeaderMap) -> Response {
-    if let Some(refusal) = refuse_without_token(state.bearer_token.as_deref(), &headers) {
-        return refusal;
-    }
+/// `/metrics`' answer: `text`, in the Prometheus text format.
+fn exposition(text: String) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        text,
     )
         .into_response()
 }
@@ -327,30 +339,20 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, Json<Value>) {
         })
         .collect();
     let ready = postgres && rabbitmq && outages.is_empty();
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        Json(json!({
+    readiness(
+        ready,
+        json!({
             "ready": ready,
             "postgres": postgres,
             "rabbitmq": rabbitmq,
             "outages": outages,
-        })),
+        }),
     )
 }
 
-async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
+/// `/metrics` (the token was checked by [`authorize`]).
+async fn metrics(State(state): State<HttpState>) -> Response {
+    exposition(state.metrics.render())
 }
 
 fn timestamp(t: OffsetDateTime) -> String {

@@ -5,7 +5,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{Secret, Settings},
-    producer::SourceRelay,
+    producer::Relay,
 };
 
 /// The arguments of `scramjet relay`.
@@ -22,7 +22,7 @@ pub async fn run(mut settings: Settings, args: RelayArgs) -> anyhow::Result<()> 
     if let Some(url) = args.source_url {
         settings.relay.source_url = Some(Secret(url));
     }
-    let relay = SourceRelay::build(settings).await?;
+    let relay = Relay::build(settings).await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(super::run::stop_on_signal(shutdown.clone()));
     relay.run(shutdown).await

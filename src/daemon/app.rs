@@ -19,10 +19,10 @@ use crate::{
     config::Settings,
     daemon::consumer::Consumer,
     domain::validate::Schemas,
-    outbox::{Wake, publisher::Relay},
+    outbox::{Publisher, Wake},
     pipeline::{Pipeline, Session},
     store,
-    support::backoff::Backoff,
+    support::{backoff::Backoff, retry::Retry},
     telemetry::health::Health,
     telemetry::metrics::Metrics,
 };
@@ -73,10 +73,9 @@ impl App {
         let health = Arc::new(Health::new(&metrics));
         health.set_postgres(true);
 
-        let connection = connect_amqp_with_retries(&settings).await?;
-        // An event the broker refuses would be offered again forever.
-        amqp::check_message_size(
+        let connection = amqp::connect_at_startup(
             &settings.amqp,
+            &settings.startup,
             settings.limits.max_event_bytes,
             "limits.max_event_bytes",
         )
@@ -139,7 +138,7 @@ impl App {
         // so a blocked or lost one never stops consuming (see `amqp`).
         let notify = Wake::default();
         let (slot, dead_letters) = amqp::dead_letter_link();
-        let relay = Relay {
+        let publisher = Publisher {
             pool: self.pools.publisher.clone(),
             amqp: self.settings.amqp.clone(),
             dead_letters: slot,
@@ -148,40 +147,41 @@ impl App {
             metrics: self.metrics.clone(),
             max_event_bytes: self.settings.limits.max_event_bytes,
         };
-        let relay_stop = CancellationToken::new();
-        let relay_task =
-            tokio::spawn(relay.run(relay_stop.clone(), self.settings.shutdown.timeout));
-        let relay_abort = relay_task.abort_handle();
+        let publisher_stop = CancellationToken::new();
+        let publisher_task =
+            tokio::spawn(publisher.run(publisher_stop.clone(), self.settings.shutdown.timeout));
+        let publisher_abort = publisher_task.abort_handle();
 
         let timeout = self.settings.shutdown.timeout;
         let wind_down = async {
-            let mut backoff = Backoff::new(RECONNECT_CAP);
+            let mut retry = Retry::new(Backoff::new(RECONNECT_CAP)).until(&shutdown);
             while !shutdown.is_cancelled() {
                 match self
-                    .session(&shutdown, &notify, &dead_letters, &mut backoff)
+                    .session(&shutdown, &notify, &dead_letters, &mut retry)
                     .await
                 {
                     Ok(()) => break,
                     Err(e) => {
+                        let detail = format!("{e:#}");
                         self.health.set_amqp(false);
                         self.health
-                            .outage("consumer", "rabbitmq", "connection", &format!("{e:#}"));
+                            .outage("consumer", "rabbitmq", "connection", &detail);
                         self.metrics
                             .reconnects
                             .with_label_values(&["rabbitmq"])
                             .inc();
-                        let delay = backoff.next_delay();
-                        tracing::error!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "RabbitMQ session ended; reconnecting");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => break,
-                            _ = tokio::time::sleep(delay) => {}
+                        let again = retry.failed(|pause| {
+                            tracing::error!(error = %detail, retry_in_ms = pause.retry_in_ms(), "RabbitMQ session ended; reconnecting");
+                        });
+                        if !again.await {
+                            break;
                         }
                     }
                 }
             }
-            // Consuming has stopped; let the relay flush what the last batch committed.
-            relay_stop.cancel();
-            if let Err(e) = relay_task.await {
+            // Consuming has stopped; let the publisher flush what the last batch committed.
+            publisher_stop.cancel();
+            if let Err(e) = publisher_task.await {
                 tracing::error!(error = %e, "the outbox relay panicked");
             }
             tasks.wait().await;
@@ -197,7 +197,7 @@ impl App {
         tokio::select! {
             _ = wind_down => {}
             _ = deadline => {
-                relay_abort.abort();
+                publisher_abort.abort();
                 tracing::warn!(timeout_ms = timeout.as_millis() as u64, "shutdown.timeout passed; stopping now: unacked messages are redelivered, unpublished events stay in the outbox");
             }
         }
@@ -208,13 +208,13 @@ impl App {
 
     /// One consuming connection's life: declare, consume until `shutdown`
     /// (→ `Ok`) or a broker failure (→ `Err`). It only consumes and acks;
-    /// dead letters go over the relay's publishing connection.
+    /// dead letters go over the publisher's connection.
     async fn session(
         &mut self,
         shutdown: &CancellationToken,
         notify: &Wake,
         dead_letters: &DeadLetters,
-        backoff: &mut Backoff,
+        retry: &mut Retry,
     ) -> anyhow::Result<()> {
         let s = &self.settings.amqp;
         let first = self.first_connection.take();
@@ -252,7 +252,7 @@ impl App {
         })??;
         self.health.set_amqp(true);
         self.health.recovered("consumer");
-        backoff.reset();
+        retry.succeeded();
         tracing::info!(
             prefetch = self.settings.prefetch(),
             "connected to RabbitMQ; consuming"
@@ -347,37 +347,6 @@ async fn prune_periodically(pool: Pool, settings: Arc<Settings>, shutdown: Cance
                 )
             }
             Err(e) => tracing::warn!(error = %e, "pruning failed; trying again later"),
-        }
-    }
-}
-
-/// Connects to RabbitMQ and declares the topology, with the start-up retries.
-pub(crate) async fn connect_amqp_with_retries(settings: &Settings) -> anyhow::Result<Connection> {
-    let mut delay = Duration::from_millis(settings.startup.connect_backoff_ms);
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let result = async {
-            let connection = amqp::connect(&settings.amqp).await?;
-            let channel = connection
-                .create_channel()
-                .await
-                .context("cannot open a RabbitMQ channel")?;
-            amqp::declare_topology(&channel, &settings.amqp).await?;
-            let _ = channel.close(200, "bye".into()).await;
-            anyhow::Ok(connection)
-        }
-        .await;
-        match result {
-            Ok(c) => return Ok(c),
-            Err(e) if attempt >= settings.startup.connect_attempts => {
-                return Err(e.context(format!("RabbitMQ unavailable after {attempt} attempt(s)")));
-            }
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), attempt, "RabbitMQ not available yet; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
         }
     }
 }

@@ -8,6 +8,8 @@
 
 pub mod publisher;
 
+pub use publisher::Publisher;
+
 use std::sync::Arc;
 
 use tokio::sync::{Notify, futures::Notified};

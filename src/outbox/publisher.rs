@@ -1,37 +1,39 @@
-//! The outbox relay: publishes committed events to the changes exchange with
+//! The outbox publisher: publishes committed events to the changes exchange with
 //! publisher confirms, oldest first, and deletes each from the outbox only
 //! after the broker confirmed it. A crash in between publishes an event again
 //! (same `event_id`); it never loses one.
 //!
-//! The relay owns the daemon's publishing connection, apart from the one that
+//! The publisher owns the daemon's publishing connection, apart from the one that
 //! consumes (see [`crate::amqp`]), and lends its dead-letter channel to the
 //! consumer. When that connection fails or its confirms do not come within
 //! [`CONFIRM_TIMEOUT`] (a blocked broker), the round is rolled back — the
-//! events stay in the outbox — and the relay reconnects by itself with
+//! events stay in the outbox — and the publisher reconnects by itself with
 //! backoff; consuming goes on meanwhile.
 
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
-use lapin::{BasicProperties, Connection};
+use lapin::BasicProperties;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    amqp::{self, CONFIRM_TIMEOUT, ConfirmPublisher, DeadLetterSlot, Outgoing, REPLY_TIMEOUT},
+    amqp::{
+        self, CONFIRM_TIMEOUT, ConfirmPublisher, DeadLetterSlot, Link, Outgoing, REPLY_TIMEOUT,
+    },
     config::AmqpSettings,
     outbox::Wake,
     store::{StoreError, outbox},
-    support::backoff::Backoff,
+    support::{backoff::Backoff, retry::Retry},
     telemetry::health::Health,
     telemetry::metrics::Metrics,
 };
 
-/// How often the relay looks at the outbox without being told to (events
+/// How often the publisher looks at the outbox without being told to (events
 /// left by a crash, or committed by another daemon sharing the database),
 /// and at whether its connection is still up.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
-/// The name under which the relay reports its outages to [`Health`].
+/// The name under which the publisher reports its outages to [`Health`].
 const WORKER: &str = "publisher";
 /// What `/readyz` says while the broker blocks the publishing connection.
 const BLOCKED: &str =
@@ -40,36 +42,33 @@ const BLOCKED: &str =
 /// since events wait meanwhile.
 const RETRY_CAP: Duration = Duration::from_secs(5);
 
-/// Why a relay round failed.
+/// Why a publishing round failed.
 #[derive(Debug, thiserror::Error)]
-pub enum RelayError {
-    /// PostgreSQL failed; the relay retries by itself.
+pub enum PublishError {
+    /// PostgreSQL failed; the publisher retries by itself.
     #[error(transparent)]
     Database(#[from] StoreError),
-    /// RabbitMQ failed or did not confirm in time; the relay reconnects.
+    /// RabbitMQ failed or did not confirm in time; the publisher reconnects.
     #[error("publishing events failed: {0:#}")]
     Broker(anyhow::Error),
 }
 
-/// The publishing connection with its two confirm-mode channels.
-struct Link {
-    /// The connection (its status tells whether it is still up).
-    connection: Connection,
-    /// Publishes events.
-    events: ConfirmPublisher,
+/// The publishing connection: events go over its link's confirm channel,
+/// dead letters over a second one.
+struct Publishing {
+    /// The connection and the channel that publishes events.
+    events: Link,
     /// Lent to the consumer for dead letters.
     dead_letters: ConfirmPublisher,
 }
 
-impl Link {
+impl Publishing {
     /// Connects once (the topology is declared by the consuming side).
-    async fn open(settings: &AmqpSettings) -> anyhow::Result<Link> {
+    async fn open(settings: &AmqpSettings) -> anyhow::Result<Publishing> {
         tokio::time::timeout(REPLY_TIMEOUT, async {
-            let connection = amqp::connect(settings).await?;
-            let events = ConfirmPublisher::open(&connection).await?;
-            let dead_letters = ConfirmPublisher::open(&connection).await?;
-            anyhow::Ok(Link {
-                connection,
+            let events = Link::open(amqp::connect(settings).await?).await?;
+            let dead_letters = ConfirmPublisher::open(events.connection()).await?;
+            anyhow::Ok(Publishing {
                 events,
                 dead_letters,
             })
@@ -79,19 +78,24 @@ impl Link {
         .context("cannot open the publishing connection")
     }
 
+    /// Whether the connection is still up.
     fn is_up(&self) -> bool {
-        self.connection.status().connected()
+        self.events.is_up()
     }
 
-    /// Closing the connection closes its channels too (one wait, not three,
-    /// on a connection that may not answer).
+    /// The events' channel.
+    fn publisher(&self) -> &ConfirmPublisher {
+        self.events.publisher()
+    }
+
+    /// Closes the connection, and with it both channels.
     async fn close(self) {
-        amqp::close_connection(&self.connection).await;
+        self.events.close().await;
     }
 }
 
 /// Publishes the outbox.
-pub struct Relay {
+pub struct Publisher {
     /// Database pool.
     pub pool: Pool,
     /// Where to connect; the changes exchange.
@@ -108,54 +112,54 @@ pub struct Relay {
     pub max_event_bytes: usize,
 }
 
-impl Relay {
+impl Publisher {
     /// Publishes until `stop`, then makes one last flush of at most `flush`.
     /// Failures of either service are retried with backoff, forever: what is
     /// not published stays in the outbox.
     pub async fn run(self, stop: CancellationToken, flush: Duration) {
-        let mut backoff = Backoff::new(RETRY_CAP);
-        let mut link: Option<Link> = None;
+        let mut retry = Retry::new(Backoff::new(RETRY_CAP)).until(&stop);
+        let mut link: Option<Publishing> = None;
         while !stop.is_cancelled() {
             if link.as_ref().is_none_or(|l| !l.is_up()) {
                 self.drop_link(&mut link).await;
-                match Link::open(&self.amqp).await {
+                match Publishing::open(&self.amqp).await {
                     Ok(l) => {
                         self.dead_letters.offer(Some(l.dead_letters.clone()));
                         link = Some(l);
                         tracing::info!("publishing connection open");
                     }
                     Err(e) => {
-                        let delay = backoff.next_delay();
                         let detail = format!("{e:#}");
                         self.health
                             .outage(WORKER, "rabbitmq", "connection", &detail);
-                        tracing::warn!(error = %detail, retry_in_ms = delay.as_millis() as u64, "outbox relay cannot reach RabbitMQ");
-                        tokio::select! {
-                            _ = stop.cancelled() => break,
-                            _ = tokio::time::sleep(delay) => continue,
+                        let again = retry.failed(|pause| {
+                            tracing::warn!(error = %detail, retry_in_ms = pause.retry_in_ms(), "outbox relay cannot reach RabbitMQ");
+                        });
+                        if again.await {
+                            continue;
                         }
+                        break;
                     }
                 }
             }
             let l = link.as_ref().expect("opened above");
-            if l.events.blocked() {
+            if l.publisher().blocked() {
                 // A resource alarm: another connection would be blocked as
                 // well, and publishing into this one only queues copies.
                 self.health.outage(WORKER, "rabbitmq", "blocked", BLOCKED);
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(amqp::BLOCKED_POLL) => continue,
+                if retry.wait(amqp::BLOCKED_POLL).await {
+                    continue;
                 }
+                break;
             }
-            match self.drain(&l.events).await {
+            match self.drain(l.publisher()).await {
                 Ok(_) => {
-                    backoff.reset();
+                    retry.succeeded();
                     self.health.recovered(WORKER);
                 }
                 Err(e) => {
-                    let delay = backoff.next_delay();
                     match &e {
-                        RelayError::Database(e) => {
+                        PublishError::Database(e) => {
                             if let StoreError::Unavailable { cause, detail } = e
                                 && cause.is_outage()
                             {
@@ -168,23 +172,25 @@ impl Relay {
                         // the queued publish goes out and the events are
                         // published again after it, in order, on the same
                         // connection (duplicates with the same `event_id`).
-                        RelayError::Broker(_) if l.is_up() && l.events.blocked() => {
+                        PublishError::Broker(_) if l.is_up() && l.publisher().blocked() => {
                             tracing::warn!(
                                 "RabbitMQ blocks publishing (a memory or disk alarm); events wait in the outbox"
                             );
                         }
                         // Replaced on the next turn.
-                        RelayError::Broker(e) => {
+                        PublishError::Broker(e) => {
                             self.health
                                 .outage(WORKER, "rabbitmq", "connection", &format!("{e:#}"));
                             self.drop_link(&mut link).await;
                         }
                     }
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "outbox relay round failed; events wait in the outbox");
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(delay) => continue,
+                    let again = retry.failed(|pause| {
+                        tracing::warn!(error = %e, retry_in_ms = pause.retry_in_ms(), "outbox relay round failed; events wait in the outbox");
+                    });
+                    if again.await {
+                        continue;
                     }
+                    break;
                 }
             }
             tokio::select! {
@@ -201,13 +207,13 @@ impl Relay {
             }
         }
         self.dead_letters.offer(None);
-        let Some(l) = link.filter(|l| l.is_up() && !l.events.blocked()) else {
+        let Some(l) = link.filter(|l| l.is_up() && !l.publisher().blocked()) else {
             tracing::warn!(
                 "no usable publishing connection at shutdown; events stay in the outbox for the next start"
             );
             return;
         };
-        match tokio::time::timeout(flush, self.drain(&l.events)).await {
+        match tokio::time::timeout(flush, self.drain(l.publisher())).await {
             Ok(Ok(n)) => tracing::debug!(published = n, "outbox flushed"),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "final outbox flush failed; events stay in the outbox for the next start")
@@ -221,7 +227,7 @@ impl Relay {
 
     /// Withdraws the dead-letter channel and closes `link`, if any, counting
     /// a reconnection: the next turn opens a new one.
-    async fn drop_link(&self, link: &mut Option<Link>) {
+    async fn drop_link(&self, link: &mut Option<Publishing>) {
         self.dead_letters.offer(None);
         if let Some(l) = link.take() {
             self.metrics
@@ -234,7 +240,7 @@ impl Relay {
 
     /// Publishes rounds (one outbox row, i.e. one committed batch, each)
     /// until the outbox is empty; returns how many events went out.
-    pub async fn drain(&self, publisher: &ConfirmPublisher) -> Result<usize, RelayError> {
+    pub async fn drain(&self, publisher: &ConfirmPublisher) -> Result<usize, PublishError> {
         let mut total = 0;
         loop {
             match self.round(publisher).await? {
@@ -244,10 +250,12 @@ impl Relay {
         }
     }
 
-    async fn round(&self, publisher: &ConfirmPublisher) -> Result<usize, RelayError> {
+    /// One round on a pooled connection, which is retired after an outage
+    /// rather than reused (see [`StoreError::retires_connection`]).
+    async fn round(&self, publisher: &ConfirmPublisher) -> Result<usize, PublishError> {
         let mut client = self.pool.get().await.map_err(StoreError::from)?;
         let result = self.round_on(&mut client, publisher).await;
-        if let Err(RelayError::Database(e)) = &result
+        if let Err(PublishError::Database(e)) = &result
             && e.retires_connection()
         {
             drop(deadpool_postgres::Object::take(client));
@@ -255,11 +263,13 @@ impl Relay {
         result
     }
 
+    /// One transaction: take the oldest outbox row, publish its events with
+    /// confirms, commit (which deletes the row).
     async fn round_on(
         &self,
         client: &mut deadpool_postgres::Client,
         publisher: &ConfirmPublisher,
-    ) -> Result<usize, RelayError> {
+    ) -> Result<usize, PublishError> {
         let tx = client.transaction().await.map_err(StoreError::from)?;
         let taken = std::time::Instant::now();
         let (pending, waited) = outbox::take_oldest(&tx).await?;
@@ -293,7 +303,7 @@ impl Relay {
         loop {
             tokio::select! {
                 result = &mut published => {
-                    result.map_err(RelayError::Broker)?;
+                    result.map_err(PublishError::Broker)?;
                     break;
                 }
                 // The broker says it blocks the connection only once it

@@ -21,23 +21,22 @@ use std::{
 };
 
 use anyhow::Context;
-use lapin::{BasicProperties, Connection};
+use lapin::BasicProperties;
 use tokio::{net::TcpListener, sync::Notify};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    amqp::{self, ConfirmPublisher, Outgoing},
+    amqp::{self, Link, Outgoing},
     api,
     config::Settings,
-    daemon::app::connect_amqp_with_retries,
     domain::message,
     store::{
         StoreError,
         producer::{OutboxRow, Source},
     },
-    support::backoff::Backoff,
-    telemetry::health::RelayHealth,
-    telemetry::metrics::RelayMetrics,
+    support::{backoff::Backoff, retry::Retry},
+    telemetry::health::Connectivity,
+    telemetry::metrics::ProducerMetrics,
 };
 
 /// Longest wait between two reconnection attempts.
@@ -61,49 +60,16 @@ pub enum RelayError {
     Broker(anyhow::Error),
 }
 
-/// A broker connection with a confirm-mode channel.
-struct Broker {
-    /// The connection (its status tells whether it is still up).
-    connection: Connection,
-    /// Publishes with confirms.
-    publisher: ConfirmPublisher,
-}
-
-impl Broker {
-    /// Opens a confirm channel on `connection` (topology already declared).
-    async fn open(connection: Connection) -> anyhow::Result<Broker> {
-        let publisher = ConfirmPublisher::open(&connection).await?;
-        Ok(Broker {
-            connection,
-            publisher,
-        })
-    }
-
-    /// Connects once and declares the topology, so the inbound queue is bound
-    /// before anything is published (an unbound exchange would drop messages).
-    async fn connect(settings: &Settings) -> anyhow::Result<Broker> {
-        let connection = amqp::connect(&settings.amqp).await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .context("cannot open a RabbitMQ channel")?;
-        amqp::declare_topology(&channel, &settings.amqp).await?;
-        let _ = channel.close(200, "bye".into()).await;
-        Broker::open(connection).await
-    }
-
-    fn is_up(&self) -> bool {
-        self.connection.status().connected()
-    }
-
-    async fn close(self) {
-        self.publisher.close().await;
-        let _ = self.connection.close(200, "bye".into()).await;
-    }
+/// Closes `link` as the relay always has: its channel first, then the
+/// connection. Unlike [`Link::close`] the connection's close has no
+/// deadline, so it waits for a blocked broker's answer.
+async fn close(link: Link) {
+    link.publisher().close().await;
+    let _ = link.connection().close(200, "bye".into()).await;
 }
 
 /// A relay ready to run: both services reached once, the HTTP port bound.
-pub struct SourceRelay {
+pub struct Relay {
     /// The settings it was built from.
     settings: Arc<Settings>,
     /// The bound HTTP listener (bound early so `http_addr` is known before `run`).
@@ -111,9 +77,9 @@ pub struct SourceRelay {
     /// Its address.
     http_addr: SocketAddr,
     /// Connection state for `/readyz`.
-    health: Arc<RelayHealth>,
+    health: Arc<Connectivity>,
     /// This relay's metrics.
-    metrics: RelayMetrics,
+    metrics: ProducerMetrics,
     /// The bearer token `/metrics` requires, if any.
     bearer_token: Option<Arc<str>>,
     /// Poked by the source connection on every `NOTIFY`.
@@ -121,50 +87,46 @@ pub struct SourceRelay {
     /// The source connection opened at start-up.
     first_source: Option<Source>,
     /// The broker connection opened at start-up.
-    first_broker: Option<Broker>,
+    first_broker: Option<Link>,
 }
 
-impl SourceRelay {
+impl Relay {
     /// Reaches the source database (which must hold the outbox table) and
     /// RabbitMQ (declaring the topology), each with `startup.connect_attempts`
     /// tries, and binds `relay.http_listen`.
-    pub async fn build(settings: Settings) -> anyhow::Result<SourceRelay> {
+    pub async fn build(settings: Settings) -> anyhow::Result<Relay> {
         settings.check()?;
         settings.relay.source()?;
         let settings = Arc::new(settings);
         let bearer_token = settings.http.bearer_token()?.map(Arc::from);
-        let metrics = RelayMetrics::new();
-        let health = Arc::new(RelayHealth::new(&metrics));
+        let metrics = ProducerMetrics::new();
+        let health = Arc::new(Connectivity::producer(&metrics));
         let wake = Arc::new(Notify::new());
 
-        let mut attempt = 0;
-        let mut delay = Duration::from_millis(settings.startup.connect_backoff_ms);
-        let source = loop {
-            attempt += 1;
-            match Source::connect(&settings.relay, wake.clone()).await {
-                Ok(source) => break source,
-                Err(e) if attempt >= settings.startup.connect_attempts => {
-                    return Err(e.context(format!(
-                        "source database unavailable after {attempt} attempt(s)"
-                    )));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), attempt, "source database not available yet; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
-            }
-        };
-        health.set_source(true);
-        let connection = connect_amqp_with_retries(&settings).await?;
+        let source = Retry::startup(&settings.startup)
+            .run(
+                async || Source::connect(&settings.relay, wake.clone()).await,
+                |e, pause| {
+                    tracing::warn!(error = %format!("{e:#}"), attempt = pause.attempt, "source database not available yet; retrying");
+                },
+            )
+            .await
+            .map_err(|gave_up| {
+                let attempts = gave_up.attempts;
+                gave_up.error.context(format!(
+                    "source database unavailable after {attempts} attempt(s)"
+                ))
+            })?;
+        health.set_database(true);
         // Rows are bounded by this (see `reduced`), so the broker must take it.
-        amqp::check_message_size(
+        let connection = amqp::connect_at_startup(
             &settings.amqp,
+            &settings.startup,
             settings.limits.max_message_bytes,
             "limits.max_message_bytes",
         )
         .await?;
-        let broker = Broker::open(connection).await?;
+        let broker = Link::open(connection).await?;
         health.set_amqp(true);
 
         let listen = settings.relay.http_listen;
@@ -172,7 +134,7 @@ impl SourceRelay {
             .await
             .with_context(|| format!("cannot listen on {listen} (relay.http_listen)"))?;
         let http_addr = listener.local_addr()?;
-        Ok(SourceRelay {
+        Ok(Relay {
             settings,
             listener: Some(listener),
             http_addr,
@@ -191,7 +153,7 @@ impl SourceRelay {
     }
 
     /// The relay's metrics (they stay readable after `run` returns).
-    pub fn metrics(&self) -> RelayMetrics {
+    pub fn metrics(&self) -> ProducerMetrics {
         self.metrics.clone()
     }
 
@@ -199,7 +161,7 @@ impl SourceRelay {
     /// connections. Either service failing is retried with backoff, forever.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let tasks = TaskTracker::new();
-        let router = api::relay_router(api::RelayHttpState {
+        let router = api::producer_router(api::ProducerHttpState {
             health: self.health.clone(),
             metrics: self.metrics.clone(),
             bearer_token: self.bearer_token.clone(),
@@ -217,44 +179,46 @@ impl SourceRelay {
 
         let mut source = self.first_source.take();
         let mut broker = self.first_broker.take();
-        let mut backoff = Backoff::new(RECONNECT_CAP);
+        let mut retry = Retry::new(Backoff::new(RECONNECT_CAP)).until(&shutdown);
         let mut counted = None;
         while !shutdown.is_cancelled() {
             if let Err(e) = self.reconnect(&mut source, &mut broker).await {
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "relay cannot reconnect");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => continue,
+                let again = retry.failed(|pause| {
+                    tracing::warn!(error = %format!("{e:#}"), retry_in_ms = pause.retry_in_ms(), "relay cannot reconnect");
+                });
+                if again.await {
+                    continue;
                 }
+                break;
             }
             let (Some(s), Some(b)) = (source.as_mut(), broker.as_ref()) else {
                 unreachable!("reconnect leaves both connected or fails");
             };
             match self.drain(s, b, &shutdown, &mut counted).await {
-                Ok(()) => backoff.reset(),
+                Ok(()) => retry.succeeded(),
                 Err(e) => {
                     let service = match &e {
                         RelayError::Source(_) => {
                             source = None;
-                            self.health.set_source(false);
+                            self.health.set_database(false);
                             "source"
                         }
                         RelayError::Broker(_) => {
                             if let Some(b) = broker.take() {
-                                b.close().await;
+                                close(b).await;
                             }
                             self.health.set_amqp(false);
                             "rabbitmq"
                         }
                     };
                     self.metrics.reconnects.with_label_values(&[service]).inc();
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "relay round failed; reconnecting");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(delay) => continue,
+                    let again = retry.failed(|pause| {
+                        tracing::warn!(error = %e, retry_in_ms = pause.retry_in_ms(), "relay round failed; reconnecting");
+                    });
+                    if again.await {
+                        continue;
                     }
+                    break;
                 }
             }
             tokio::select! {
@@ -264,10 +228,10 @@ impl SourceRelay {
             }
         }
         if let Some(b) = broker.take() {
-            b.close().await;
+            close(b).await;
         }
         drop(source);
-        self.health.set_source(false);
+        self.health.set_database(false);
         self.health.set_amqp(false);
         tasks.wait().await;
         tracing::info!("scramjet relay stopped");
@@ -278,15 +242,15 @@ impl SourceRelay {
     async fn reconnect(
         &self,
         source: &mut Option<Source>,
-        broker: &mut Option<Broker>,
+        broker: &mut Option<Link>,
     ) -> anyhow::Result<()> {
         if source.as_ref().is_none_or(Source::is_closed) {
             if source.take().is_some() {
                 self.metrics.reconnects.with_label_values(&["source"]).inc();
             }
-            self.health.set_source(false);
+            self.health.set_database(false);
             *source = Some(Source::connect(&self.settings.relay, self.wake.clone()).await?);
-            self.health.set_source(true);
+            self.health.set_database(true);
             tracing::info!("connected to the source database");
         }
         if broker.as_ref().is_none_or(|b| !b.is_up()) {
@@ -295,10 +259,11 @@ impl SourceRelay {
                     .reconnects
                     .with_label_values(&["rabbitmq"])
                     .inc();
-                b.close().await;
+                close(b).await;
             }
             self.health.set_amqp(false);
-            *broker = Some(Broker::connect(&self.settings).await?);
+            *broker =
+                Some(Link::open(amqp::connect_and_declare(&self.settings.amqp).await?).await?);
             self.health.set_amqp(true);
             tracing::info!("connected to RabbitMQ");
         }
@@ -310,7 +275,7 @@ impl SourceRelay {
     async fn drain(
         &self,
         source: &mut Source,
-        broker: &Broker,
+        broker: &Link,
         shutdown: &CancellationToken,
         counted: &mut Option<Instant>,
     ) -> Result<(), RelayError> {
@@ -330,11 +295,7 @@ impl SourceRelay {
 
     /// One transaction: lock, take, publish with confirms, delete, commit.
     /// Returns how many rows went out, or `None` when standing by.
-    async fn round(
-        &self,
-        source: &mut Source,
-        broker: &Broker,
-    ) -> Result<Option<usize>, RelayError> {
+    async fn round(&self, source: &mut Source, broker: &Link) -> Result<Option<usize>, RelayError> {
         let batch = source.begin().await?;
         let Some(rows) = batch.take(self.settings.relay.batch_size).await? else {
             batch.rollback().await?;
@@ -371,15 +332,11 @@ impl SourceRelay {
             })
             .collect();
         // On failure the batch is dropped, which rolls back: the rows stay.
-        match tokio::time::timeout(PUBLISH_TIMEOUT, broker.publisher.publish_all(messages)).await {
-            Ok(published) => published.map_err(RelayError::Broker)?,
-            Err(_) => {
-                return Err(RelayError::Broker(anyhow::anyhow!(
-                    "no confirms within {} s",
-                    PUBLISH_TIMEOUT.as_secs()
-                )));
-            }
-        }
+        broker
+            .publisher()
+            .publish_all_within(messages, PUBLISH_TIMEOUT)
+            .await
+            .map_err(RelayError::Broker)?;
         let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
         batch.delete_and_commit(&seqs).await?;
         for row in &rows {

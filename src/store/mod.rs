@@ -23,6 +23,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use crate::{
     config::{PostgresSettings, Settings},
     support::redact,
+    support::retry::Retry,
     support::tls,
 };
 
@@ -423,24 +424,20 @@ async fn prepare(
         .or_else(|| config.get_user().map(str::to_owned))
         .context("invalid configuration: postgres.url names no database")?;
 
-    let mut attempt = 0;
-    let mut delay = Duration::from_millis(settings.startup.connect_backoff_ms);
-    loop {
-        attempt += 1;
-        match prepare_database(&config, &tls, &dbname).await {
-            Ok(()) => break,
-            Err(e) if attempt >= settings.startup.connect_attempts => {
-                return Err(e).with_context(|| {
-                    format!("cannot use PostgreSQL at {shown} after {attempt} attempt(s)")
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), attempt, url = %shown, "PostgreSQL not available yet; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-        }
-    }
+    Retry::startup(&settings.startup)
+        .run(
+            async || prepare_database(&config, &tls, &dbname).await,
+            |e, pause| {
+                tracing::warn!(error = %format!("{e:#}"), attempt = pause.attempt, url = %shown, "PostgreSQL not available yet; retrying");
+            },
+        )
+        .await
+        .map_err(|gave_up| {
+            gave_up.error.context(format!(
+                "cannot use PostgreSQL at {shown} after {} attempt(s)",
+                gave_up.attempts
+            ))
+        })?;
 
     Ok((config, tls))
 }

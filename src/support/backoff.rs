@@ -8,21 +8,43 @@ pub fn jitter(delay: Duration) -> Duration {
     delay.mul_f64(rand::random_range(0.5..=1.0))
 }
 
-/// Capped exponential backoff: 250 ms doubling to `cap`, with jitter.
+/// Capped exponential backoff: 250 ms doubling to `cap`, with jitter (or
+/// from another first delay, or without jitter: see the constructors).
 #[derive(Debug)]
 pub struct Backoff {
+    /// The first delay, and the one after a reset.
+    first: Duration,
     /// The next delay before jitter.
     next: Duration,
     /// The largest delay.
     cap: Duration,
+    /// Whether each delay is scaled by [`jitter`].
+    jitter: bool,
 }
 
 impl Backoff {
     /// A backoff that starts at 250 ms and grows to `cap`.
     pub fn new(cap: Duration) -> Self {
+        Self::starting_at(Duration::from_millis(250), cap)
+    }
+
+    /// A backoff that starts at `first` and grows to `cap` (`first` itself
+    /// is not capped: it is what the caller asked for).
+    pub fn starting_at(first: Duration, cap: Duration) -> Self {
         Self {
-            next: Duration::from_millis(250),
+            first,
+            next: first,
             cap,
+            jitter: true,
+        }
+    }
+
+    /// The same delays, exact: for the start-up retries, which have always
+    /// waited exactly what `startup.connect_backoff_ms` says.
+    pub fn without_jitter(self) -> Self {
+        Self {
+            jitter: false,
+            ..self
         }
     }
 
@@ -30,12 +52,12 @@ impl Backoff {
     pub fn next_delay(&mut self) -> Duration {
         let d = self.next;
         self.next = (self.next * 2).min(self.cap);
-        jitter(d)
+        if self.jitter { jitter(d) } else { d }
     }
 
-    /// Starts again from the smallest delay (after a success).
+    /// Starts again from the first delay (after a success).
     pub fn reset(&mut self) {
-        self.next = Duration::from_millis(250);
+        self.next = self.first;
     }
 }
 
@@ -51,5 +73,15 @@ mod tests {
         assert!(delays[5] >= Duration::from_secs(1) && delays[5] <= Duration::from_secs(2));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(250));
+    }
+
+    #[test]
+    fn exact_delays_start_where_asked_and_double_to_the_cap() {
+        let mut b = Backoff::starting_at(Duration::from_millis(500), Duration::from_secs(2))
+            .without_jitter();
+        let delays: Vec<u128> = (0..4).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(delays, [500, 1000, 2000, 2000]);
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(500));
     }
 }

@@ -3,4 +3,5 @@
 pub mod backoff;
 pub mod panic;
 pub mod redact;
+pub mod retry;
 pub mod tls;

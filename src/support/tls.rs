@@ -108,28 +108,48 @@ pub fn postgres_connector(
             .with_root_certificates(roots(ca)?)
             .with_no_client_auth(),
         (SslMode::VerifyCa, ca) | (SslMode::Plain, ca @ Some(_)) => {
-            let inner =
+            let chain =
                 WebPkiServerVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
                     .build()
                     .context("cannot set up certificate verification")?;
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(ChainOnly(inner)))
+                .with_custom_certificate_verifier(Arc::new(AnyName::new(Some(chain))))
                 .with_no_client_auth()
         }
         (SslMode::Plain, None) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider())))
+            .with_custom_certificate_verifier(Arc::new(AnyName::new(None)))
             .with_no_client_auth(),
     };
     Ok(MakeRustlsConnect::new(config))
 }
 
-/// `verify-ca`: the chain is checked, the name is not.
+/// The verifier of the modes that do not check the host name: `verify-ca`
+/// (the chain is checked) and `require` without a CA file (libpq's
+/// behaviour: encrypted, certificate not checked). The handshake signatures
+/// are verified either way, with the provider's algorithms — the same ones,
+/// the same way, as [`WebPkiServerVerifier`] does.
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct AnyName {
+    /// Checks the chain (the name too, whose failure is then ignored);
+    /// `None`: the certificate is not checked.
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    /// Verifies the handshake signatures.
+    provider: Arc<CryptoProvider>,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl AnyName {
+    /// Checks the chain with `chain`, or no certificate at all with `None`.
+    fn new(chain: Option<Arc<WebPkiServerVerifier>>) -> AnyName {
+        AnyName {
+            chain,
+            provider: provider(),
+        }
+    }
+}
+
+impl ServerCertVerifier for AnyName {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -138,10 +158,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::NotValidForName
                 | rustls::CertificateError::NotValidForNameContext { .. },
@@ -156,51 +176,11 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `require` without a CA file (libpq's behaviour): encrypted, certificate
-/// not checked. The handshake signatures are still verified.
-#[derive(Debug)]
-struct EncryptOnly(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for EncryptOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify_tls12_signature(
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
@@ -214,12 +194,14 @@ impl ServerCertVerifier for EncryptOnly {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

@@ -1,5 +1,5 @@
 //! Connection state shared by the workers, the readiness probe and the
-//! `scramjet_connected` gauge.
+//! `scramjet_connected` gauge (`scramjet_relay_connected` for `scramjet relay`).
 
 use std::{
     collections::BTreeMap,
@@ -11,21 +11,82 @@ use std::{
 
 use prometheus::{IntCounterVec, IntGaugeVec};
 
-use crate::telemetry::metrics::{Metrics, RelayMetrics};
+use crate::telemetry::metrics::{Metrics, ProducerMetrics};
 
-/// Connection state as the workers see it. `/readyz` reads the RabbitMQ
-/// flag and the outages (PostgreSQL it also pings itself); they feed
+/// Which of its two services a process is connected to, as its workers last
+/// saw it: a flag each for `/readyz`, mirrored in a `connected{service}`
+/// gauge. The daemon's [`Health`] embeds one; `scramjet relay` has nothing
+/// else to report, so this is its whole health.
+#[derive(Debug)]
+pub struct Connectivity {
+    /// The database's `service` label: "postgres" for the daemon's own
+    /// database, "source" for the relay's source database.
+    database_service: &'static str,
+    /// The database connection worked when last used (the relay's: its
+    /// source connection is open, LISTENing, outbox found).
+    database: AtomicBool,
+    /// A RabbitMQ connection is established (the daemon's: topology
+    /// declared, consuming; the relay's: with a confirm channel).
+    amqp: AtomicBool,
+    /// `scramjet_connected{service}` or `scramjet_relay_connected{service}`.
+    gauge: IntGaugeVec,
+}
+
+impl Connectivity {
+    /// Both services down until a worker says otherwise.
+    fn new(database_service: &'static str, gauge: &IntGaugeVec) -> Connectivity {
+        Connectivity {
+            database_service,
+            database: AtomicBool::new(false),
+            amqp: AtomicBool::new(false),
+            gauge: gauge.clone(),
+        }
+    }
+
+    /// The connection state of `scramjet relay`: `/readyz` is 200 when both
+    /// its source database and RabbitMQ are up.
+    pub fn producer(metrics: &ProducerMetrics) -> Connectivity {
+        Connectivity::new("source", &metrics.connected)
+    }
+
+    /// Records the database's state.
+    pub fn set_database(&self, up: bool) {
+        self.database.store(up, Ordering::Relaxed);
+        self.gauge
+            .with_label_values(&[self.database_service])
+            .set(i64::from(up));
+    }
+
+    /// Records RabbitMQ's state.
+    pub fn set_amqp(&self, up: bool) {
+        self.amqp.store(up, Ordering::Relaxed);
+        self.gauge
+            .with_label_values(&["rabbitmq"])
+            .set(i64::from(up));
+    }
+
+    /// The database's last known state.
+    pub fn database(&self) -> bool {
+        self.database.load(Ordering::Relaxed)
+    }
+
+    /// RabbitMQ's last known state.
+    pub fn amqp(&self) -> bool {
+        self.amqp.load(Ordering::Relaxed)
+    }
+}
+
+/// Connection state as the daemon's workers see it. `/readyz` reads the
+/// RabbitMQ flag and the outages (PostgreSQL it pings itself); they feed
 /// `scramjet_connected` and `scramjet_outages_total`.
 #[derive(Debug)]
 pub struct Health {
-    /// A RabbitMQ session is established (topology declared, consuming).
-    amqp: AtomicBool,
+    /// PostgreSQL's and RabbitMQ's flags and gauge.
+    connectivity: Connectivity,
     /// The outage each worker is waiting out, by worker ("pipeline",
     /// "publisher"). A ping that succeeds says nothing of a database that
     /// refuses writes or a role that lost a privilege: the workers say it.
     outages: Mutex<BTreeMap<&'static str, Outage>>,
-    /// `scramjet_connected{service}`.
-    gauge: IntGaugeVec,
     /// `scramjet_outages_total{service,reason}`.
     outages_total: IntCounterVec,
 }
@@ -47,9 +108,8 @@ impl Health {
     /// Both services down until a worker says otherwise.
     pub fn new(metrics: &Metrics) -> Health {
         Health {
-            amqp: AtomicBool::new(false),
+            connectivity: Connectivity::new("postgres", &metrics.connected),
             outages: Mutex::new(BTreeMap::new()),
-            gauge: metrics.connected.clone(),
             outages_total: metrics.outages.clone(),
         }
     }
@@ -98,67 +158,16 @@ impl Health {
 
     /// Records PostgreSQL's state (the last use succeeded or not).
     pub fn set_postgres(&self, up: bool) {
-        self.gauge
-            .with_label_values(&["postgres"])
-            .set(i64::from(up));
+        self.connectivity.set_database(up);
     }
 
     /// Records RabbitMQ's state.
     pub fn set_amqp(&self, up: bool) {
-        self.amqp.store(up, Ordering::Relaxed);
-        self.gauge
-            .with_label_values(&["rabbitmq"])
-            .set(i64::from(up));
+        self.connectivity.set_amqp(up);
     }
 
     /// RabbitMQ's last known state.
     pub fn amqp(&self) -> bool {
-        self.amqp.load(Ordering::Relaxed)
-    }
-}
-
-/// Connection state of `scramjet relay`: `/readyz` is 200 when both are up.
-#[derive(Debug)]
-pub struct RelayHealth {
-    /// The source database connection is open (LISTENing, outbox found).
-    source: AtomicBool,
-    /// A RabbitMQ connection with a confirm channel is open.
-    amqp: AtomicBool,
-    /// `scramjet_relay_connected{service}`.
-    gauge: IntGaugeVec,
-}
-
-impl RelayHealth {
-    /// Both services down until the relay says otherwise.
-    pub fn new(metrics: &RelayMetrics) -> RelayHealth {
-        RelayHealth {
-            source: AtomicBool::new(false),
-            amqp: AtomicBool::new(false),
-            gauge: metrics.connected.clone(),
-        }
-    }
-
-    /// Records the source database's state.
-    pub fn set_source(&self, up: bool) {
-        self.source.store(up, Ordering::Relaxed);
-        self.gauge.with_label_values(&["source"]).set(i64::from(up));
-    }
-
-    /// Records RabbitMQ's state.
-    pub fn set_amqp(&self, up: bool) {
-        self.amqp.store(up, Ordering::Relaxed);
-        self.gauge
-            .with_label_values(&["rabbitmq"])
-            .set(i64::from(up));
-    }
-
-    /// The source database's last known state.
-    pub fn source(&self) -> bool {
-        self.source.load(Ordering::Relaxed)
-    }
-
-    /// RabbitMQ's last known state.
-    pub fn amqp(&self) -> bool {
-        self.amqp.load(Ordering::Relaxed)
+        self.connectivity.amqp()
     }
 }

@@ -6,11 +6,92 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+/// A registry and the constructors both sets of metrics build theirs with:
+/// each metric is registered as it is made, so none can be left out of
+/// `/metrics`.
+#[derive(Clone)]
+struct Exposition {
+    /// Where every metric made here is registered.
+    registry: Registry,
+}
+
+impl Exposition {
+    /// An empty registry of its own.
+    fn new() -> Exposition {
+        Exposition {
+            registry: Registry::new(),
+        }
+    }
+
+    /// Registers `metric` and hands it back.
+    fn register<M: prometheus::core::Collector + Clone + 'static>(&self, metric: M) -> M {
+        self.registry
+            .register(Box::new(metric.clone()))
+            .expect("registered once");
+        metric
+    }
+
+    /// A counter with one label per name in `labels`.
+    fn counters(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.register(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+    }
+
+    /// A counter without labels.
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.register(IntCounter::new(name, help).expect("valid metric"))
+    }
+
+    /// A gauge with one label.
+    fn gauges(&self, name: &str, help: &str, label: &str) -> IntGaugeVec {
+        self.register(IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric"))
+    }
+
+    /// A gauge without labels.
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.register(IntGauge::new(name, help).expect("valid metric"))
+    }
+
+    /// A histogram with the given bucket bounds.
+    fn histogram(&self, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+        self.register(
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric"),
+        )
+    }
+
+    /// `connected{service}` and `reconnects{service}`, both shown for every
+    /// one of `services` from the start (a dashboard then sees 0, not "no
+    /// data", before the first connection).
+    fn connections(
+        &self,
+        connected: (&str, &str),
+        reconnects: (&str, &str),
+        services: [&str; 2],
+    ) -> (IntGaugeVec, IntCounterVec) {
+        let gauge = self.gauges(connected.0, connected.1, "service");
+        let counter = self.counters(reconnects.0, reconnects.1, &["service"]);
+        for service in services {
+            gauge.with_label_values(&[service]).set(0);
+            counter.with_label_values(&[service]);
+        }
+        (gauge, counter)
+    }
+
+    /// The Prometheus text exposition of every metric.
+    fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding to memory cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
 /// The daemon's metrics.
 #[derive(Clone)]
 pub struct Metrics {
     /// Where everything below is registered.
-    registry: Registry,
+    registry: Exposition,
     /// Messages by outcome (created, updated, …, dead_lettered).
     pub messages: IntCounterVec,
     /// Events confirmed by the broker, by op.
@@ -44,128 +125,75 @@ impl Default for Metrics {
 impl Metrics {
     /// Fresh metrics in a registry of their own.
     pub fn new() -> Metrics {
-        let registry = Registry::new();
-        let counter = |name: &str, help: &str, label: &str| {
-            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("registered once");
-            c
-        };
-        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
-                .expect("valid metric");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("registered once");
-            h
-        };
-        let messages = counter(
-            "scramjet_messages_total",
-            "Inbound messages by outcome.",
-            "outcome",
+        let r = Exposition::new();
+        let latency = || prometheus::exponential_buckets(0.0005, 2.0, 14).expect("valid buckets");
+        let (connected, reconnects) = r.connections(
+            ("scramjet_connected", "1 while connected, by service."),
+            ("scramjet_reconnects_total", "Reconnections by service."),
+            ["postgres", "rabbitmq"],
         );
-        let events_published = counter(
-            "scramjet_events_published_total",
-            "Change events confirmed by the broker, by op.",
-            "op",
-        );
-        let events_reduced = counter(
-            "scramjet_events_reduced_total",
-            "Change events over limits.max_event_bytes, published in their reduced form, by op.",
-            "op",
-        );
-        let reconnects = counter(
-            "scramjet_reconnects_total",
-            "Reconnections by service.",
-            "service",
-        );
-        let batch_size = histogram(
-            "scramjet_batch_size",
-            "Messages per batch.",
-            vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
-        );
-        let batch_duration = histogram(
-            "scramjet_batch_duration_seconds",
-            "Seconds from gathering a batch to acking it.",
-            prometheus::exponential_buckets(0.0005, 2.0, 14).expect("valid buckets"),
-        );
-        let event_delay = histogram(
-            "scramjet_event_delay_seconds",
-            "Seconds from a batch's commit to the broker's confirm of its events.",
-            prometheus::exponential_buckets(0.0005, 2.0, 14).expect("valid buckets"),
-        );
-        let outbox_pending = IntGauge::new(
-            "scramjet_outbox_pending",
-            "Outbox rows: committed batches whose events the broker has not confirmed yet.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(outbox_pending.clone()))
-            .expect("registered once");
-        let gauge = |name: &str, help: &str, label: &str| {
-            let g = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("registered once");
-            g
-        };
-        let staging_invalid = gauge(
-            "scramjet_staging_invalid",
-            "Rejected rows kept in staging, by type.",
-            "type",
-        );
-        let connected = gauge(
-            "scramjet_connected",
-            "1 while connected, by service.",
-            "service",
-        );
-        let outages = IntCounterVec::new(
-            Opts::new(
-                "scramjet_outages_total",
-                "Outages begun (the environment, not a message, failed), by service and reason.",
-            ),
-            &["service", "reason"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(outages.clone()))
-            .expect("registered once");
-        for service in ["postgres", "rabbitmq"] {
-            connected.with_label_values(&[service]).set(0);
-            reconnects.with_label_values(&[service]);
-        }
         Metrics {
-            registry,
-            messages,
-            events_published,
-            events_reduced,
-            batch_size,
-            batch_duration,
-            event_delay,
-            outbox_pending,
-            staging_invalid,
+            messages: r.counters(
+                "scramjet_messages_total",
+                "Inbound messages by outcome.",
+                &["outcome"],
+            ),
+            events_published: r.counters(
+                "scramjet_events_published_total",
+                "Change events confirmed by the broker, by op.",
+                &["op"],
+            ),
+            events_reduced: r.counters(
+                "scramjet_events_reduced_total",
+                "Change events over limits.max_event_bytes, published in their reduced form, by op.",
+                &["op"],
+            ),
+            batch_size: r.histogram(
+                "scramjet_batch_size",
+                "Messages per batch.",
+                vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
+            ),
+            batch_duration: r.histogram(
+                "scramjet_batch_duration_seconds",
+                "Seconds from gathering a batch to acking it.",
+                latency(),
+            ),
+            event_delay: r.histogram(
+                "scramjet_event_delay_seconds",
+                "Seconds from a batch's commit to the broker's confirm of its events.",
+                latency(),
+            ),
+            outbox_pending: r.gauge(
+                "scramjet_outbox_pending",
+                "Outbox rows: committed batches whose events the broker has not confirmed yet.",
+            ),
+            staging_invalid: r.gauges(
+                "scramjet_staging_invalid",
+                "Rejected rows kept in staging, by type.",
+                "type",
+            ),
             connected,
             reconnects,
-            outages,
+            outages: r.counters(
+                "scramjet_outages_total",
+                "Outages begun (the environment, not a message, failed), by service and reason.",
+                &["service", "reason"],
+            ),
+            registry: r,
         }
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("encoding to memory cannot fail");
-        String::from_utf8(out).expect("the text format is UTF-8")
+        self.registry.render()
     }
 }
 
 /// The metrics of `scramjet relay` (a process of its own, so a registry of its own).
 #[derive(Clone)]
-pub struct RelayMetrics {
+pub struct ProducerMetrics {
     /// Where everything below is registered.
-    registry: Registry,
+    registry: Exposition,
     /// Outbox rows published and confirmed by the broker, by action.
     pub messages: IntCounterVec,
     /// Outbox rows over `limits.max_message_bytes`, published in their reduced form.
@@ -182,99 +210,63 @@ pub struct RelayMetrics {
     pub reconnects: IntCounterVec,
 }
 
-impl Default for RelayMetrics {
+impl Default for ProducerMetrics {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl RelayMetrics {
+impl ProducerMetrics {
     /// Fresh metrics in a registry of their own.
-    pub fn new() -> RelayMetrics {
-        let registry = Registry::new();
-        let register = |c: Box<dyn prometheus::core::Collector>| {
-            registry.register(c).expect("registered once");
-        };
-        let messages = IntCounterVec::new(
-            Opts::new(
-                "scramjet_relay_messages_total",
-                "Source outbox rows published and confirmed by the broker, by action.",
-            ),
+    pub fn new() -> ProducerMetrics {
+        let r = Exposition::new();
+        let messages = r.counters(
+            "scramjet_relay_messages_total",
+            "Source outbox rows published and confirmed by the broker, by action.",
             &["action"],
-        )
-        .expect("valid metric");
-        let delay = Histogram::with_opts(
-            HistogramOpts::new(
-                "scramjet_relay_delay_seconds",
-                "Seconds from a row's insertion into the source outbox to the broker's confirm.",
-            )
-            .buckets(prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets")),
-        )
-        .expect("valid metric");
-        let reduced = IntCounter::new(
-            "scramjet_relay_reduced_total",
-            "Source outbox rows over limits.max_message_bytes, published without their data.",
-        )
-        .expect("valid metric");
-        let pending = IntGauge::new(
-            "scramjet_relay_pending",
-            "Rows waiting in the source outbox.",
-        )
-        .expect("valid metric");
-        let active = IntGauge::new(
-            "scramjet_relay_active",
-            "1 while this relay drains the source outbox, 0 while it stands by.",
-        )
-        .expect("valid metric");
-        let connected = IntGaugeVec::new(
-            Opts::new(
-                "scramjet_relay_connected",
-                "1 while the relay is connected, by service.",
-            ),
-            &["service"],
-        )
-        .expect("valid metric");
-        let reconnects = IntCounterVec::new(
-            Opts::new(
-                "scramjet_relay_reconnects_total",
-                "Relay reconnections by service.",
-            ),
-            &["service"],
-        )
-        .expect("valid metric");
-        register(Box::new(messages.clone()));
-        register(Box::new(reduced.clone()));
-        register(Box::new(delay.clone()));
-        register(Box::new(pending.clone()));
-        register(Box::new(active.clone()));
-        register(Box::new(connected.clone()));
-        register(Box::new(reconnects.clone()));
+        );
         for action in ["save", "delete"] {
             messages.with_label_values(&[action]);
         }
-        for service in ["source", "rabbitmq"] {
-            connected.with_label_values(&[service]).set(0);
-            reconnects.with_label_values(&[service]);
-        }
-        RelayMetrics {
-            registry,
+        let (connected, reconnects) = r.connections(
+            (
+                "scramjet_relay_connected",
+                "1 while the relay is connected, by service.",
+            ),
+            (
+                "scramjet_relay_reconnects_total",
+                "Relay reconnections by service.",
+            ),
+            ["source", "rabbitmq"],
+        );
+        ProducerMetrics {
             messages,
-            reduced,
-            delay,
-            pending,
-            active,
+            reduced: r.counter(
+                "scramjet_relay_reduced_total",
+                "Source outbox rows over limits.max_message_bytes, published without their data.",
+            ),
+            delay: r.histogram(
+                "scramjet_relay_delay_seconds",
+                "Seconds from a row's insertion into the source outbox to the broker's confirm.",
+                prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets"),
+            ),
+            pending: r.gauge(
+                "scramjet_relay_pending",
+                "Rows waiting in the source outbox.",
+            ),
+            active: r.gauge(
+                "scramjet_relay_active",
+                "1 while this relay drains the source outbox, 0 while it stands by.",
+            ),
             connected,
             reconnects,
+            registry: r,
         }
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("encoding to memory cannot fail");
-        String::from_utf8(out).expect("the text format is UTF-8")
+        self.registry.render()
     }
 }
 

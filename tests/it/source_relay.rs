@@ -17,7 +17,7 @@ use std::{
 
 use futures_util::StreamExt;
 use lapin::{Connection, ConnectionProperties};
-use scramjet::{config::Secret, producer::SourceRelay};
+use scramjet::{config::Secret, producer::Relay};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -110,7 +110,7 @@ impl Drop for SourceDb {
 /// A relay running in-process on the daemon's broker names.
 struct InProcessRelay {
     http: SocketAddr,
-    metrics: scramjet::telemetry::metrics::RelayMetrics,
+    metrics: scramjet::telemetry::metrics::ProducerMetrics,
     shutdown: CancellationToken,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -127,7 +127,7 @@ impl InProcessRelay {
     async fn start_with(mut s: scramjet::config::Settings) -> InProcessRelay {
         s.relay.http_listen = "127.0.0.1:0".parse().unwrap();
         s.relay.poll_interval = Duration::from_millis(200);
-        let relay = SourceRelay::build(s).await.expect("the relay starts");
+        let relay = Relay::build(s).await.expect("the relay starts");
         let http = relay.http_addr();
         let metrics = relay.metrics();
         let shutdown = CancellationToken::new();
