@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::HttpSettings,
-    domain::message,
+    domain::entity::{EntityId, EntityType},
     store::{self, StoreError, read},
     telemetry::health::{Connectivity, Health},
     telemetry::metrics::{Metrics, ProducerMetrics},
@@ -371,8 +371,9 @@ fn resource_json(r: read::Resource) -> Value {
     })
 }
 
-fn check_type(entity_type: &str) -> Result<(), ApiError> {
-    message::check_type(entity_type).map_err(|m| ApiError::bad_request(m.0))
+/// The `{type}` of a path, parsed.
+fn entity_type(name: String) -> Result<EntityType, ApiError> {
+    EntityType::parse(name).map_err(|m| ApiError::bad_request(m.0))
 }
 
 /// `GET /v1/resources/{type}/{id}`: one resource or 404.
@@ -380,8 +381,8 @@ async fn resource(
     State(state): State<HttpState>,
     Path((entity_type, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    check_type(&entity_type)?;
-    message::check_id(&id).map_err(|m| ApiError::bad_request(m.0))?;
+    let entity_type = self::entity_type(entity_type)?;
+    let id = EntityId::parse(id).map_err(|m| ApiError::bad_request(m.0))?;
     let found = read::resource_by_id(&state.read.pool, &entity_type, &id)
         .await
         .map_err(|e| state.read.error(e))?;
@@ -441,7 +442,7 @@ async fn resources(
     Path(entity_type): Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    check_type(&entity_type)?;
+    let entity_type = self::entity_type(entity_type)?;
     reject_unknown(&params, &["updated_since", "where", "after", "limit"])?;
     let (limit, after) = paging(&params)?;
     let updated_since = match params.get("updated_since") {
@@ -478,7 +479,7 @@ async fn staging(
     Path(entity_type): Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    check_type(&entity_type)?;
+    let entity_type = self::entity_type(entity_type)?;
     reject_unknown(&params, &["invalid", "after", "limit"])?;
     match params.get("invalid").map(String::as_str) {
         None | Some("true") => {}

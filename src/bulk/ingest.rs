@@ -10,6 +10,7 @@ use super::{
     chunks::chunks_on_a_thread, retry_transient,
 };
 use crate::{
+    domain::entity::{EntityId, EntityType},
     domain::message::{Action, Inbound},
     domain::outcome::Outcome,
     pipeline::{self, Prepared},
@@ -29,8 +30,7 @@ impl Scramjet {
         options: &IngestOptions,
         mut progress: impl FnMut(&Summary),
     ) -> anyhow::Result<Summary> {
-        crate::domain::message::check_type(&options.entity_type)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let entity_type = EntityType::parse(options.entity_type.as_str())?;
         let most = crate::config::MAX_KEYS_PER_TRANSACTION;
         anyhow::ensure!(
             (1..=most).contains(&options.chunk),
@@ -61,7 +61,6 @@ impl Scramjet {
             version_field: options.version_field.clone(),
             limits: self.limits,
         };
-        let entity_type = options.entity_type.clone();
         // Reading, parsing, validating and hashing run on their own thread,
         // overlapping with the database work of the chunk before.
         let (reader, mut rx) = chunks_on_a_thread(options.chunk, move || {
@@ -178,14 +177,14 @@ impl Scramjet {
         began: &sync::Began,
         after: &str,
     ) -> anyhow::Result<(Vec<String>, Vec<Outcome>)> {
-        let entity_type = options.entity_type.as_str();
+        let entity_type = &EntityType::stored(options.entity_type.clone());
         let (scope, limit) = (options.scope.as_ref(), options.chunk as i64);
         retry_transient("the delete step", async || {
             let tx = client.transaction().await?;
             let ids = sync::lock_unseen_page(&tx, entity_type, scope, began, after, limit).await?;
             let prepared: Vec<Prepared> = ids
                 .iter()
-                .map(|id| self.prepare_delete(entity_type, id))
+                .map(|id| self.prepare_delete(entity_type, &EntityId::stored(id.clone())))
                 .collect();
             let outcomes = pipeline::process_in_transaction(&tx, &prepared).await?;
             tx.commit().await?;

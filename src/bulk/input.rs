@@ -12,7 +12,10 @@ use std::io::BufRead;
 
 use serde_json::{Map, Value};
 
-use crate::domain::message::{self, Limits};
+use crate::domain::{
+    entity::EntityId,
+    message::{self, Limits},
+};
 
 /// The shape of the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +63,7 @@ pub struct Record {
     /// The line it starts on (1-based).
     pub line: u64,
     /// The entity id.
-    pub id: String,
+    pub id: EntityId,
     /// The producer version, when `version_field` is set and present.
     pub version: Option<i64>,
     /// The entity: the whole record.
@@ -153,7 +156,7 @@ impl<R: BufRead> Records<R> {
                 )));
             }
         };
-        message::check_id(&id).map_err(|e| bad(e.0))?;
+        let id = EntityId::parse(id).map_err(|e| bad(e.0))?;
         let version = match &self.shape.version_field {
             None => None,
             Some(field) => match data.get(field) {
@@ -465,7 +468,7 @@ mod tests {
 
     fn read(text: &str, format: Format) -> Vec<Result<(u64, String), BadRecord>> {
         Records::new(text.as_bytes(), format, shape())
-            .map(|r| r.map(|r| (r.line, r.id)))
+            .map(|r| r.map(|r| (r.line, r.id.into_string())))
             .collect()
     }
 

@@ -77,6 +77,7 @@ pub use summary::{DeleteStep, Summary};
 
 use crate::{
     config::Settings,
+    domain::entity::{EntityId, EntityType},
     domain::message::{Action, Inbound, Limits},
     domain::validate::SchemaRegistry,
     pipeline::{self, Pipeline, Prepared},
@@ -126,15 +127,15 @@ impl Scramjet {
     /// Validates and hashes a save, ready for [`Scramjet::apply`].
     pub fn prepare_save(
         &self,
-        entity_type: &str,
-        id: &str,
+        entity_type: &EntityType,
+        id: &EntityId,
         data: Map<String, Value>,
         version: Option<i64>,
     ) -> Prepared {
         Prepared::new(
             Inbound {
-                entity_type: entity_type.to_owned(),
-                id: id.to_owned(),
+                entity_type: entity_type.clone(),
+                id: id.clone(),
                 version,
                 action: Action::Save { data },
             },
@@ -145,11 +146,11 @@ impl Scramjet {
     }
 
     /// A delete, ready for [`Scramjet::apply`].
-    pub fn prepare_delete(&self, entity_type: &str, id: &str) -> Prepared {
+    pub fn prepare_delete(&self, entity_type: &EntityType, id: &EntityId) -> Prepared {
         Prepared::new(
             Inbound {
-                entity_type: entity_type.to_owned(),
-                id: id.to_owned(),
+                entity_type: entity_type.clone(),
+                id: id.clone(),
                 version: None,
                 action: Action::Delete,
             },

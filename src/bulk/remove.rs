@@ -4,6 +4,8 @@ use std::{io::BufRead, time::Instant};
 
 use anyhow::Context;
 
+use crate::domain::entity::{EntityId, EntityType};
+
 use super::{BadRecord, Scramjet, Summary, chunks::chunks_on_a_thread};
 
 impl Scramjet {
@@ -17,11 +19,10 @@ impl Scramjet {
         chunk: usize,
         mut progress: impl FnMut(&Summary),
     ) -> anyhow::Result<Summary> {
-        crate::domain::message::check_type(entity_type).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let entity_type = EntityType::parse(entity_type)?;
         let started = Instant::now();
         let mut summary = Summary::default();
         let this = self.clone();
-        let entity_type_owned = entity_type.to_owned();
         let chunk = chunk.clamp(1, crate::config::MAX_KEYS_PER_TRANSACTION);
         let (reader, mut rx) = chunks_on_a_thread(chunk, move || {
             let mut failed = false;
@@ -43,8 +44,8 @@ impl Scramjet {
                     if id.is_empty() {
                         return None;
                     }
-                    Some(match crate::domain::message::check_id(&id) {
-                        Ok(()) => Ok((line_number, this.prepare_delete(&entity_type_owned, &id))),
+                    Some(match EntityId::parse(id) {
+                        Ok(id) => Ok((line_number, this.prepare_delete(&entity_type, &id))),
                         Err(e) => Err(BadRecord {
                             line: line_number,
                             reason: e.0,

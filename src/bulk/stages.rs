@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 use super::{DEFAULT_CHUNK, Scramjet, Summary, retry_transient};
 use crate::{
     api::filter::Filter,
+    domain::entity::{EntityId, EntityType},
     pipeline::{self, Prepared, PreparedKind},
     store::{self, StoreError, read, stage::Staged},
 };
@@ -22,14 +23,13 @@ impl Scramjet {
         entity_type: &str,
         records: &[(String, Map<String, Value>)],
     ) -> anyhow::Result<u64> {
-        crate::domain::message::check_type(entity_type).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let entity_type = EntityType::parse(entity_type)?;
         let mut written = 0;
         for chunk in records.chunks(DEFAULT_CHUNK) {
             let mut ids = Vec::with_capacity(chunk.len());
             let mut data = Vec::with_capacity(chunk.len());
             for (id, entity) in chunk {
-                crate::domain::message::check_id(id)
-                    .map_err(|e| anyhow::anyhow!("id {id:?}: {e}"))?;
+                EntityId::parse(id.as_str()).map_err(|e| anyhow::anyhow!("id {id:?}: {e}"))?;
                 crate::domain::message::check_data(entity, self.limits)
                     .map_err(|e| anyhow::anyhow!("id {id:?}: {e}"))?;
                 ids.push(id.as_str());
@@ -37,7 +37,7 @@ impl Scramjet {
             }
             let data: Vec<&str> = data.iter().map(String::as_str).collect();
             let client = self.pool.get().await.map_err(StoreError::from)?;
-            written += store::stage::stash(&client, entity_type, &ids, &data).await?;
+            written += store::stage::stash(&client, &entity_type, &ids, &data).await?;
         }
         Ok(written)
     }
@@ -95,7 +95,7 @@ impl Scramjet {
         filter: Option<&Filter>,
         split: impl Fn(Vec<Prepared>, &mut Summary) -> (Vec<Prepared>, Vec<Prepared>),
     ) -> anyhow::Result<Summary> {
-        crate::domain::message::check_type(entity_type).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let entity_type = &EntityType::parse(entity_type)?;
         let started = Instant::now();
         let mut summary = Summary::default();
         let mut after = String::new();
@@ -111,7 +111,7 @@ impl Scramjet {
                 };
                 let keys: Vec<(String, String)> = ids
                     .iter()
-                    .map(|id| (entity_type.to_owned(), id.clone()))
+                    .map(|id| (entity_type.to_string(), id.clone()))
                     .collect();
                 store::batch::lock_keys(&tx, &keys).await?;
                 let rows = store::stage::lock(&tx, entity_type, &ids, state).await?;
@@ -120,6 +120,7 @@ impl Scramjet {
                     .into_iter()
                     .filter_map(|(id, data)| match data {
                         Value::Object(data) => {
+                            let id = EntityId::stored(id);
                             Some(self.prepare_save(entity_type, &id, data, None))
                         }
                         _ => None,

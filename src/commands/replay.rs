@@ -17,8 +17,8 @@ use crate::{
     api::filter::Filter,
     config::Settings,
     domain::canonical,
+    domain::entity::EntityType,
     domain::event::{self, Event, EventFields, Op},
-    domain::message,
     store,
 };
 
@@ -103,7 +103,7 @@ pub struct ReplayRequest {
 
 /// Writes snapshot events for every matching resource; returns how many.
 pub async fn replay(settings: &Settings, req: &ReplayRequest) -> anyhow::Result<u64> {
-    message::check_type(&req.entity_type).map_err(|m| anyhow::anyhow!("--type: {m}"))?;
+    EntityType::parse(req.entity_type.as_str()).map_err(|m| anyhow::anyhow!("--type: {m}"))?;
     anyhow::ensure!(
         req.routing_prefix.len() + req.entity_type.len() + ".snapshot".len() <= 255,
         "--routing-prefix is too long for a routing key"

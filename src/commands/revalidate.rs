@@ -17,6 +17,7 @@ use serde_json::Value;
 use crate::{
     api::filter::Filter,
     config::Settings,
+    domain::entity::{EntityId, EntityType},
     domain::message::{Action, Inbound},
     domain::outcome::Outcome,
     domain::validate::SchemaRegistry,
@@ -131,8 +132,8 @@ async fn page(
         // With the save's own version: a newer one stored meanwhile makes it stale.
         let prepared = Prepared::new(
             Inbound {
-                entity_type: row.entity_type,
-                id: row.id,
+                entity_type: EntityType::stored(row.entity_type),
+                id: EntityId::stored(row.id),
                 version: row.version,
                 action: Action::Save { data },
             },

@@ -16,6 +16,12 @@ pub struct EntityType(String);
 pub struct EntityId(String);
 
 impl EntityType {
+    /// A type name read back from the database: the store holds only names
+    /// that were parsed on their way in, so it is not checked again.
+    pub(crate) fn stored(value: String) -> EntityType {
+        EntityType(value)
+    }
+
     /// Parses a type name, with the reason it is not one.
     pub fn parse(name: impl Into<String>) -> Result<EntityType, Malformed> {
         let name = name.into();
@@ -50,6 +56,12 @@ impl EntityType {
 }
 
 impl EntityId {
+    /// A id read back from the database: the store holds only names
+    /// that were parsed on their way in, so it is not checked again.
+    pub(crate) fn stored(value: String) -> EntityId {
+        EntityId(value)
+    }
+
     /// Parses an id, with the reason it is not one.
     pub fn parse(id: impl Into<String>) -> Result<EntityId, Malformed> {
         let id = id.into();
@@ -118,6 +130,12 @@ macro_rules! string_like {
             }
         }
 
+        impl PartialEq<String> for $name {
+            fn eq(&self, other: &String) -> bool {
+                self.0 == *other
+            }
+        }
+
         impl PartialEq<&str> for $name {
             fn eq(&self, other: &&str) -> bool {
                 self.0 == *other
@@ -147,7 +165,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn type_names_follow_the_contract_pattern() {
+    fn type_names_are_checked_at_the_edges_of_the_pattern() {
         assert!(EntityType::parse("a").is_ok());
         assert!(EntityType::parse("A_b-9").is_ok());
         assert!(EntityType::parse(format!("a{}", "b".repeat(63))).is_ok());
@@ -159,9 +177,10 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_bounded_in_bytes_and_hold_no_nul() {
+    fn ids_are_checked_at_the_edges_of_the_limit() {
         assert!(EntityId::parse("x".repeat(512)).is_ok());
         assert!(EntityId::parse("x".repeat(513)).is_err());
+        // 256 two-byte characters are exactly 512 bytes.
         assert!(EntityId::parse("é".repeat(256)).is_ok());
         assert!(EntityId::parse("é".repeat(257)).is_err());
         assert!(EntityId::parse("").is_err());

@@ -9,7 +9,7 @@ use std::{
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::{config::UnknownTypes, domain::message};
+use crate::{config::UnknownTypes, domain::entity::EntityType};
 
 /// One reason a document does not satisfy its schema.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -145,7 +145,7 @@ impl SchemaRegistry {
             let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
                 continue;
             };
-            if message::check_type(stem).is_err() {
+            if EntityType::parse(stem).is_err() {
                 tracing::warn!(file = %path.display(), "ignoring a schema file whose name is not a valid type name");
                 continue;
             }

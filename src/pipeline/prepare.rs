@@ -6,6 +6,7 @@ use serde_json::Value;
 
 use crate::{
     domain::canonical,
+    domain::entity::{EntityId, EntityType},
     domain::message::{Action, Inbound},
     domain::validate::{Rejection, SchemaRegistry},
     store::batch::Key,
@@ -15,9 +16,9 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct Prepared {
     /// Entity type.
-    pub entity_type: String,
+    pub entity_type: EntityType,
     /// Entity id.
-    pub id: String,
+    pub id: EntityId,
     /// Producer version, if sent.
     pub version: Option<i64>,
     /// The inbound AMQP `correlation_id`, copied onto events.
@@ -81,7 +82,7 @@ impl Prepared {
 
     /// The (type, id) the message is about.
     pub(super) fn key(&self) -> Key {
-        (self.entity_type.clone(), self.id.clone())
+        (self.entity_type.to_string(), self.id.to_string())
     }
 }
 

@@ -29,7 +29,7 @@ use crate::{
     amqp::{self, Link, Outgoing},
     api,
     config::Settings,
-    domain::message,
+    domain::entity::EntityType,
     store::{
         StoreError,
         producer::{OutboxRow, Source},
@@ -398,7 +398,7 @@ pub fn prepare(row: &OutboxRow) -> (String, String, BasicProperties) {
     }
     body.push('}');
     let routing_key = match (row.entity_type.as_deref(), row.action.as_deref()) {
-        (Some(t), Some(a @ ("save" | "delete"))) if message::check_type(t).is_ok() => {
+        (Some(t), Some(a @ ("save" | "delete"))) if EntityType::parse(t).is_ok() => {
             format!("{t}.{a}")
         }
         _ => "invalid".to_owned(),
@@ -426,6 +426,7 @@ pub fn prepare(row: &OutboxRow) -> (String, String, BasicProperties) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::message;
 
     fn row(action: &str, entity_type: &str, id: Option<&str>, data: Option<&str>) -> OutboxRow {
         OutboxRow {

@@ -8,7 +8,7 @@ use super::{
     Condition, Filter, FilterError, MAX_CONDITIONS, MAX_DEPTH, MAX_IN_VALUES, MAX_TEXT_BYTES, Path,
     Test,
 };
-use crate::domain::message;
+use crate::domain::entity::EntityType;
 
 /// Most segments in a field path.
 const MAX_PATH_SEGMENTS: usize = 32;
@@ -153,8 +153,9 @@ impl Parser<'_> {
                     }
                     Kind::Word(entity_type) => {
                         let type_token = self.advance();
-                        message::check_type(&entity_type)
-                            .map_err(|m| self.error_at(&type_token, m.0))?;
+                        let entity_type = EntityType::parse(entity_type)
+                            .map_err(|m| self.error_at(&type_token, m.0))?
+                            .into_string();
                         if depth + 1 > MAX_DEPTH {
                             return Err(self.error_at(
                                 &type_token,
