@@ -34,17 +34,17 @@ use crate::{
 /// How long publisher confirms may take. A blocked broker never sends them
 /// (nor an error); past this the publish counts as failed and the connection
 /// it went over is replaced.
-pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a step that needs no confirm may take — opening a connection and
 /// declaring, an ack, closing a channel or a connection — before the
 /// connection counts as lost.
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a publisher held back by a blocked connection looks again.
-pub const BLOCKED_POLL: Duration = Duration::from_millis(250);
+pub(crate) const BLOCKED_POLL: Duration = Duration::from_millis(250);
 
 /// Opens a connection (one attempt), with the password and CA file from
 /// `settings` when set.
-pub async fn connect(settings: &AmqpSettings) -> anyhow::Result<Connection> {
+pub(crate) async fn connect(settings: &AmqpSettings) -> anyhow::Result<Connection> {
     let shown = redact::url(&settings.url);
     let mut url = settings.url.clone();
     if let Some(password) = settings.password()? {
@@ -76,7 +76,7 @@ pub async fn connect(settings: &AmqpSettings) -> anyhow::Result<Connection> {
 
 /// Connects once and declares the topology, so the inbound queue is bound
 /// before anything is published (an unbound exchange would drop messages).
-pub async fn connect_and_declare(settings: &AmqpSettings) -> anyhow::Result<Connection> {
+pub(crate) async fn connect_and_declare(settings: &AmqpSettings) -> anyhow::Result<Connection> {
     let connection = connect(settings).await?;
     let channel = connection
         .create_channel()
@@ -91,7 +91,7 @@ pub async fn connect_and_declare(settings: &AmqpSettings) -> anyhow::Result<Conn
 /// start-up retries (`startup.*`), then [`check_message_size`] for the
 /// largest message it will publish, `bytes` (the setting `key`), since a
 /// message the broker refuses would be offered again forever.
-pub async fn connect_at_startup(
+pub(crate) async fn connect_at_startup(
     settings: &AmqpSettings,
     startup: &StartupSettings,
     bytes: usize,
@@ -131,7 +131,7 @@ fn queue_type_arguments(s: &AmqpSettings) -> FieldTable {
 
 /// The inbound queue's arguments: its type and single-active-consumer.
 /// The benchmark's ceiling declares its queue with these too.
-pub fn inbound_queue_arguments(s: &AmqpSettings) -> FieldTable {
+pub(crate) fn inbound_queue_arguments(s: &AmqpSettings) -> FieldTable {
     let mut args = queue_type_arguments(s);
     if s.single_active_consumer {
         args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
@@ -204,7 +204,7 @@ async fn declare_bound_queue(
 
 /// A channel in confirm mode.
 #[derive(Clone)]
-pub struct ConfirmPublisher {
+pub(crate) struct ConfirmPublisher {
     /// The channel; `confirm_select` has been called on it.
     channel: Channel,
     /// Its connection's state, to tell a blocked connection from a lost one.
@@ -213,7 +213,7 @@ pub struct ConfirmPublisher {
 
 /// A publishing connection with a confirm-mode channel: what the outbox
 /// publisher and `scramjet relay` publish over, and replace when it fails.
-pub struct Link {
+pub(crate) struct Link {
     /// The connection (its status tells whether it is still up).
     connection: Connection,
     /// Publishes with confirms.
@@ -222,7 +222,7 @@ pub struct Link {
 
 impl Link {
     /// Opens a confirm channel on `connection` (topology already declared).
-    pub async fn open(connection: Connection) -> anyhow::Result<Link> {
+    pub(crate) async fn open(connection: Connection) -> anyhow::Result<Link> {
         let publisher = ConfirmPublisher::open(&connection).await?;
         Ok(Link {
             connection,
@@ -231,30 +231,30 @@ impl Link {
     }
 
     /// The connection, to open more channels on it.
-    pub fn connection(&self) -> &Connection {
+    pub(crate) fn connection(&self) -> &Connection {
         &self.connection
     }
 
     /// The confirm channel.
-    pub fn publisher(&self) -> &ConfirmPublisher {
+    pub(crate) fn publisher(&self) -> &ConfirmPublisher {
         &self.publisher
     }
 
     /// Whether the connection is still up.
-    pub fn is_up(&self) -> bool {
+    pub(crate) fn is_up(&self) -> bool {
         self.connection.status().connected()
     }
 
     /// Closes the connection, and with it its channels (one wait, not one a
     /// channel, on a connection that may not answer), giving up after
     /// [`REPLY_TIMEOUT`] (see [`close_connection`]).
-    pub async fn close(self) {
+    pub(crate) async fn close(self) {
         close_connection(&self.connection).await;
     }
 }
 
 /// One message to publish.
-pub struct Outgoing<'a> {
+pub(crate) struct Outgoing<'a> {
     /// Exchange name.
     pub exchange: &'a str,
     /// Routing key.
@@ -267,7 +267,7 @@ pub struct Outgoing<'a> {
 
 impl ConfirmPublisher {
     /// Opens a channel on `connection` and puts it in confirm mode.
-    pub async fn open(connection: &Connection) -> anyhow::Result<Self> {
+    pub(crate) async fn open(connection: &Connection) -> anyhow::Result<Self> {
         let channel = connection
             .create_channel()
             .await
@@ -285,13 +285,13 @@ impl ConfirmPublisher {
     /// Whether the broker has blocked the connection (`connection.blocked`:
     /// a memory or disk alarm). Nothing published on it goes out until the
     /// broker unblocks it; another connection would be blocked as well.
-    pub fn blocked(&self) -> bool {
+    pub(crate) fn blocked(&self) -> bool {
         self.connection.blocked()
     }
 
     /// Publishes all messages back to back (confirms pipelined), then waits
     /// for every confirm. Succeeds only if the broker acked every one.
-    pub async fn publish_all(&self, messages: Vec<Outgoing<'_>>) -> anyhow::Result<()> {
+    pub(crate) async fn publish_all(&self, messages: Vec<Outgoing<'_>>) -> anyhow::Result<()> {
         let mut confirms = Vec::with_capacity(messages.len());
         for m in messages {
             let confirm = self
@@ -320,7 +320,7 @@ impl ConfirmPublisher {
 
     /// [`publish_all`](Self::publish_all) with a deadline on everything,
     /// the confirms included.
-    pub async fn publish_all_within(
+    pub(crate) async fn publish_all_within(
         &self,
         messages: Vec<Outgoing<'_>>,
         limit: Duration,
@@ -332,7 +332,7 @@ impl ConfirmPublisher {
 
     /// Closes the channel politely, giving up after [`REPLY_TIMEOUT`] (a
     /// blocked connection never answers).
-    pub async fn close(&self) {
+    pub(crate) async fn close(&self) {
         let _ = tokio::time::timeout(REPLY_TIMEOUT, self.channel.close(200, "bye".into())).await;
     }
 }
@@ -350,7 +350,7 @@ impl ConfirmPublisher {
 /// now; the daemon must still start and consume then, so the check is
 /// skipped with a warning. Its own connection keeps that block off the
 /// connections the daemon uses.
-pub async fn check_message_size(
+pub(crate) async fn check_message_size(
     settings: &AmqpSettings,
     bytes: usize,
     key: &str,
@@ -403,13 +403,13 @@ pub async fn check_message_size(
 /// Closes a connection politely, giving up after [`REPLY_TIMEOUT`]: a blocked
 /// connection sends nothing, not even its close. Dropping it then lets the
 /// broker requeue whatever it delivered and was not acked.
-pub async fn close_connection(connection: &Connection) {
+pub(crate) async fn close_connection(connection: &Connection) {
     let _ = tokio::time::timeout(REPLY_TIMEOUT, connection.close(200, "bye".into())).await;
 }
 
 /// Creates the hand-over of the dead-letter channel from the owner of the
 /// publishing connection (the outbox publisher) to the consumer.
-pub fn dead_letter_link() -> (DeadLetterSlot, DeadLetters) {
+pub(crate) fn dead_letter_link() -> (DeadLetterSlot, DeadLetters) {
     let (current, receiver) = watch::channel(None);
     let broken = Arc::new(Notify::new());
     (
@@ -426,7 +426,7 @@ pub fn dead_letter_link() -> (DeadLetterSlot, DeadLetters) {
 
 /// The owner's side: offers the dead-letter channel of each new publishing
 /// connection, and hears when the consumer found it broken.
-pub struct DeadLetterSlot {
+pub(crate) struct DeadLetterSlot {
     /// The channel on offer; `None` while there is no publishing connection.
     current: watch::Sender<Option<ConfirmPublisher>>,
     /// Notified by [`DeadLetters`] when publishing on the offered channel failed.
@@ -435,19 +435,19 @@ pub struct DeadLetterSlot {
 
 impl DeadLetterSlot {
     /// Offers `publisher` (or withdraws the offer, with `None`).
-    pub fn offer(&self, publisher: Option<ConfirmPublisher>) {
+    pub(crate) fn offer(&self, publisher: Option<ConfirmPublisher>) {
         self.current.send_replace(publisher);
     }
 
     /// Completes when the consumer reports the offered channel broken.
-    pub async fn broken(&self) {
+    pub(crate) async fn broken(&self) {
         self.broken.notified().await
     }
 }
 
 /// The consumer's side: publishes dead letters on whatever channel is offered.
 #[derive(Clone)]
-pub struct DeadLetters {
+pub(crate) struct DeadLetters {
     /// The channel on offer.
     current: watch::Receiver<Option<ConfirmPublisher>>,
     /// Tells the owner that the offered channel failed, so it replaces it.
@@ -461,7 +461,7 @@ impl DeadLetters {
     /// would only queue copies that all go out once it unblocks. A channel
     /// that fails is reported to its owner for replacement; a blocked one is
     /// not, since a new connection would be blocked too.
-    pub async fn publish_all(
+    pub(crate) async fn publish_all(
         &self,
         messages: Vec<Outgoing<'_>>,
         limit: Duration,
@@ -496,7 +496,11 @@ impl DeadLetters {
 /// `channel` is no longer open: the consumer must then not commit the batch
 /// in hand, which the broker redelivers. Returns when `lost` is cancelled
 /// (by this watch or by whoever ends the session).
-pub async fn watch_session(connection: &Connection, channel: &Channel, lost: CancellationToken) {
+pub(crate) async fn watch_session(
+    connection: &Connection,
+    channel: &Channel,
+    lost: CancellationToken,
+) {
     let mut events = std::pin::pin!(connection.events_listener());
     // The channel has no event stream of its own: its state is polled.
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
@@ -521,6 +525,6 @@ pub async fn watch_session(connection: &Connection, channel: &Channel, lost: Can
 }
 
 /// Collapses an error text to one line.
-pub fn one_line(s: &str) -> String {
+pub(crate) fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }

@@ -76,9 +76,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line, whatever the chain of causes.
-            let text = format!("{e:#}");
-            eprintln!("scramjet: {}", scramjet::amqp::one_line(&text));
+            eprintln!("scramjet: {}", scramjet::commands::error_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -1,10 +1,10 @@
 //! HTTP: `/healthz` (liveness), `/readyz` (readiness), `/metrics`
 //! (Prometheus), and the read API under `/v1`; for `scramjet relay`, the
-//! first three only ([`producer_router`]). With `http.bearer_token`
+//! first three only (`producer_router`). With `http.bearer_token`
 //! set, everything but `/healthz` and `/readyz` needs
 //! `Authorization: Bearer <token>`.
 //!
-//! The read API runs on a pool of its own ([`ReadApi`]), at most
+//! The read API runs on a pool of its own (`ReadApi`), at most
 //! `http.max_concurrent_queries` requests at once, each statement cancelled
 //! after `http.statement_timeout`: one request more is answered 503 with
 //! `Retry-After` at once, never queued, so slow reads cannot pile up.
@@ -45,7 +45,7 @@ const RETRY_AFTER_SECS: u64 = 1;
 
 /// What the handlers share.
 #[derive(Clone)]
-pub struct HttpState {
+pub(crate) struct HttpState {
     /// For `/readyz`'s ping: the background pool, which the read API cannot
     /// drain, so a busy API never reads as "PostgreSQL down".
     pub pool: Pool,
@@ -61,7 +61,7 @@ pub struct HttpState {
 
 /// What the read API (`/v1/...`) runs on.
 #[derive(Clone)]
-pub struct ReadApi {
+pub(crate) struct ReadApi {
     /// Its own pool; every session has `statement_timeout` set.
     pub pool: Pool,
     /// One permit per request served at once (`http.max_concurrent_queries`).
@@ -75,7 +75,7 @@ pub struct ReadApi {
 impl ReadApi {
     /// The read API over `pool` (built with `http.statement_timeout`), with
     /// the concurrency limit `http` sets.
-    pub fn new(pool: Pool, http: &HttpSettings) -> ReadApi {
+    pub(crate) fn new(pool: Pool, http: &HttpSettings) -> ReadApi {
         let max_concurrent = http.max_concurrent_queries();
         ReadApi {
             pool,
@@ -110,7 +110,11 @@ impl ReadApi {
 
 /// Serves `router` on `listener` until `stop` fires (then finishes the
 /// requests in hand); a failure is logged, never fatal to the process.
-pub async fn serve(listener: tokio::net::TcpListener, router: Router, stop: CancellationToken) {
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    stop: CancellationToken,
+) {
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await;
@@ -120,7 +124,7 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Router, stop: Canc
 }
 
 /// The daemon's router.
-pub fn router(state: HttpState) -> Router {
+pub(crate) fn router(state: HttpState) -> Router {
     let read_api = Router::new()
         .route("/v1/types", get(types))
         .route("/v1/resources/{type}", get(resources))
@@ -232,7 +236,7 @@ fn refuse_without_token(expected: Option<&str>, headers: &HeaderMap) -> Option<R
 
 /// What the endpoints of `scramjet relay` share.
 #[derive(Clone)]
-pub struct ProducerHttpState {
+pub(crate) struct ProducerHttpState {
     /// Connection state, as the relay last saw it.
     pub health: Arc<Connectivity>,
     /// Rendered by `/metrics`.
@@ -243,7 +247,7 @@ pub struct ProducerHttpState {
 
 /// The router of `scramjet relay`: `/healthz`, `/readyz` (source database
 /// and RabbitMQ connected) and `/metrics`.
-pub fn producer_router(state: ProducerHttpState) -> Router {
+pub(crate) fn producer_router(state: ProducerHttpState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(producer_readyz))

@@ -22,6 +22,11 @@ use crate::api::filter::{self, Filter};
 /// and readers see the same target as ever.
 const LOG_TARGET: &str = "scramjet";
 
+/// How a command's error is printed: the whole chain of causes, on one line.
+pub fn error_line(error: &anyhow::Error) -> String {
+    crate::amqp::one_line(&format!("{error:#}"))
+}
+
 /// The `--where` option, parsed.
 fn parse_where(text: Option<&str>) -> anyhow::Result<Option<Filter>> {
     text.map(|t| filter::parse(t).map_err(|e| anyhow::anyhow!("--where: {e}")))

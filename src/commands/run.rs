@@ -7,7 +7,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use super::LOG_TARGET;
-use crate::{config::Settings, daemon::app::App, domain::validate::Schemas};
+use crate::{config::Settings, daemon::App, domain::validate::Schemas};
 
 /// Builds the daemon and runs it until the first SIGTERM or SIGINT.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {

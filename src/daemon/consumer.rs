@@ -40,7 +40,7 @@ use crate::{
 pub const ERROR_HEADER: &str = "x-scramjet-error";
 
 /// Consumes one session's deliveries.
-pub struct Consumer {
+pub(super) struct Consumer {
     /// Settings (batch size, linger, limits, exchange names).
     pub settings: Arc<Settings>,
     /// Applies batches to the database.
@@ -57,7 +57,7 @@ pub struct Consumer {
 
 impl Consumer {
     /// Runs until `stop` (after finishing the batch in hand) or a broker error.
-    pub async fn run(
+    pub(super) async fn run(
         &self,
         mut stream: lapin::Consumer,
         stop: &CancellationToken,

@@ -1,7 +1,11 @@
 //! The daemon, `scramjet run`: one session per broker connection consumes the
 //! inbound queue, hands batches to the [`pipeline`](crate::pipeline), and acks
-//! only what is committed; the [`outbox`](crate::outbox) publisher sends the
+//! only what is committed; the `outbox` publisher sends the
 //! events.
 
-pub mod app;
-pub mod consumer;
+mod app;
+mod consumer;
+
+pub use crate::amqp::declare_topology;
+pub use app::App;
+pub use consumer::ERROR_HEADER;

@@ -6,9 +6,9 @@
 //! a crash or another daemon left), sends the events to the changes exchange,
 //! and deletes only what the broker confirmed.
 
-pub mod publisher;
+pub(crate) mod publisher;
 
-pub use publisher::Publisher;
+pub(crate) use publisher::Publisher;
 
 use std::sync::Arc;
 
@@ -18,17 +18,17 @@ use tokio::sync::{Notify, futures::Notified};
 /// after a commit that wrote events; the publisher waits on it or polls
 /// every second. Clones ring the same bell.
 #[derive(Debug, Clone, Default)]
-pub struct Wake(Arc<Notify>);
+pub(crate) struct Wake(Arc<Notify>);
 
 impl Wake {
     /// Tells the publisher that the outbox has new rows. A ring while the
     /// publisher is busy is kept (one, however many), so none is lost.
-    pub fn notify(&self) {
+    pub(crate) fn notify(&self) {
         self.0.notify_one();
     }
 
     /// Resolves at the next ring (or at once, for one kept since the last wait).
-    pub fn notified(&self) -> Notified<'_> {
+    pub(crate) fn notified(&self) -> Notified<'_> {
         self.0.notified()
     }
 }

@@ -44,7 +44,7 @@ const RETRY_CAP: Duration = Duration::from_secs(5);
 
 /// Why a publishing round failed.
 #[derive(Debug, thiserror::Error)]
-pub enum PublishError {
+pub(crate) enum PublishError {
     /// PostgreSQL failed; the publisher retries by itself.
     #[error(transparent)]
     Database(#[from] StoreError),
@@ -95,7 +95,7 @@ impl Publishing {
 }
 
 /// Publishes the outbox.
-pub struct Publisher {
+pub(crate) struct Publisher {
     /// Database pool.
     pub pool: Pool,
     /// Where to connect; the changes exchange.
@@ -116,7 +116,7 @@ impl Publisher {
     /// Publishes until `stop`, then makes one last flush of at most `flush`.
     /// Failures of either service are retried with backoff, forever: what is
     /// not published stays in the outbox.
-    pub async fn run(self, stop: CancellationToken, flush: Duration) {
+    pub(crate) async fn run(self, stop: CancellationToken, flush: Duration) {
         let mut retry = Retry::new(Backoff::new(RETRY_CAP)).until(&stop);
         let mut link: Option<Publishing> = None;
         while !stop.is_cancelled() {
@@ -240,7 +240,7 @@ impl Publisher {
 
     /// Publishes rounds (one outbox row, i.e. one committed batch, each)
     /// until the outbox is empty; returns how many events went out.
-    pub async fn drain(&self, publisher: &ConfirmPublisher) -> Result<usize, PublishError> {
+    pub(crate) async fn drain(&self, publisher: &ConfirmPublisher) -> Result<usize, PublishError> {
         let mut total = 0;
         loop {
             match self.round(publisher).await? {

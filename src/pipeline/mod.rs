@@ -1,10 +1,10 @@
 //! One batch of well-formed messages → per-message outcomes, in one transaction.
 //!
 //! The batch's effect equals applying its messages one at a time in queue
-//! order (CONTRACT §3): [`plan`] walks them in order against the locked
+//! order (CONTRACT §3): [`plan`](fn@plan) walks them in order against the locked
 //! current rows, keeping the evolving state of each (type, id) in memory, and
 //! yields every message's outcome, the events, and the batch's *net* writes,
-//! which [`crate::store::batch::write`] then performs with one set-based
+//! which `crate::store::batch::write` then performs with one set-based
 //! statement each. A stash-then-clear of a staging row inside one transaction
 //! is invisible to everyone else, so only the net staging change is written.
 //!
@@ -18,12 +18,12 @@
 //!    database refuses message by message.
 //! 3. `transaction`: each attempt claims the message ids, locks the keys
 //!    and reads their rows, plans, then writes in one round trip: the net
-//!    writes ([`crate::store::batch::write`]) and the events appended to the
-//!    outbox ([`crate::store::outbox::append`]), where an event is born.
+//!    writes (`crate::store::batch::write`) and the events appended to the
+//!    outbox (`crate::store::outbox::append`), where an event is born.
 //! 4. `plan`: the pure planner that step 3 calls.
 //!
-//! After the commit the consumer rings [`crate::outbox::Wake`], and the
-//! publisher sends the new events (see [`crate::outbox`]).
+//! After the commit the consumer rings `crate::outbox::Wake`, and the
+//! publisher sends the new events (see `crate::outbox`).
 
 mod plan;
 mod prepare;

@@ -12,7 +12,7 @@ use deadpool_postgres::Transaction;
 use serde_json::Value;
 
 /// (type, id).
-pub type Key = (String, String);
+pub(crate) type Key = (String, String);
 
 /// What the database holds for the keys of a batch, locked until commit.
 #[derive(Debug, Default)]
@@ -112,7 +112,7 @@ pub struct Writes {
 /// What a batch transaction does to prove that its consumer session is
 /// still the one the broker delivers the queue to (see `consumer_epochs`).
 #[derive(Debug, Clone, Copy)]
-pub enum Fence<'a> {
+pub(crate) enum Fence<'a> {
     /// The session's first batch: register a new epoch for `queue`.
     Register(&'a str),
     /// A later batch: read the newest epoch of `queue` under a share lock,
@@ -124,41 +124,42 @@ pub enum Fence<'a> {
 mod sql {
     /// A new epoch; the row lock it takes waits for a batch of the
     /// replaced session that is committing now (it holds the share lock).
-    pub const REGISTER_EPOCH: &str = "INSERT INTO consumer_epochs (queue, epoch) VALUES ($1, 1) \
+    pub(super) const REGISTER_EPOCH: &str = "INSERT INTO consumer_epochs (queue, epoch) VALUES ($1, 1) \
          ON CONFLICT (queue) DO UPDATE \
          SET epoch = consumer_epochs.epoch + 1, registered_at = now() RETURNING epoch";
     /// The share lock keeps a new session from registering until this
     /// batch has committed or rolled back.
-    pub const CHECK_EPOCH: &str = "SELECT epoch FROM consumer_epochs WHERE queue = $1 FOR SHARE";
-    pub const CLAIM: &str = "INSERT INTO inbox (message_id) SELECT unnest($1::text[]) \
+    pub(super) const CHECK_EPOCH: &str =
+        "SELECT epoch FROM consumer_epochs WHERE queue = $1 FOR SHARE";
+    pub(super) const CLAIM: &str = "INSERT INTO inbox (message_id) SELECT unnest($1::text[]) \
          ON CONFLICT (message_id) DO NOTHING RETURNING message_id";
     /// One advisory lock per key, in the order of the lock keys, so that
     /// two transactions with overlapping keys queue instead of deadlocking.
     /// Row locks alone do not cover a key with no row yet: two writers could
     /// both plan a `created` and the second would overwrite the first.
-    pub const LOCK_KEYS: &str = "SELECT count(pg_advisory_xact_lock(k)), txid_current(), \
+    pub(super) const LOCK_KEYS: &str = "SELECT count(pg_advisory_xact_lock(k)), txid_current(), \
            (SELECT system_identifier FROM pg_control_system()), \
            substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) FROM ( \
            SELECT DISTINCT hashtextextended(t || chr(31) || i, 5930) AS k \
            FROM unnest($1::text[], $2::text[]) AS u(t, i) ORDER BY k) AS s";
-    pub const LOCK_ROWS: &str = "SELECT r.type, r.id, r.hash, r.data, r.version, r.canonical \
+    pub(super) const LOCK_ROWS: &str = "SELECT r.type, r.id, r.hash, r.data, r.version, r.canonical \
          FROM resources r \
          JOIN unnest($1::text[], $2::text[]) AS k(type, id) \
            ON r.type = k.type AND r.id = k.id \
          ORDER BY r.type, r.id \
          FOR UPDATE OF r";
-    pub const LOCK_TOMBSTONES: &str = "SELECT t.type, t.id, t.version \
+    pub(super) const LOCK_TOMBSTONES: &str = "SELECT t.type, t.id, t.version \
          FROM tombstones t \
          JOIN unnest($1::text[], $2::text[]) AS k(type, id) \
            ON t.type = k.type AND t.id = k.id \
          ORDER BY t.type, t.id \
          FOR UPDATE OF t";
-    pub const DELETE_RESOURCES: &str = "DELETE FROM resources r \
+    pub(super) const DELETE_RESOURCES: &str = "DELETE FROM resources r \
          USING unnest($1::text[], $2::text[]) AS k(type, id) \
          WHERE r.type = k.type AND r.id = k.id";
     /// `x` says that jsonb would rewrite the text: only then is the text
     /// kept beside it (see `migrations/V5__exact_data.sql`).
-    pub const UPSERT_RESOURCES: &str = "INSERT INTO resources (type, id, hash, data, canonical, version) \
+    pub(super) const UPSERT_RESOURCES: &str = "INSERT INTO resources (type, id, hash, data, canonical, version) \
          SELECT t, i, h, d::jsonb, CASE WHEN x THEN d END, v \
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::bool[]) \
            AS u(t, i, h, d, v, x) \
@@ -167,13 +168,13 @@ mod sql {
              version = excluded.version, updated_at = now()";
     /// Only the version: an unchanged save leaves data, hash and
     /// `updated_at` as they are (CONTRACT §3).
-    pub const UPDATE_VERSIONS: &str = "UPDATE resources r SET version = u.v \
+    pub(super) const UPDATE_VERSIONS: &str = "UPDATE resources r SET version = u.v \
          FROM unnest($1::text[], $2::text[], $3::int8[]) AS u(t, i, v) \
          WHERE r.type = u.t AND r.id = u.i";
-    pub const CLEAR_STAGING: &str = "DELETE FROM staging s \
+    pub(super) const CLEAR_STAGING: &str = "DELETE FROM staging s \
          USING unnest($1::text[], $2::text[]) AS k(type, id) \
          WHERE s.type = k.type AND s.id = k.id";
-    pub const STAGE_INVALID: &str = "INSERT INTO staging \
+    pub(super) const STAGE_INVALID: &str = "INSERT INTO staging \
            (type, id, data, canonical, version, is_valid, to_delete, errors, received_at) \
          SELECT t, i, d::jsonb, CASE WHEN x THEN d END, v, false, false, e::jsonb, now() \
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[], $6::int8[]) \
@@ -182,10 +183,10 @@ mod sql {
          SET data = excluded.data, canonical = excluded.canonical, version = excluded.version, \
              is_valid = false, to_delete = false, \
              errors = excluded.errors, received_at = excluded.received_at";
-    pub const DELETE_TOMBSTONES: &str = "DELETE FROM tombstones t \
+    pub(super) const DELETE_TOMBSTONES: &str = "DELETE FROM tombstones t \
          USING unnest($1::text[], $2::text[]) AS k(type, id) \
          WHERE t.type = k.type AND t.id = k.id";
-    pub const UPSERT_TOMBSTONES: &str = "INSERT INTO tombstones (type, id, version) \
+    pub(super) const UPSERT_TOMBSTONES: &str = "INSERT INTO tombstones (type, id, version) \
          SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) \
          ON CONFLICT (type, id) DO UPDATE \
          SET version = GREATEST(tombstones.version, excluded.version), deleted_at = now()";
@@ -200,7 +201,7 @@ mod sql {
 /// A concurrent transaction claiming the same message id makes this wait for
 /// it, so an id is claimed exactly once. Rows are locked in key order so that
 /// two transactions locking overlapping keys cannot deadlock.
-pub async fn claim_and_lock(
+pub(crate) async fn claim_and_lock(
     tx: &Transaction<'_>,
     fence: Option<Fence<'_>>,
     message_ids: &[&str],
@@ -281,7 +282,7 @@ pub async fn claim_and_lock(
 /// Passes `fence` (when given) and reads the transaction's id and server,
 /// as [`claim_and_lock`] does, for a transaction that then applies its
 /// messages one at a time; the rows of the returned [`Current`] are empty.
-pub async fn pass_fence(
+pub(crate) async fn pass_fence(
     tx: &Transaction<'_>,
     fence: Option<Fence<'_>>,
 ) -> Result<Current, StoreError> {
@@ -293,7 +294,7 @@ pub async fn pass_fence(
 /// Takes the advisory lock of every key in `keys` (as every batch does
 /// first), for callers that lock other rows of these keys before applying
 /// a batch: locking in the same order as the pipeline cannot deadlock.
-pub async fn lock_keys(tx: &Transaction<'_>, keys: &[Key]) -> Result<(), StoreError> {
+pub(crate) async fn lock_keys(tx: &Transaction<'_>, keys: &[Key]) -> Result<(), StoreError> {
     let stmt = tx.prepare_cached(sql::LOCK_KEYS).await?;
     let (types, ids) = split_keys(keys);
     tx.query_one(&stmt, &[&types, &ids]).await?;
@@ -302,7 +303,7 @@ pub async fn lock_keys(tx: &Transaction<'_>, keys: &[Key]) -> Result<(), StoreEr
 
 /// What became of a transaction, by its id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TransactionStatus {
+pub(crate) enum TransactionStatus {
     /// It committed.
     Committed,
     /// It rolled back (or PostgreSQL no longer knows it, which takes
@@ -315,7 +316,7 @@ pub enum TransactionStatus {
 /// `txid_status(xid)`: whether a transaction committed, for a COMMIT whose
 /// reply never arrived, and the server that answers (the answer holds only
 /// if that is the server the transaction ran on).
-pub async fn transaction_status(
+pub(crate) async fn transaction_status(
     client: &deadpool_postgres::Client,
     xid: i64,
 ) -> Result<(TransactionStatus, ServerId), StoreError> {
@@ -361,7 +362,7 @@ async fn execute_unless(
 /// (the statements are prepared by then, after the first batch), so a
 /// statement joined after this one, such as [`super::outbox::append`],
 /// shares the round trip.
-pub async fn write(tx: &Transaction<'_>, writes: &Writes) -> Result<(), StoreError> {
+pub(crate) async fn write(tx: &Transaction<'_>, writes: &Writes) -> Result<(), StoreError> {
     // Prepare first (cached after the first batch), so that no statement
     // waits on a prepare while a later one is already sent: order matters
     // (deletes before upserts of the same keys).

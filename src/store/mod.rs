@@ -4,13 +4,13 @@
 //! here (and in the expressions [`crate::api::filter`] renders for the statements
 //! here to embed), and every value goes in as a parameter.
 
-pub mod batch;
-pub mod outbox;
-pub mod producer;
-pub mod read;
-pub mod retention;
-pub mod stage;
-pub mod sync;
+pub(crate) mod batch;
+pub(crate) mod outbox;
+pub(crate) mod producer;
+pub(crate) mod read;
+pub(crate) mod retention;
+pub(crate) mod stage;
+pub(crate) mod sync;
 
 use std::{str::FromStr, time::Duration};
 
@@ -149,7 +149,7 @@ impl StoreError {
 /// Sorts a SQLSTATE into whose fault it is: `None` for the data's (only
 /// data exceptions, class 22, integrity violations, 23, and program limits,
 /// 54, belong to the data of one statement), else the environment's cause.
-pub fn classify(code: &SqlState) -> Option<Cause> {
+pub(crate) fn classify(code: &SqlState) -> Option<Cause> {
     let code = code.code();
     let class = &code[..2];
     Some(match (class, code) {
@@ -194,7 +194,7 @@ impl From<deadpool_postgres::PoolError> for StoreError {
 }
 
 /// One line describing a database error, with the server's message when there is one.
-pub fn db_error_text(e: &tokio_postgres::Error) -> String {
+pub(crate) fn db_error_text(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} ({}): {}", db.message(), db.code().code(), db.severity()),
         None => match std::error::Error::source(e) {
@@ -206,7 +206,7 @@ pub fn db_error_text(e: &tokio_postgres::Error) -> String {
 }
 
 /// The connection settings and TLS connector `postgres.*` describe.
-pub fn pg_config(
+pub(crate) fn pg_config(
     settings: &PostgresSettings,
 ) -> anyhow::Result<(tokio_postgres::Config, MakeRustlsConnect)> {
     let (url, mode) = tls::split_sslmode(&settings.url);
@@ -282,7 +282,7 @@ fn exact_data<T: From<Value>>(jsonb: T, canonical: Option<String>) -> Result<T, 
 /// Connects once, creates the database if missing, runs migrations, and builds
 /// one pool of `postgres.pool_size` (what the commands and the library use).
 /// Retries the first connection as `startup` says.
-pub async fn connect(settings: &Settings) -> anyhow::Result<Pool> {
+pub(crate) async fn connect(settings: &Settings) -> anyhow::Result<Pool> {
     let (config, tls) = prepare(settings).await?;
     build_pool(config, tls, settings.postgres.pool_size)
 }
@@ -291,7 +291,7 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<Pool> {
 /// creating or changing anything: for commands that only read and write rows
 /// (`status`, `replay`), so they need no DDL rights. A database whose schema
 /// is older than this build's is refused with a line saying so.
-pub async fn connect_migrated(settings: &Settings) -> anyhow::Result<Pool> {
+pub(crate) async fn connect_migrated(settings: &Settings) -> anyhow::Result<Pool> {
     let shown = redact::url(&settings.postgres.url);
     let (config, tls) = pg_config(&settings.postgres)?;
     let client = connect_one(&config, &tls)
@@ -347,7 +347,7 @@ pub async fn connect_migrated(settings: &Settings) -> anyhow::Result<Pool> {
 /// the read API does (a slow filter, many clients) never makes the pipeline,
 /// the outbox publisher, the gauges or `/readyz` wait for a connection.
 #[derive(Clone)]
-pub struct Pools {
+pub(crate) struct Pools {
     /// The pipeline's: 2, the batch transaction's and one for
     /// `Pipeline::settle` to look up a lost COMMIT, so that the pipeline
     /// never waits on itself.
@@ -373,7 +373,7 @@ const _: () =
 
 impl Pools {
     /// Prepares the database as [`connect`] does and builds the daemon's pools.
-    pub async fn connect(settings: &Settings) -> anyhow::Result<Pools> {
+    pub(crate) async fn connect(settings: &Settings) -> anyhow::Result<Pools> {
         let (config, tls) = prepare(settings).await?;
         let background = settings
             .postgres
@@ -399,7 +399,7 @@ impl Pools {
     }
 
     /// Closes every pool.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         for pool in [
             &self.pipeline,
             &self.publisher,
@@ -498,7 +498,7 @@ async fn prepare_database(
 }
 
 /// Runs pending migrations (used by `scramjet migrate` and at start).
-pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+pub(crate) async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     connect(settings).await.map(drop)
 }
 
@@ -535,12 +535,12 @@ async fn connect_one(
 }
 
 /// Quotes an SQL identifier: wraps it in `"` and doubles any `"` inside.
-pub fn quote_ident(name: &str) -> String {
+pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// Whether the database answers a trivial query within `timeout`.
-pub async fn ping(pool: &Pool, timeout: Duration) -> bool {
+pub(crate) async fn ping(pool: &Pool, timeout: Duration) -> bool {
     let check = async {
         let client = pool.get().await.ok()?;
         client.simple_query("SELECT 1").await.ok()

@@ -15,7 +15,7 @@ const RELAY_LOCK: i64 = 0x5c7a_3e70_0002;
 
 /// An event read from the outbox.
 #[derive(Debug)]
-pub struct Pending {
+pub(crate) struct Pending {
     /// The event's id (AMQP `message_id`).
     pub event_id: Uuid,
     /// `<type>.<op>`.
@@ -31,7 +31,7 @@ const INSERT: &str = "INSERT INTO outbox \
      (event_ids, routing_keys, payloads, correlation_ids) VALUES ($1, $2, $3, $4)";
 
 /// Writes `events` as one outbox row (they are published in this order).
-pub async fn insert(tx: &Transaction<'_>, events: &[Event]) -> Result<(), StoreError> {
+pub(crate) async fn insert(tx: &Transaction<'_>, events: &[Event]) -> Result<(), StoreError> {
     let stmt = tx.prepare_cached(INSERT).await?;
     insert_row(tx, &stmt, events).await
 }
@@ -41,7 +41,7 @@ pub async fn insert(tx: &Transaction<'_>, events: &[Event]) -> Result<(), StoreE
 /// when its change is committed; no row when the batch has none. Joined after
 /// [`super::batch::write`], its request goes out with the batch's other
 /// statements: no round trip of its own.
-pub async fn append(tx: &Transaction<'_>, events: &[Event]) -> Result<(), StoreError> {
+pub(crate) async fn append(tx: &Transaction<'_>, events: &[Event]) -> Result<(), StoreError> {
     // Prepared even when there is nothing to append, as every statement of
     // a batch is: the first batch on a connection prepares them all at once.
     let stmt = tx.prepare_cached(INSERT).await?;
@@ -79,7 +79,7 @@ async fn insert_row(
 /// saves a disk flush per round.
 ///
 /// Also returns how long the row waited in the outbox, in seconds.
-pub async fn take_oldest(tx: &Transaction<'_>) -> Result<(Vec<Pending>, f64), StoreError> {
+pub(crate) async fn take_oldest(tx: &Transaction<'_>) -> Result<(Vec<Pending>, f64), StoreError> {
     let (relaxed, lock, take) = futures_util::try_join!(
         tx.prepare_cached("SET LOCAL synchronous_commit = off"),
         tx.prepare_cached("SELECT pg_advisory_xact_lock($1)"),

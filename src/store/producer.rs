@@ -55,7 +55,7 @@ struct Statements {
 }
 
 /// A connection to the source database, listening on the notify channel.
-pub struct Source {
+pub(crate) struct Source {
     /// The client; its connection is driven by `driver`.
     client: Client,
     /// Prepared statements.
@@ -73,7 +73,10 @@ impl Source {
     /// Connects (one attempt), `LISTEN`s on the notify channel and prepares
     /// the statements; every notification then calls `wake.notify_one()`.
     /// Fails when the outbox table does not exist.
-    pub async fn connect(settings: &RelaySettings, wake: Arc<Notify>) -> anyhow::Result<Source> {
+    pub(crate) async fn connect(
+        settings: &RelaySettings,
+        wake: Arc<Notify>,
+    ) -> anyhow::Result<Source> {
         let postgres = settings.source()?;
         let shown = redact::url(&postgres.url);
         let (config, tls) = pg_config(&postgres)?;
@@ -161,12 +164,12 @@ impl Source {
     }
 
     /// Whether the connection is gone (the relay then reconnects).
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.client.is_closed()
     }
 
     /// Rows waiting in the outbox.
-    pub async fn pending(&self) -> Result<i64, StoreError> {
+    pub(crate) async fn pending(&self) -> Result<i64, StoreError> {
         Ok(self
             .client
             .query_one(&self.statements.count, &[])
@@ -176,7 +179,7 @@ impl Source {
 
     /// Starts a relay transaction, first trying for the relay lock unless
     /// this session holds it already.
-    pub async fn begin(&mut self) -> Result<Batch<'_>, StoreError> {
+    pub(crate) async fn begin(&mut self) -> Result<Batch<'_>, StoreError> {
         let Source {
             client,
             statements,
@@ -207,7 +210,7 @@ impl Drop for Source {
 /// One relay transaction: take rows, (publish them,) delete them, commit.
 /// Dropped without [`Batch::delete_and_commit`], it rolls back and the rows
 /// stay for the next round.
-pub struct Batch<'a> {
+pub(crate) struct Batch<'a> {
     /// The open transaction.
     tx: Transaction<'a>,
     /// The connection's statements.
@@ -223,7 +226,7 @@ impl Batch<'_> {
     /// The commit of the delete does not wait for the WAL flush: should the
     /// source server lose it in a crash, the rows come back and are published
     /// again with their `message_id`, which the daemon drops as duplicates.
-    pub async fn take(&self, limit: i64) -> Result<Option<Vec<OutboxRow>>, StoreError> {
+    pub(crate) async fn take(&self, limit: i64) -> Result<Option<Vec<OutboxRow>>, StoreError> {
         if !self.active {
             return Ok(None);
         }
@@ -251,14 +254,14 @@ impl Batch<'_> {
     }
 
     /// Deletes the rows (the broker has confirmed them) and commits.
-    pub async fn delete_and_commit(self, seqs: &[i64]) -> Result<(), StoreError> {
+    pub(crate) async fn delete_and_commit(self, seqs: &[i64]) -> Result<(), StoreError> {
         self.tx.execute(&self.statements.delete, &[&seqs]).await?;
         self.tx.commit().await?;
         Ok(())
     }
 
     /// Gives the rows back (nothing was published, or not all was confirmed).
-    pub async fn rollback(self) -> Result<(), StoreError> {
+    pub(crate) async fn rollback(self) -> Result<(), StoreError> {
         self.tx.rollback().await?;
         Ok(())
     }

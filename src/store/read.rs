@@ -31,7 +31,7 @@ pub struct Resource {
 
 /// A rejected row kept in `staging`.
 #[derive(Debug)]
-pub struct Rejected {
+pub(crate) struct Rejected {
     /// Entity id.
     pub id: String,
     /// The rejected document, exactly as it was sent.
@@ -44,7 +44,7 @@ pub struct Rejected {
 
 /// Counts for one type.
 #[derive(Debug)]
-pub struct TypeCounts {
+pub(crate) struct TypeCounts {
     /// Entity type.
     pub entity_type: String,
     /// Rows in `resources`.
@@ -66,7 +66,7 @@ fn resource(row: &tokio_postgres::Row) -> Result<Resource, StoreError> {
 }
 
 /// One resource, if stored.
-pub async fn resource_by_id(
+pub(crate) async fn resource_by_id(
     pool: &Pool,
     entity_type: &str,
     id: &str,
@@ -90,7 +90,7 @@ pub async fn resource_by_id(
 /// changed at or after `updated_since` when given, matching `filter` when
 /// given. Paging by id is stable: rows added or changed meanwhile never
 /// shift the pages.
-pub async fn resources_page(
+pub(crate) async fn resources_page(
     pool: &Pool,
     entity_type: &str,
     after: Option<&str>,
@@ -109,7 +109,7 @@ pub async fn resources_page(
 
 /// Like [`resources_page`] inside `tx`, the rows locked `FOR SHARE` so that
 /// no change to them commits before the transaction does.
-pub async fn lock_resources_page(
+pub(crate) async fn lock_resources_page(
     tx: &deadpool_postgres::Transaction<'_>,
     entity_type: &str,
     after: Option<&str>,
@@ -179,7 +179,7 @@ async fn query(
 }
 
 /// Up to `limit` rejected staging rows of a type with ids after `after`.
-pub async fn rejected_page(
+pub(crate) async fn rejected_page(
     pool: &Pool,
     entity_type: &str,
     after: Option<&str>,
@@ -210,7 +210,7 @@ pub async fn rejected_page(
 
 /// A rejected staging row as `revalidate` needs it.
 #[derive(Debug)]
-pub struct Staged {
+pub(crate) struct Staged {
     /// Entity type.
     pub entity_type: String,
     /// Entity id.
@@ -224,7 +224,7 @@ pub struct Staged {
 /// Locks (`FOR UPDATE`) and returns up to `limit` rejected staging rows, of
 /// one type or all, after the key `after`, in key order; only those whose
 /// `id` and `data` match `filter` when given.
-pub async fn lock_rejected(
+pub(crate) async fn lock_rejected(
     tx: &deadpool_postgres::Transaction<'_>,
     entity_type: Option<&str>,
     after: Option<&(String, String)>,
@@ -265,7 +265,7 @@ pub async fn lock_rejected(
 }
 
 /// Counts per type, in `resources` and among rejected staging rows.
-pub async fn type_counts(pool: &Pool) -> Result<Vec<TypeCounts>, StoreError> {
+pub(crate) async fn type_counts(pool: &Pool) -> Result<Vec<TypeCounts>, StoreError> {
     let client = pool.get().await?;
     let stmt = client
         .prepare_cached(
@@ -291,7 +291,7 @@ pub async fn type_counts(pool: &Pool) -> Result<Vec<TypeCounts>, StoreError> {
 }
 
 /// Rows in the outbox, and rejected staging rows per type (for the gauges).
-pub async fn backlog(pool: &Pool) -> Result<(i64, Vec<(String, i64)>), StoreError> {
+pub(crate) async fn backlog(pool: &Pool) -> Result<(i64, Vec<(String, i64)>), StoreError> {
     let client = pool.get().await?;
     let (outbox, invalid) = futures_util::try_join!(
         client.prepare_cached("SELECT count(*) FROM outbox"),

@@ -13,7 +13,7 @@ const CHUNK: i64 = 5_000;
 
 /// Deletes `inbox` rows older than `message_ids` and tombstones older than
 /// `tombstones`. Returns how many of each went.
-pub async fn prune(
+pub(crate) async fn prune(
     pool: &Pool,
     message_ids: Duration,
     tombstones: Duration,

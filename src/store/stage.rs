@@ -10,7 +10,7 @@ use crate::api::filter::{Filter, SqlParams};
 
 /// Which staging rows a stage works on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Staged {
+pub(crate) enum Staged {
     /// Stashed, not validated yet (`is_valid` NULL).
     Unvalidated,
     /// Validated and valid, not trajected yet (`is_valid` true).
@@ -28,7 +28,7 @@ impl Staged {
 
 /// Upserts records (`data`: canonical texts) into `staging` as stashed: `is_valid` and `errors`
 /// NULL. A row already there (a rejected one, say) is replaced.
-pub async fn stash(
+pub(crate) async fn stash(
     client: &Client,
     entity_type: &str,
     ids: &[&str],
@@ -59,7 +59,7 @@ pub async fn stash(
 /// Up to `limit` ids of staging rows of `entity_type` in `state`, matching
 /// `filter`, after `after`, in id order. Not locked: the caller takes the
 /// keys' advisory locks, then [`lock`]s the rows.
-pub async fn page_ids(
+pub(crate) async fn page_ids(
     tx: &Transaction<'_>,
     entity_type: &str,
     state: Staged,
@@ -87,7 +87,7 @@ pub async fn page_ids(
 
 /// Locks (`FOR UPDATE`) the staging rows `ids` that are still in `state`
 /// and returns their data, in id order.
-pub async fn lock(
+pub(crate) async fn lock(
     tx: &Transaction<'_>,
     entity_type: &str,
     ids: &[String],
@@ -113,7 +113,7 @@ pub async fn lock(
 }
 
 /// Marks the staging rows `ids` valid.
-pub async fn mark_valid(
+pub(crate) async fn mark_valid(
     tx: &Transaction<'_>,
     entity_type: &str,
     ids: &[&str],

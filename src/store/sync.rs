@@ -11,7 +11,7 @@ use super::StoreError;
 use crate::api::filter::{Filter, SqlParams};
 
 /// Creates (or empties) the session's table of seen ids.
-pub async fn begin_seen(client: &Client) -> Result<(), StoreError> {
+pub(crate) async fn begin_seen(client: &Client) -> Result<(), StoreError> {
     client
         .batch_execute(
             "CREATE TEMPORARY TABLE IF NOT EXISTS scramjet_seen (id text PRIMARY KEY); \
@@ -22,7 +22,7 @@ pub async fn begin_seen(client: &Client) -> Result<(), StoreError> {
 }
 
 /// Drops the session's table of seen ids, so the pooled connection goes back clean.
-pub async fn end_seen(client: &Client) -> Result<(), StoreError> {
+pub(crate) async fn end_seen(client: &Client) -> Result<(), StoreError> {
     client
         .batch_execute("DROP TABLE IF EXISTS pg_temp.scramjet_seen")
         .await?;
@@ -30,7 +30,7 @@ pub async fn end_seen(client: &Client) -> Result<(), StoreError> {
 }
 
 /// Records `ids` as seen.
-pub async fn add_seen(client: &Client, ids: &[&str]) -> Result<(), StoreError> {
+pub(crate) async fn add_seen(client: &Client, ids: &[&str]) -> Result<(), StoreError> {
     if ids.is_empty() {
         return Ok(());
     }
@@ -51,13 +51,13 @@ pub async fn add_seen(client: &Client, ids: &[&str]) -> Result<(), StoreError> {
 /// `clock_timestamp()` taken under the key locks precedes its COMMIT by as
 /// long as the rest of the batch takes (docs/bulk.md).
 #[derive(Debug, Clone)]
-pub struct Began {
+pub(crate) struct Began {
     /// `pg_current_snapshot()` as text (`xmin:xmax:xip,…`).
     snapshot: String,
 }
 
 /// The sync's start: the snapshot of what has committed by now.
-pub async fn began(client: &Client) -> Result<Began, StoreError> {
+pub(crate) async fn began(client: &Client) -> Result<Began, StoreError> {
     let row = client
         .query_one("SELECT pg_current_snapshot()::text", &[])
         .await?;
@@ -110,7 +110,7 @@ fn unseen(
 }
 
 /// Counts the resources in the scope of a sync.
-pub async fn count_scope(
+pub(crate) async fn count_scope(
     client: &Client,
     entity_type: &str,
     filter: Option<&Filter>,
@@ -127,7 +127,7 @@ pub async fn count_scope(
 }
 
 /// Counts the resources a sync would delete.
-pub async fn count_unseen(
+pub(crate) async fn count_unseen(
     client: &Client,
     entity_type: &str,
     filter: Option<&Filter>,
@@ -148,7 +148,7 @@ pub async fn count_unseen(
 /// order after `after`. The condition is checked again on rows changed
 /// while this waited for their lock, so a row updated meanwhile is skipped
 /// (and a page may come back short: only an empty one ends the step).
-pub async fn lock_unseen_page(
+pub(crate) async fn lock_unseen_page(
     tx: &Transaction<'_>,
     entity_type: &str,
     filter: Option<&Filter>,

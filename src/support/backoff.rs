@@ -4,14 +4,14 @@ use std::time::Duration;
 
 /// `delay` scaled by a random factor in [0.5, 1.0], so that many clients
 /// retrying after one outage do not return in lockstep.
-pub fn jitter(delay: Duration) -> Duration {
+pub(crate) fn jitter(delay: Duration) -> Duration {
     delay.mul_f64(rand::random_range(0.5..=1.0))
 }
 
 /// Capped exponential backoff: 250 ms doubling to `cap`, with jitter (or
 /// from another first delay, or without jitter: see the constructors).
 #[derive(Debug)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     /// The first delay, and the one after a reset.
     first: Duration,
     /// The next delay before jitter.
@@ -24,13 +24,13 @@ pub struct Backoff {
 
 impl Backoff {
     /// A backoff that starts at 250 ms and grows to `cap`.
-    pub fn new(cap: Duration) -> Self {
+    pub(crate) fn new(cap: Duration) -> Self {
         Self::starting_at(Duration::from_millis(250), cap)
     }
 
     /// A backoff that starts at `first` and grows to `cap` (`first` itself
     /// is not capped: it is what the caller asked for).
-    pub fn starting_at(first: Duration, cap: Duration) -> Self {
+    pub(crate) fn starting_at(first: Duration, cap: Duration) -> Self {
         Self {
             first,
             next: first,
@@ -41,7 +41,7 @@ impl Backoff {
 
     /// The same delays, exact: for the start-up retries, which have always
     /// waited exactly what `startup.connect_backoff_ms` says.
-    pub fn without_jitter(self) -> Self {
+    pub(crate) fn without_jitter(self) -> Self {
         Self {
             jitter: false,
             ..self
@@ -49,14 +49,14 @@ impl Backoff {
     }
 
     /// The delay to wait now; the next one is twice as long (up to the cap).
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let d = self.next;
         self.next = (self.next * 2).min(self.cap);
         if self.jitter { jitter(d) } else { d }
     }
 
     /// Starts again from the first delay (after a success).
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = self.first;
     }
 }

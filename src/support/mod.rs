@@ -1,7 +1,7 @@
 //! Small pieces shared by the daemon and the commands.
 
-pub mod backoff;
-pub mod panic;
-pub mod redact;
-pub mod retry;
-pub mod tls;
+pub(crate) mod backoff;
+pub(crate) mod panic;
+pub(crate) mod redact;
+pub(crate) mod retry;
+pub(crate) mod tls;

@@ -2,7 +2,7 @@
 
 /// `url` with any password replaced by `***`. Works for URLs
 /// (`scheme://user:pass@host/…`) and libpq key=value strings (`password=…`).
-pub fn url(raw: &str) -> String {
+pub(crate) fn url(raw: &str) -> String {
     if let Ok(mut parsed) = url::Url::parse(raw)
         && parsed.has_host()
     {

@@ -38,7 +38,7 @@ const STARTUP_CAP: Duration = Duration::from_secs(10);
 /// A backoff that sleeps, stops on a token, and may give up after so many
 /// attempts.
 #[derive(Debug)]
-pub struct Retry {
+pub(crate) struct Retry {
     /// The delays.
     backoff: Backoff,
     /// Cuts every wait short when cancelled; `None`: nothing does.
@@ -51,7 +51,7 @@ pub struct Retry {
 
 /// What [`Retry::failed`] is about to wait, for the caller's log line.
 #[derive(Debug, Clone, Copy)]
-pub struct Pause {
+pub(crate) struct Pause {
     /// Which attempt just failed, from 1 (since the last success).
     pub attempt: u32,
     /// How long the next attempt waits.
@@ -60,14 +60,14 @@ pub struct Pause {
 
 impl Pause {
     /// The delay in milliseconds, as the log lines give it (`retry_in_ms`).
-    pub fn retry_in_ms(&self) -> u64 {
+    pub(crate) fn retry_in_ms(&self) -> u64 {
         self.delay.as_millis() as u64
     }
 }
 
 /// Why [`Retry::run`] stopped without a success.
 #[derive(Debug)]
-pub struct GaveUp<E> {
+pub(crate) struct GaveUp<E> {
     /// The last failure.
     pub error: E,
     /// How many attempts failed.
@@ -76,7 +76,7 @@ pub struct GaveUp<E> {
 
 impl Retry {
     /// Retries forever with `backoff`, until a token is added with [`Retry::until`].
-    pub fn new(backoff: Backoff) -> Retry {
+    pub(crate) fn new(backoff: Backoff) -> Retry {
         Retry {
             backoff,
             stop: None,
@@ -88,14 +88,14 @@ impl Retry {
     /// The start-up policy: `startup.connect_attempts` attempts,
     /// `startup.connect_backoff_ms` before the second, doubling to 10 s, not
     /// jittered (one process starting alone has no herd to spread).
-    pub fn startup(settings: &StartupSettings) -> Retry {
+    pub(crate) fn startup(settings: &StartupSettings) -> Retry {
         let first = Duration::from_millis(settings.connect_backoff_ms);
         Retry::new(Backoff::starting_at(first, STARTUP_CAP).without_jitter())
             .at_most(settings.connect_attempts)
     }
 
     /// Stops waiting, and retrying, once `stop` is cancelled.
-    pub fn until(self, stop: &CancellationToken) -> Retry {
+    pub(crate) fn until(self, stop: &CancellationToken) -> Retry {
         Retry {
             stop: Some(stop.clone()),
             ..self
@@ -103,7 +103,7 @@ impl Retry {
     }
 
     /// Gives up once `attempts` attempts in a row have failed.
-    pub fn at_most(self, attempts: u32) -> Retry {
+    pub(crate) fn at_most(self, attempts: u32) -> Retry {
         Retry {
             limit: Some(attempts),
             ..self
@@ -112,7 +112,7 @@ impl Retry {
 
     /// A success: the next failure waits the smallest delay again, and
     /// counts from attempt 1.
-    pub fn succeeded(&mut self) {
+    pub(crate) fn succeeded(&mut self) {
         self.backoff.reset();
         self.failures = 0;
     }
@@ -121,7 +121,7 @@ impl Retry {
     /// `report` with the wait to come (to log it), then waits it out.
     /// Returns whether to try again: `false` when the attempts ran out (no
     /// report, no wait) or `stop` fired during the wait.
-    pub async fn failed(&mut self, report: impl FnOnce(Pause)) -> bool {
+    pub(crate) async fn failed(&mut self, report: impl FnOnce(Pause)) -> bool {
         self.failures += 1;
         if self.limit.is_some_and(|limit| self.failures >= limit) {
             return false;
@@ -135,7 +135,7 @@ impl Retry {
     }
 
     /// Waits `delay` (as it is: no backoff); `false` when `stop` fired first.
-    pub async fn wait(&self, delay: Duration) -> bool {
+    pub(crate) async fn wait(&self, delay: Duration) -> bool {
         match &self.stop {
             None => {
                 tokio::time::sleep(delay).await;
@@ -152,7 +152,7 @@ impl Retry {
     /// Runs `op` until it succeeds, calling `report` with each failure that
     /// is retried (see [`Retry::failed`]); gives up with the last failure
     /// when the attempts run out or `stop` fires.
-    pub async fn run<T, E>(
+    pub(crate) async fn run<T, E>(
         &mut self,
         mut op: impl AsyncFnMut() -> Result<T, E>,
         mut report: impl FnMut(&E, Pause),

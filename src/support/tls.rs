@@ -32,7 +32,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// libpq's `sslmode`, as far as it concerns certificates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
+pub(crate) enum SslMode {
     /// `disable`, `allow`, `prefer` or `require`: whatever tokio-postgres does.
     Plain,
     /// `verify-ca`: the chain must lead to a trusted root.
@@ -43,7 +43,7 @@ pub enum SslMode {
 
 /// Splits the verifying `sslmode`s out of a connection string (URL or
 /// key=value), replacing them with `require`, which tokio-postgres understands.
-pub fn split_sslmode(url: &str) -> (String, SslMode) {
+pub(crate) fn split_sslmode(url: &str) -> (String, SslMode) {
     for (text, mode) in [
         ("sslmode=verify-full", SslMode::VerifyFull),
         ("sslmode=verify-ca", SslMode::VerifyCa),
@@ -60,7 +60,7 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// PEM certificates from `path`.
-pub fn read_certificates(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+pub(crate) fn read_certificates(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let pem =
         std::fs::read(path).with_context(|| format!("cannot read CA file {}", path.display()))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
@@ -96,7 +96,7 @@ fn roots(ca_file: Option<&Path>) -> anyhow::Result<RootCertStore> {
 }
 
 /// The TLS connector for PostgreSQL connections.
-pub fn postgres_connector(
+pub(crate) fn postgres_connector(
     mode: SslMode,
     ca_file: Option<&Path>,
 ) -> anyhow::Result<MakeRustlsConnect> {

@@ -112,7 +112,7 @@ pub struct Metrics {
     pub connected: IntGaugeVec,
     /// Reconnections, by service.
     pub reconnects: IntCounterVec,
-    /// Outages begun, by service and reason (see [`crate::store::Cause`]).
+    /// Outages begun, by service and reason (see `crate::store::Cause`).
     pub outages: IntCounterVec,
 }
 

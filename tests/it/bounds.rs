@@ -21,11 +21,12 @@ const LIST_SCHEMA: &str = r#"{
 
 /// The `x-scramjet-error` header of a dead letter.
 fn dead_letter_reason(d: &lapin::message::Delivery) -> String {
-    match d.properties.headers().as_ref().and_then(|h| {
-        h.inner()
-            .get(scramjet::daemon::consumer::ERROR_HEADER)
-            .cloned()
-    }) {
+    match d
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(scramjet::daemon::ERROR_HEADER).cloned())
+    {
         Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
         other => panic!("no error header: {other:?}"),
     }
@@ -231,7 +232,7 @@ async fn a_max_event_bytes_the_broker_would_refuse_stops_the_start() {
     // RabbitMQ's default max_message_size is 128 MiB (16 MiB from 4.0).
     settings.limits.max_event_bytes = 128 * 1024 * 1024 + 1;
     let started = std::time::Instant::now();
-    let error = match scramjet::daemon::app::App::build(settings).await {
+    let error = match scramjet::daemon::App::build(settings).await {
         Ok(_) => panic!("started with events the broker would refuse"),
         Err(e) => format!("{e:#}"),
     };

@@ -15,7 +15,7 @@ use lapin::{
     },
     types::FieldTable,
 };
-use scramjet::{config::Settings, daemon::app::App};
+use scramjet::{config::Settings, daemon::App};
 use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -297,7 +297,7 @@ pub async fn watch_changes(amqp: &Connection, settings: &Settings, queue: &str) 
 /// Declares the topology exactly as the daemon does (same arguments), so the
 /// test can bind and publish before the daemon runs.
 pub async fn declare_like_the_daemon(channel: &Channel, settings: &Settings) {
-    scramjet::amqp::declare_topology(channel, &settings.amqp)
+    scramjet::daemon::declare_topology(channel, &settings.amqp)
         .await
         .unwrap();
     // Make sure the exchange kinds are what the contract says (declare is idempotent).

@@ -5,7 +5,7 @@ use lapin::{
     BasicProperties,
     types::{AMQPValue, FieldTable, ShortString},
 };
-use scramjet::daemon::consumer::ERROR_HEADER;
+use scramjet::daemon::ERROR_HEADER;
 
 use crate::helpers::*;
 

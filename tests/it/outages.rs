@@ -446,7 +446,11 @@ async fn a_session_another_consumer_took_over_from_cannot_commit_even_unaware_of
     };
     use tokio_util::sync::CancellationToken;
     let app = spawn_app().await;
-    let pool = scramjet::store::connect(&app.settings).await.unwrap();
+    let pool = scramjet::bulk::Scramjet::connect(&app.settings)
+        .await
+        .unwrap()
+        .pool()
+        .clone();
     let schemas = SchemaRegistry::load(app.schema_dir.path(), UnknownTypes::Accept, 100).unwrap();
     let metrics = Metrics::new();
     let health = std::sync::Arc::new(Health::new(&metrics));

@@ -4,7 +4,7 @@
 //! dead-lettered, naming the property, and the messages behind it go on.
 
 use lapin::types::AMQPValue;
-use scramjet::daemon::consumer::ERROR_HEADER;
+use scramjet::daemon::ERROR_HEADER;
 
 use crate::{helpers::*, raw_amqp::*};
 

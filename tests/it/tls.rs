@@ -169,7 +169,7 @@ async fn postgresql_with_verify_full_refuses_a_server_the_ca_did_not_sign() {
     settings.postgres.url = format!("{}?sslmode=verify-full", via(&settings.postgres.url, addr));
     settings.postgres.tls_ca_file = Some(wrong_ca);
     settings.startup.connect_attempts = 1;
-    let error = match scramjet::daemon::app::App::build(settings).await {
+    let error = match scramjet::daemon::App::build(settings).await {
         Ok(_) => panic!("connected to a server with an untrusted certificate"),
         Err(e) => format!("{e:#}"),
     };
@@ -200,7 +200,7 @@ async fn amqps_with_a_ca_file_works_and_an_untrusted_broker_is_refused() {
     let mut settings = app.settings.clone();
     settings.amqp.tls_ca_file = Some(wrong_ca);
     settings.startup.connect_attempts = 1;
-    let error = match scramjet::daemon::app::App::build(settings).await {
+    let error = match scramjet::daemon::App::build(settings).await {
         Ok(_) => panic!("connected to a broker with an untrusted certificate"),
         Err(e) => format!("{e:#}"),
     };
@@ -224,7 +224,7 @@ async fn the_broker_password_can_come_from_a_file() {
     std::fs::write(&file, "not-the-password\n").unwrap();
     let mut settings = app.settings.clone();
     settings.startup.connect_attempts = 1;
-    let error = match scramjet::daemon::app::App::build(settings).await {
+    let error = match scramjet::daemon::App::build(settings).await {
         Ok(_) => panic!("connected with a wrong password"),
         Err(e) => format!("{e:#}"),
     };
