@@ -524,6 +524,25 @@ pub(crate) async fn watch_session(
     }
 }
 
+/// Consumes `queue` without acks, for readers that only watch what arrives
+/// (`scramjet tail`, the bench's counters) and never need it redelivered.
+pub(crate) async fn consume_no_ack(
+    channel: &Channel,
+    queue: &str,
+) -> lapin::Result<lapin::Consumer> {
+    channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
 /// Collapses an error text to one line.
 pub(crate) fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")

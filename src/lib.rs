@@ -11,24 +11,27 @@
 //!
 //! # Layout
 //!
-//! Data flows one way: **consume → decode → process → outbox → publish → ack**.
+//! Data flows one way: **consume → decode → process → outbox → publish → ack**,
+//! and the first four rows follow it. Modules without a link are internal
+//! (`cargo doc --document-private-items` shows them); the public ones are
+//! what the binary, the library API ([`bulk`]) and the tests use.
 //!
-//! | module | concern |
+//! | folder | concern |
 //! |---|---|
-//! | [`daemon`] | `scramjet run`: builds everything, runs sessions until the shutdown token fires, reconnects; the consumer turns deliveries into batches, dead letters and acks |
-//! | [`domain`] | what the data is: inbound messages, canonical form and hash, schemas, change events |
-//! | [`pipeline`] | a batch → per-message outcomes and net writes, in one transaction |
-//! | `outbox` | where events leave: outbox rows → changes exchange, deleting only what the broker confirmed |
-//! | `store` | all SQL: pools, migrations, batch writes, outbox, reads, a producer's outbox |
-//! | `amqp` | broker connections, topology, publisher confirms, dead letters |
-//! | [`api`] | HTTP: `/healthz`, `/readyz`, `/metrics`, the read API, the filter language |
+//! | [`daemon`] | `scramjet run`: `app` builds pools, connections and the HTTP server, runs one session per broker connection and reconnects; `consumer` turns deliveries into batches, dead letters and acks |
+//! | [`domain`] | what the data is: `entity` (type and id, parsed once), `message` (bytes → a typed message or a dead-letter reason), `canonical` (canonical JSON and its hash), `validate` (a JSON Schema per type), `event` (change events), `outcome` |
+//! | [`pipeline`] | a batch → per-message outcomes in one transaction: `prepare` (hash, validate), `plan` (pure), `transaction` (lock, plan, write, append to the outbox), `retry` (outages, settling, splitting) |
+//! | `outbox` | where events leave: the `publisher` sends outbox rows to the changes exchange and deletes only what the broker confirmed; `Wake` is how the consumer tells it |
+//! | `store` | all SQL: pools and migrations, `batch` writes, `outbox`, `read`, `stage`, `sync`, `retention`, and a `producer`'s outbox |
+//! | `amqp` | broker connections, topology, publisher confirms, the dead-letter link |
+//! | [`api`] | HTTP: `/healthz`, `/readyz`, `/metrics`, the read API, and the [`api::filter`] language (lex, parse, SQL) |
 //! | [`producer`] | `scramjet relay`: a producer database's outbox → inbound exchange |
-//! | [`commands`] | the one-shot commands: `send`, `status`, `tail`, `replay`, `revalidate`, `ingest`, `delete` |
+//! | [`commands`] | one module per subcommand, each with its `clap` arguments and `run` |
 //! | [`bulk`] | the library API: stash, validate, traject, ingest (full-set sync), remove, apply, list |
-//! | [`config`] | settings: defaults ← TOML file ← `SCRAMJET__…` environment |
+//! | [`config`] | settings, one file per section: defaults ← TOML file ← `SCRAMJET__…` environment |
 //! | [`telemetry`] | logs, Prometheus metrics, health and outages |
-//! | `support` | backoff, redaction, TLS |
-//! | [`bench`](mod@bench) | `scramjet bench`: throughput, latency, memory, CPU |
+//! | `support` | backoff and retry, redaction, TLS, panic text |
+//! | [`bench`](mod@bench) | `scramjet bench`: throughput, latency, memory, CPU (not used by the daemon) |
 
 mod amqp;
 pub mod api;

@@ -461,16 +461,16 @@ async fn resources(
         .get("where")
         .map(|text| filter::parse(text).map_err(|e| ApiError::bad_request(format!("where: {e}"))))
         .transpose()?;
-    let rows = read::resources_page(
-        &state.read.pool,
-        &entity_type,
-        after.as_deref(),
+    let page_of = read::PageOf {
+        entity_type: &entity_type,
+        after: after.as_deref(),
         updated_since,
-        filter.as_ref(),
-        limit + 1,
-    )
-    .await
-    .map_err(|e| state.read.error(e))?;
+        filter: filter.as_ref(),
+        limit: limit + 1,
+    };
+    let rows = read::resources_page(&state.read.pool, &page_of)
+        .await
+        .map_err(|e| state.read.error(e))?;
     let (rows, next) = page(rows, limit, |r| &r.id);
     let items: Vec<Value> = rows.into_iter().map(resource_json).collect();
     Ok(Json(json!({"items": items, "next": next})))

@@ -4,14 +4,12 @@
 use anyhow::ensure;
 use lapin::{
     BasicProperties, Channel, Consumer,
-    options::{
-        BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
-        QueueDeleteOptions,
-    },
+    options::{BasicPublishOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::FieldTable,
 };
 
 use super::{Bench, workload::Op};
+use crate::amqp::consume_no_ack;
 
 impl Bench {
     pub(super) async fn publish_to(
@@ -81,19 +79,4 @@ impl Bench {
                 .await;
         }
     }
-}
-
-/// Consumes `queue` without acks: the bench only counts what arrives.
-pub(super) async fn consume_no_ack(channel: &Channel, queue: &str) -> lapin::Result<Consumer> {
-    channel
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
 }

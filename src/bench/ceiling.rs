@@ -16,11 +16,11 @@ use lapin::{
 
 use super::{
     Bench,
-    broker::consume_no_ack,
     probes::{broker_cpu_ticks, clock_ticks, postgres_cpu_ticks},
     report::Measure,
     workload::creates_and_updates,
 };
+use crate::amqp::consume_no_ack;
 
 impl Bench {
     /// The broker-only ceiling: consume (prefetch and batch as the daemon),

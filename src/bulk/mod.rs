@@ -71,6 +71,7 @@ use deadpool_postgres::Pool;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::store::read::Resource;
 pub use input::{BadRecord, Format, Record, RecordShape, Records};
 pub use options::IngestOptions;
 pub use summary::{DeleteStep, Summary};

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use serde_json::{Map, Value};
 
-use super::{DEFAULT_CHUNK, Scramjet, Summary, retry_transient};
+use super::{DEFAULT_CHUNK, Resource, Scramjet, Summary, retry_transient};
 use crate::{
     api::filter::Filter,
     domain::entity::{EntityId, EntityType},
@@ -152,7 +152,14 @@ impl Scramjet {
         filter: Option<&Filter>,
         after: Option<&str>,
         limit: i64,
-    ) -> anyhow::Result<Vec<read::Resource>> {
-        Ok(read::resources_page(&self.pool, entity_type, after, None, filter, limit).await?)
+    ) -> anyhow::Result<Vec<Resource>> {
+        let page = read::PageOf {
+            entity_type,
+            after,
+            updated_since: None,
+            filter,
+            limit,
+        };
+        Ok(read::resources_page(&self.pool, &page).await?)
     }
 }

@@ -2,7 +2,7 @@
 //! resources of a type, so that a new downstream consumer can bootstrap.
 //!
 //! Snapshots go through the outbox, a page per transaction that reads its
-//! rows `FOR SHARE`: the relay of the running daemon publishes them in commit
+//! rows `FOR SHARE`: the outbox publisher of the running daemon publishes them in commit
 //! order with the live changes, so a consumer never sees a snapshot older
 //! than a change it already received. Pages are small transactions, so the
 //! live pipeline is never held up for long; `--rate` throttles further, and
@@ -115,15 +115,14 @@ pub async fn replay(settings: &Settings, req: &ReplayRequest) -> anyhow::Result<
     loop {
         let mut client = pool.get().await.context("cannot reach PostgreSQL")?;
         let tx = client.transaction().await.context("cannot begin")?;
-        let rows = store::read::lock_resources_page(
-            &tx,
-            &req.entity_type,
-            after.as_deref(),
-            req.since,
-            req.filter.as_ref(),
-            req.page,
-        )
-        .await?;
+        let page = store::read::PageOf {
+            entity_type: &req.entity_type,
+            after: after.as_deref(),
+            updated_since: req.since,
+            filter: req.filter.as_ref(),
+            limit: req.page,
+        };
+        let rows = store::read::lock_resources_page(&tx, &page).await?;
         if rows.is_empty() {
             break;
         }

@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::Context;
 use futures_util::StreamExt;
 use lapin::{
-    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
+    options::{QueueBindOptions, QueueDeclareOptions},
     types::FieldTable,
 };
 
@@ -56,16 +56,7 @@ pub async fn run(settings: &Settings, args: &TailArgs) -> anyhow::Result<()> {
         )
         .await
         .context("cannot bind the queue")?;
-    let mut events = channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    let mut events = amqp::consume_no_ack(&channel, queue.name().as_str())
         .await
         .context("cannot consume")?;
     eprintln!(

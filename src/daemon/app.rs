@@ -278,7 +278,7 @@ impl App {
             metrics: self.metrics.clone(),
             schemas: self.schemas.clone(),
             dead_letters: dead_letters.clone(),
-            relay_notify: notify.clone(),
+            publisher_wake: notify.clone(),
         };
         let consuming = async {
             let consumed = consumer.run(stream, shutdown).await;

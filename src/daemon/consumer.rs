@@ -49,8 +49,8 @@ pub(super) struct Consumer {
     pub schemas: Arc<Schemas>,
     /// Publishes to the dead-letter exchange, over the publishing connection.
     pub dead_letters: DeadLetters,
-    /// Wakes the outbox relay after a commit that wrote events.
-    pub relay_notify: Wake,
+    /// Wakes the outbox publisher after a commit that wrote events.
+    pub publisher_wake: Wake,
     /// Counts outcomes and times batches.
     pub metrics: Metrics,
 }
@@ -134,7 +134,7 @@ impl Consumer {
         // Rung as soon as the events are committed: the dead letters below
         // may wait on a blocked broker for up to CONFIRM_TIMEOUT.
         if counts.wrote_events {
-            self.relay_notify.notify();
+            self.publisher_wake.notify();
         }
         if !decoded.dead.is_empty() {
             let dead_lettered = self.dead_letter_all(batch, decoded.dead).await?;

@@ -1,5 +1,5 @@
 //! The outbox: events written with the change they describe ([`append`], in
-//! the pipeline batch's own transaction), read in commit order by the relay
+//! the pipeline batch's own transaction), read in commit order by the publisher
 //! ([`take_oldest`]), deleted once the broker has confirmed them.
 
 use deadpool_postgres::Transaction;
@@ -9,9 +9,9 @@ use super::StoreError;
 use crate::domain::event::Event;
 
 /// Arbitrary constant naming the transaction-scoped advisory lock that lets
-/// only one relay (of however many daemons share the database) publish at a
+/// only one publisher (of however many daemons share the database) publish at a
 /// time, which keeps events in commit order.
-const RELAY_LOCK: i64 = 0x5c7a_3e70_0002;
+const PUBLISHER_LOCK: i64 = 0x5c7a_3e70_0002;
 
 /// An event read from the outbox.
 #[derive(Debug)]
@@ -67,15 +67,15 @@ async fn insert_row(
     Ok(())
 }
 
-/// Takes the relay lock for this transaction (waiting for another relay to
+/// Takes the publisher lock for this transaction (waiting for another publisher to
 /// finish) and removes the oldest outbox row, returning its events in order
 /// (none when the outbox is empty). The caller commits only after the broker
 /// confirmed them all; a rollback puts them back. One row at a time keeps
-/// the relay's memory bounded by one pipeline batch.
+/// the publisher's memory bounded by one pipeline batch.
 ///
 /// The transaction commits without waiting for the WAL flush: if PostgreSQL
 /// loses such a commit in a crash, the events come back and are published
-/// again with the same `event_id`, which the contract allows — and the relay
+/// again with the same `event_id`, which the contract allows — and the publisher
 /// saves a disk flush per round.
 ///
 /// Also returns how long the row waited in the outbox, in seconds.
@@ -89,7 +89,7 @@ pub(crate) async fn take_oldest(tx: &Transaction<'_>) -> Result<(Vec<Pending>, f
                extract(epoch FROM clock_timestamp() - created_at)::float8",
         ),
     )?;
-    let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&RELAY_LOCK];
+    let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&PUBLISHER_LOCK];
     // One round trip: the three go out in order.
     let (_, _, row) = futures_util::try_join!(
         tx.execute(&relaxed, &[]),

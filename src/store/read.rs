@@ -86,67 +86,55 @@ pub(crate) async fn resource_by_id(
         .transpose()
 }
 
-/// Up to `limit` resources of a type with ids after `after` (byte order),
-/// changed at or after `updated_since` when given, matching `filter` when
-/// given. Paging by id is stable: rows added or changed meanwhile never
-/// shift the pages.
+/// Which resources a page holds: those of `entity_type` with ids after
+/// `after` (byte order), changed at or after `updated_since` when given,
+/// matching `filter` when given, at most `limit`.
+pub(crate) struct PageOf<'a> {
+    /// Entity type.
+    pub entity_type: &'a str,
+    /// The last id of the page before; `None` for the first.
+    pub after: Option<&'a str>,
+    /// Only rows updated at or after this instant.
+    pub updated_since: Option<OffsetDateTime>,
+    /// Only rows matching this filter.
+    pub filter: Option<&'a Filter>,
+    /// Most rows.
+    pub limit: i64,
+}
+
+/// A page of resources in id order. Paging by id is stable: rows added or
+/// changed meanwhile never shift the pages.
 pub(crate) async fn resources_page(
     pool: &Pool,
-    entity_type: &str,
-    after: Option<&str>,
-    updated_since: Option<OffsetDateTime>,
-    filter: Option<&Filter>,
-    limit: i64,
+    page: &PageOf<'_>,
 ) -> Result<Vec<Resource>, StoreError> {
     let client = pool.get().await?;
-    let (sql, params) = resources_page_sql(entity_type, after, updated_since, filter, limit, "");
-    query(&client, &sql, &params, filter.is_some())
-        .await?
-        .iter()
-        .map(resource)
-        .collect()
+    page_on(&client, page, "").await
 }
 
 /// Like [`resources_page`] inside `tx`, the rows locked `FOR SHARE` so that
 /// no change to them commits before the transaction does.
 pub(crate) async fn lock_resources_page(
     tx: &deadpool_postgres::Transaction<'_>,
-    entity_type: &str,
-    after: Option<&str>,
-    updated_since: Option<OffsetDateTime>,
-    filter: Option<&Filter>,
-    limit: i64,
+    page: &PageOf<'_>,
 ) -> Result<Vec<Resource>, StoreError> {
-    let (sql, params) = resources_page_sql(
-        entity_type,
-        after,
-        updated_since,
-        filter,
-        limit,
-        " FOR SHARE OF r",
-    );
-    query(tx, &sql, &params, filter.is_some())
-        .await?
-        .iter()
-        .map(resource)
-        .collect()
+    page_on(tx, page, " FOR SHARE OF r").await
 }
 
 /// The statement behind [`resources_page`] and [`lock_resources_page`].
-fn resources_page_sql(
-    entity_type: &str,
-    after: Option<&str>,
-    updated_since: Option<OffsetDateTime>,
-    filter: Option<&Filter>,
-    limit: i64,
+async fn page_on(
+    client: &impl GenericClient,
+    page: &PageOf<'_>,
     lock: &str,
-) -> (String, SqlParams) {
+) -> Result<Vec<Resource>, StoreError> {
     let mut params = SqlParams::new();
-    let t = params.push(entity_type.to_owned());
-    let a = params.push(after.map(str::to_owned));
-    let u = params.push(updated_since);
-    let l = params.push(limit);
-    let matching = filter.map_or_else(|| "true".to_owned(), |f| f.to_sql("r", &mut params));
+    let t = params.push(page.entity_type.to_owned());
+    let a = params.push(page.after.map(str::to_owned));
+    let u = params.push(page.updated_since);
+    let l = params.push(page.limit);
+    let matching = page
+        .filter
+        .map_or_else(|| "true".to_owned(), |f| f.to_sql("r", &mut params));
     let sql = format!(
         "SELECT r.type, r.id, r.hash, r.data, r.version, r.created_at, r.updated_at, \
            r.canonical \
@@ -156,7 +144,11 @@ fn resources_page_sql(
            AND {matching} \
          ORDER BY r.id LIMIT {l}{lock}"
     );
-    (sql, params)
+    query(client, &sql, &params, page.filter.is_some())
+        .await?
+        .iter()
+        .map(resource)
+        .collect()
 }
 
 /// Runs a statement that may embed a filter. Without one its text is fixed
