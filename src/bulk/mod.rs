@@ -83,6 +83,7 @@ use crate::{
     domain::validate::SchemaRegistry,
     pipeline::{self, Pipeline, Prepared},
     store::{self, StoreError},
+    support::{backoff::Backoff, retry::Retry},
     telemetry::health::Health,
     telemetry::metrics::Metrics,
 };
@@ -179,14 +180,17 @@ async fn retry_transient<T>(
     what: &str,
     mut attempt: impl AsyncFnMut() -> Result<T, StoreError>,
 ) -> anyhow::Result<T> {
-    let mut delay = Duration::from_millis(100);
+    let mut retry = Retry::new(Backoff::starting_at(
+        Duration::from_millis(100),
+        Duration::from_secs(5),
+    ));
     loop {
         match attempt().await {
             Ok(done) => return Ok(done),
             Err(reason @ StoreError::Unavailable { .. }) => {
-                tracing::warn!(%reason, "{what} failed for a moment; retrying");
-                tokio::time::sleep(crate::support::backoff::jitter(delay)).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                retry
+                    .failed(|_| tracing::warn!(%reason, "{what} failed for a moment; retrying"))
+                    .await;
             }
             Err(StoreError::Refused { detail, .. }) => anyhow::bail!("{what} failed: {detail}"),
         }

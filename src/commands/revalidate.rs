@@ -23,6 +23,7 @@ use crate::{
     domain::validate::SchemaRegistry,
     pipeline::{self, Prepared},
     store::{self, StoreError},
+    support::{backoff::Backoff, retry::Retry},
 };
 
 /// The arguments of `scramjet revalidate`.
@@ -71,12 +72,17 @@ pub async fn revalidate(
     let pool = store::connect(settings).await?;
     let mut summary = Summary::default();
     let mut after: Option<(String, String)> = None;
+    let mut retry = Retry::new(Backoff::starting_at(
+        Duration::from_millis(200),
+        Duration::from_secs(5),
+    ));
     loop {
         let page = loop {
             match page(&pool, &schemas, entity_type, filter, after.as_ref()).await {
                 Err(e @ StoreError::Unavailable { .. }) => {
-                    tracing::warn!(error = %e, "revalidation page failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    retry
+                        .failed(|pause| tracing::warn!(error = %e, retry_in_ms = pause.retry_in_ms(), "revalidation page failed; retrying"))
+                        .await;
                 }
                 other => break other.context("revalidation failed")?,
             }

@@ -19,11 +19,11 @@
 //! - a wait that is not a backoff but must end on `stop` too (a fixed poll)
 //!   is [`Retry::wait`].
 //!
-//! Meant to serve the other hand-written loops as well: the pipeline's
-//! `wait_out` (`failed` with a token cancelled by shutdown or a lost
-//! session), `bulk`'s `retry_transient` (`run` with
-//! `Backoff::starting_at(100 ms, 5 s)`; an error that must not be retried
-//! comes out of the operation as `Ok(Err(e))`), and `revalidate`'s page retry.
+//! `bulk`'s `retry_transient` and `scramjet revalidate`'s page retry use
+//! [`Retry::failed`] without a token (a command stops with the process).
+//! The pipeline's `wait_out` takes its delays from the same [`Backoff`] but
+//! keeps its own wait: it ends on two tokens (shutdown, a lost broker
+//! session) with a different outcome and log line for each.
 
 use std::time::Duration;
 
