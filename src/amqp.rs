@@ -543,6 +543,17 @@ pub(crate) async fn consume_no_ack(
         .await
 }
 
+/// Headers for an inbound message about `(entity_type, id)`: its
+/// `scramjet-key`, a long string, as every producer of ours sets it.
+pub(crate) fn key_headers(entity_type: &str, id: &str) -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        crate::domain::entity::KEY_HEADER.into(),
+        AMQPValue::LongString(crate::domain::entity::key_of(entity_type, id).into()),
+    );
+    headers
+}
+
 /// Collapses an error text to one line.
 pub(crate) fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")

@@ -18,7 +18,9 @@
 -- transaction, so the outbox holds exactly what was committed — and NOTIFYs
 -- the relay. Each outbox row gets `seq` from a sequence (the relay publishes
 -- it as the message's `version`, and in `seq` order) and a random
--- `message_id` (so the daemon drops a row the relay publishes twice).
+-- `message_id` (so the daemon drops a row the relay publishes twice). The
+-- relay adds the header `scramjet-key` = `<type>/<id>` from the row's type
+-- and id (docs/producers.md).
 
 CREATE SCHEMA IF NOT EXISTS scramjet;
 

@@ -75,7 +75,8 @@ pub async fn run(settings: &Settings, req: &SendRequest) -> anyhow::Result<()> {
     let publisher = ConfirmPublisher::open(&connection).await?;
     let mut properties = BasicProperties::default()
         .with_delivery_mode(2)
-        .with_content_type("application/json".into());
+        .with_content_type("application/json".into())
+        .with_headers(amqp::key_headers(&req.entity_type, &req.id));
     if let Some(m) = &req.message_id {
         properties = properties.with_message_id(short(m, "--message-id")?.into());
     }

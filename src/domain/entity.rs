@@ -6,6 +6,16 @@ use std::{borrow::Borrow, fmt, ops::Deref};
 
 use super::message::{MAX_ID_BYTES, MAX_TYPE_BYTES, Malformed, quote};
 
+/// The AMQP header of an inbound message that holds its `<type>/<id>`: the
+/// key a partitioned deployment hashes on to pick the queue (CONTRACT §4).
+/// A type holds no `/`, so the key is unambiguous.
+pub const KEY_HEADER: &str = "scramjet-key";
+
+/// The value of [`KEY_HEADER`] for `(entity_type, id)`.
+pub fn key_of(entity_type: &str, id: &str) -> String {
+    format!("{entity_type}/{id}")
+}
+
 /// An entity type: `^[A-Za-z][A-Za-z0-9_-]{0,63}$` (CONTRACT §2). It holds
 /// no `/`, so `<type>/<id>` is an unambiguous key.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

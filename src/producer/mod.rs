@@ -407,6 +407,10 @@ pub fn prepare(row: &OutboxRow) -> (String, String, BasicProperties) {
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
         .with_app_id("scramjet-relay".into());
+    // A row without a type or an id has no key; the daemon dead-letters it.
+    if let (Some(t), Some(id)) = (&row.entity_type, &row.id) {
+        properties = properties.with_headers(amqp::key_headers(t, id));
+    }
     match &row.message_id {
         // An AMQP short string holds at most 255 bytes.
         Some(id) if id.len() <= 255 => {
@@ -456,6 +460,13 @@ mod tests {
         assert!(body.contains("12345678901234567890123"), "{body}");
         assert_eq!(props.message_id().as_ref().unwrap().as_str(), "m-42");
         assert_eq!(props.delivery_mode(), &Some(2));
+        let headers = props.headers().as_ref().unwrap();
+        assert_eq!(
+            headers.inner().get("scramjet-key"),
+            Some(&lapin::types::AMQPValue::LongString(
+                "person/O'Brien \"x\"".into()
+            ))
+        );
     }
 
     #[test]
@@ -463,8 +474,9 @@ mod tests {
         let (key, body, _) = prepare(&row("delete", "person", Some("p1"), None));
         assert_eq!(key, "person.delete");
         assert!(message::decode(body.as_bytes(), message::Limits::default()).is_ok());
-        let (key, body, _) = prepare(&row("save", "no.dots", None, Some("{}")));
+        let (key, body, props) = prepare(&row("save", "no.dots", None, Some("{}")));
         assert_eq!(key, "invalid");
+        assert!(props.headers().is_none(), "a row without an id has no key");
         assert!(message::decode(body.as_bytes(), message::Limits::default()).is_err());
     }
 }

@@ -595,6 +595,64 @@ async fn send_publishes_a_message_that_tail_then_prints_as_an_event() {
 }
 
 #[tokio::test]
+async fn send_sets_the_key_header_a_partitioned_exchange_hashes_on() {
+    use lapin::{
+        options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions},
+        types::{AMQPValue, FieldTable},
+    };
+    let app = spawn_app().await;
+    let s = &app.settings;
+    // A queue of the test's own sees what the daemon's queue sees.
+    let queue = format!("{}.copy", app.names.prefix);
+    let channel = &app.publisher;
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            s.amqp.inbound_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let out = scramjet()
+        .env("SCRAMJET__AMQP__URL", &s.amqp.url)
+        .env("SCRAMJET__AMQP__INBOUND_EXCHANGE", &s.amqp.inbound_exchange)
+        .env("SCRAMJET__LOG__LEVEL", "warn")
+        .args(["send", "delete", "--type", "person", "--id", "a/b c"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = channel
+        .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the message reached the queue");
+    let headers = got.properties.headers().as_ref().expect("headers are set");
+    assert_eq!(
+        headers.inner().get("scramjet-key"),
+        Some(&AMQPValue::LongString("person/a/b c".into())),
+        "the key is <type>/<id>, a long string; the id may hold a /"
+    );
+}
+
+#[tokio::test]
 async fn status_and_replay_refuse_an_unmigrated_database_and_change_nothing() {
     let names = Names::new();
     let settings = test_settings(&names, "config/schemas".into());
