@@ -376,7 +376,7 @@ fn resource_json(r: read::Resource) -> Value {
 }
 
 /// The `{type}` of a path, parsed.
-fn entity_type(name: String) -> Result<EntityType, ApiError> {
+fn parse_type(name: String) -> Result<EntityType, ApiError> {
     EntityType::parse(name).map_err(|m| ApiError::bad_request(m.0))
 }
 
@@ -385,7 +385,7 @@ async fn resource(
     State(state): State<HttpState>,
     Path((entity_type, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let entity_type = self::entity_type(entity_type)?;
+    let entity_type = parse_type(entity_type)?;
     let id = EntityId::parse(id).map_err(|m| ApiError::bad_request(m.0))?;
     let found = read::resource_by_id(&state.read.pool, &entity_type, &id)
         .await
@@ -446,7 +446,7 @@ async fn resources(
     Path(entity_type): Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let entity_type = self::entity_type(entity_type)?;
+    let entity_type = parse_type(entity_type)?;
     reject_unknown(&params, &["updated_since", "where", "after", "limit"])?;
     let (limit, after) = paging(&params)?;
     let updated_since = match params.get("updated_since") {
@@ -483,7 +483,7 @@ async fn staging(
     Path(entity_type): Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let entity_type = self::entity_type(entity_type)?;
+    let entity_type = parse_type(entity_type)?;
     reject_unknown(&params, &["invalid", "after", "limit"])?;
     match params.get("invalid").map(String::as_str) {
         None | Some("true") => {}

@@ -63,11 +63,12 @@ impl Scramjet {
         };
         // Reading, parsing, validating and hashing run on their own thread,
         // overlapping with the database work of the chunk before.
+        let reader_type = entity_type.clone();
         let (reader, mut rx) = chunks_on_a_thread(options.chunk, move || {
             Records::new(input, format, shape).map(move |record| {
                 record.map(|r| {
                     let inbound = Inbound {
-                        entity_type: entity_type.clone(),
+                        entity_type: reader_type.clone(),
                         id: r.id,
                         version: r.version,
                         action: Action::Save { data: r.data },
@@ -97,7 +98,7 @@ impl Scramjet {
 
         if let (Some(mut client), Some(began)) = (seen, sync_began) {
             let step = self
-                .delete_unseen(&mut client, options, &began, &mut summary)
+                .delete_unseen(&mut client, &entity_type, options, &began, &mut summary)
                 .await;
             // Back to the pool without the table, whatever happened.
             let ended = sync::end_seen(&client).await;
@@ -112,11 +113,11 @@ impl Scramjet {
     async fn delete_unseen(
         &self,
         client: &mut deadpool_postgres::Client,
+        entity_type: &EntityType,
         options: &IngestOptions,
         began: &sync::Began,
         summary: &mut Summary,
     ) -> anyhow::Result<DeleteStep> {
-        let entity_type = options.entity_type.as_str();
         if summary.bad_count > 0 {
             return Ok(DeleteStep::Refused(format!(
                 "{} record(s) could not be read, so the input may be incomplete",
@@ -153,7 +154,9 @@ impl Scramjet {
         let mut after = String::new();
         let mut done = 0u64;
         loop {
-            let (ids, outcomes) = self.delete_page(client, options, began, &after).await?;
+            let (ids, outcomes) = self
+                .delete_page(client, entity_type, options, began, &after)
+                .await?;
             let Some(last) = ids.last() else { break };
             after = last.clone();
             for outcome in outcomes {
@@ -173,11 +176,11 @@ impl Scramjet {
     async fn delete_page(
         &self,
         client: &mut deadpool_postgres::Client,
+        entity_type: &EntityType,
         options: &IngestOptions,
         began: &sync::Began,
         after: &str,
     ) -> anyhow::Result<(Vec<String>, Vec<Outcome>)> {
-        let entity_type = &EntityType::stored(options.entity_type.clone());
         let (scope, limit) = (options.scope.as_ref(), options.chunk as i64);
         retry_transient("the delete step", async || {
             let tx = client.transaction().await?;

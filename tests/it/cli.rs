@@ -596,37 +596,13 @@ async fn send_publishes_a_message_that_tail_then_prints_as_an_event() {
 
 #[tokio::test]
 async fn send_sets_the_key_header_a_partitioned_exchange_hashes_on() {
-    use lapin::{
-        options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions},
-        types::{AMQPValue, FieldTable},
-    };
+    use lapin::{options::BasicGetOptions, types::AMQPValue};
     let app = spawn_app().await;
     let s = &app.settings;
     // A queue of the test's own sees what the daemon's queue sees.
     let queue = format!("{}.copy", app.names.prefix);
     let channel = &app.publisher;
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            s.amqp.inbound_exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    bind_private_queue(channel, &queue, &s.amqp.inbound_exchange).await;
     let out = scramjet()
         .env("SCRAMJET__AMQP__URL", &s.amqp.url)
         .env("SCRAMJET__AMQP__INBOUND_EXCHANGE", &s.amqp.inbound_exchange)

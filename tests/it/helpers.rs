@@ -254,10 +254,9 @@ pub async fn launch(
     (http, shutdown, running, schemas)
 }
 
-/// A consumer (no-ack) of everything published to the changes exchange,
-/// through an exclusive queue `queue` that goes away with the connection.
-pub async fn watch_changes(amqp: &Connection, settings: &Settings, queue: &str) -> lapin::Consumer {
-    let channel = amqp.create_channel().await.unwrap();
+/// Declares an exclusive queue `queue`, gone with the connection, that
+/// receives everything published to `exchange`.
+pub async fn bind_private_queue(channel: &Channel, queue: &str, exchange: &str) {
     channel
         .queue_declare(
             queue.into(),
@@ -273,13 +272,20 @@ pub async fn watch_changes(amqp: &Connection, settings: &Settings, queue: &str) 
     channel
         .queue_bind(
             queue.into(),
-            settings.amqp.changes_exchange.as_str().into(),
+            exchange.into(),
             "#".into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await
         .unwrap();
+}
+
+/// A consumer (no-ack) of everything published to the changes exchange,
+/// through an exclusive queue `queue` that goes away with the connection.
+pub async fn watch_changes(amqp: &Connection, settings: &Settings, queue: &str) -> lapin::Consumer {
+    let channel = amqp.create_channel().await.unwrap();
+    bind_private_queue(&channel, queue, &settings.amqp.changes_exchange).await;
     channel
         .basic_consume(
             queue.into(),
@@ -681,5 +687,84 @@ pub async fn cleanup(settings: &Settings, names: &Names) {
                 names.database
             ))
             .await;
+    }
+}
+
+/// A source database of the test's own with the trigger kit installed;
+/// dropped (with any connection left to it) when the test ends, also on panic.
+pub struct SourceDb {
+    /// Its name.
+    name: String,
+    /// A client on it (the "application" writing rows).
+    pub db: tokio_postgres::Client,
+}
+
+impl SourceDb {
+    pub async fn create() -> SourceDb {
+        let name = format!(
+            "scramjet_src_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..16]
+        );
+        connect_admin()
+            .await
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .unwrap();
+        let (db, connection) = tokio_postgres::connect(
+            &format!("{}/{name}", postgres_base()),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let kit =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/triggers/postgresql.sql");
+        db.batch_execute(&std::fs::read_to_string(kit).unwrap())
+            .await
+            .expect("the trigger kit installs");
+        SourceDb { name, db }
+    }
+
+    pub fn url(&self) -> String {
+        format!("{}/{}", postgres_base(), self.name)
+    }
+
+    pub async fn outbox_len(&self) -> i64 {
+        self.db
+            .query_one("SELECT count(*) FROM scramjet.outbox", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Rows of `sql` as (id, document) pairs, sorted by id.
+    pub async fn documents(&self, sql: &str) -> Vec<(String, Value)> {
+        let mut rows: Vec<(String, Value)> = self
+            .db
+            .query(sql, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        rows
+    }
+}
+
+impl Drop for SourceDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        on_own_runtime(move || async move {
+            connect_admin()
+                .await
+                .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .await
+                .unwrap();
+        })
+        .join()
+        .expect("the source database is dropped");
     }
 }
