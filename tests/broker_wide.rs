@@ -280,3 +280,62 @@ async fn sigterm_during_a_memory_alarm_exits_zero_within_the_shutdown_timeout() 
         "the events it could not publish stay in the outbox"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_told_to_stop_during_a_memory_alarm_stops_within_its_deadlines() {
+    let _broker = BROKER.lock().await;
+    let app = spawn_app().await;
+    let source = SourceDb::create().await;
+    source
+        .db
+        .batch_execute(
+            "CREATE TABLE person (person_id text PRIMARY KEY, name text);
+             SELECT scramjet.attach('public.person', 'person', 'person_id');",
+        )
+        .await
+        .unwrap();
+    let mut s = app.settings.clone();
+    s.relay.source_url = Some(scramjet::config::Secret(source.url()));
+    s.relay.http_listen = "127.0.0.1:0".parse().unwrap();
+    s.relay.poll_interval = Duration::from_millis(200);
+    let relay = scramjet::producer::Relay::build(s).await.unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut handle = tokio::spawn(relay.run(shutdown.clone()));
+    source
+        .db
+        .batch_execute("INSERT INTO person VALUES ('p1', 'Ada')")
+        .await
+        .unwrap();
+    let published = eventually(|| async { source.outbox_len().await == 0 }).await;
+    assert!(published, "the relay publishes before the alarm");
+
+    let _alarm = MemoryAlarm::raise();
+    source
+        .db
+        .batch_execute("INSERT INTO person VALUES ('p2', 'Bob')")
+        .await
+        .unwrap();
+    // Its publish of p2 is now blocked with the connection.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let asked = Instant::now();
+    shutdown.cancel();
+    // A round waits at most CONFIRM_TIMEOUT (30 s) for its confirms, and
+    // closing waits at most REPLY_TIMEOUT (10 s) for each answer.
+    let stopped = tokio::time::timeout(Duration::from_secs(60), &mut handle).await;
+    if stopped.is_err() {
+        handle.abort();
+    }
+    assert!(
+        stopped.is_ok(),
+        "the relay stops within 60 s of being told to, even on a blocked broker"
+    );
+    println!(
+        "the relay stopped {:?} after being told to",
+        asked.elapsed()
+    );
+    assert_eq!(
+        source.outbox_len().await,
+        1,
+        "the row it could not publish stays in the outbox"
+    );
+}

@@ -60,14 +60,6 @@ pub enum RelayError {
     Broker(anyhow::Error),
 }
 
-/// Closes `link` as the relay always has: its channel first, then the
-/// connection. Unlike [`Link::close`] the connection's close has no
-/// deadline, so it waits for a blocked broker's answer.
-async fn close(link: Link) {
-    link.publisher().close().await;
-    let _ = link.connection().close(200, "bye".into()).await;
-}
-
 /// A relay ready to run: both services reached once, the HTTP port bound.
 pub struct Relay {
     /// The settings it was built from.
@@ -205,7 +197,7 @@ impl Relay {
                         }
                         RelayError::Broker(_) => {
                             if let Some(b) = broker.take() {
-                                close(b).await;
+                                b.close().await;
                             }
                             self.health.set_amqp(false);
                             "rabbitmq"
@@ -228,7 +220,7 @@ impl Relay {
             }
         }
         if let Some(b) = broker.take() {
-            close(b).await;
+            b.close().await;
         }
         drop(source);
         self.health.set_database(false);
@@ -259,7 +251,7 @@ impl Relay {
                     .reconnects
                     .with_label_values(&["rabbitmq"])
                     .inc();
-                close(b).await;
+                b.close().await;
             }
             self.health.set_amqp(false);
             *broker =
