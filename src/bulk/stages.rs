@@ -111,7 +111,7 @@ impl Scramjet {
                 };
                 let keys: Vec<(String, String)> = ids
                     .iter()
-                    .map(|id| (entity_type.to_string(), id.clone()))
+                    .map(|id| (entity_type.as_str().to_owned(), id.clone()))
                     .collect();
                 store::batch::lock_keys(&tx, &keys).await?;
                 let rows = store::stage::lock(&tx, entity_type, &ids, state).await?;

@@ -82,7 +82,10 @@ impl Prepared {
 
     /// The (type, id) the message is about.
     pub(super) fn key(&self) -> Key {
-        (self.entity_type.to_string(), self.id.to_string())
+        (
+            self.entity_type.as_str().to_owned(),
+            self.id.as_str().to_owned(),
+        )
     }
 }
 
