@@ -17,8 +17,8 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ConnectionStatus,
     ExchangeKind,
     options::{
-        BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-        QueueDeclareOptions,
+        BasicPublishOptions, ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions,
+        QueueBindOptions, QueueDeclareOptions,
     },
     types::{AMQPValue, FieldTable},
 };
@@ -97,9 +97,14 @@ pub(crate) async fn connect_at_startup(
     bytes: usize,
     key: &str,
 ) -> anyhow::Result<Connection> {
+    // A refused topology is returned as a success of the attempt, to stop
+    // retrying at once: no second attempt would be answered otherwise.
     let connection = Retry::startup(startup)
         .run(
-            async || connect_and_declare(settings).await,
+            async || match connect_and_declare(settings).await {
+                Err(e) if e.downcast_ref::<TopologyRefused>().is_some() => Ok(Err(e)),
+                other => other.map(Ok),
+            },
             |e, pause| {
                 tracing::warn!(error = %format!("{e:#}"), attempt = pause.attempt, "RabbitMQ not available yet; retrying");
             },
@@ -110,7 +115,7 @@ pub(crate) async fn connect_at_startup(
             gave_up
                 .error
                 .context(format!("RabbitMQ unavailable after {attempts} attempt(s)"))
-        })?;
+        })??;
     check_message_size(settings, bytes, key).await?;
     Ok(connection)
 }
@@ -139,7 +144,8 @@ pub(crate) fn inbound_queue_arguments(s: &AmqpSettings) -> FieldTable {
     args
 }
 
-/// Declares the exchanges and queues, idempotently.
+/// Declares the exchanges and queues, idempotently: CONTRACT §1, or with
+/// `amqp.partitions` > 1 the partitioned form (see [`declare_partitions`]).
 pub async fn declare_topology(channel: &Channel, s: &AmqpSettings) -> anyhow::Result<()> {
     let durable_exchange = ExchangeDeclareOptions {
         durable: true,
@@ -160,18 +166,149 @@ pub async fn declare_topology(channel: &Channel, s: &AmqpSettings) -> anyhow::Re
             .await
             .with_context(|| format!("cannot declare exchange {name}"))?;
     }
-    declare_bound_queue(
-        channel,
-        (&s.inbound_queue, inbound_queue_arguments(s)),
-        (&s.inbound_exchange, "#"),
-    )
-    .await?;
+    if s.partitioned() {
+        declare_partitions(channel, s).await?;
+    } else {
+        declare_bound_queue(
+            channel,
+            (&s.inbound_queue, inbound_queue_arguments(s)),
+            (&s.inbound_exchange, "#"),
+        )
+        .await?;
+    }
     declare_bound_queue(
         channel,
         (&s.dead_letter_queue, queue_type_arguments(s)),
         (&s.dead_letter_exchange, ""),
     )
     .await
+}
+
+/// The broker refused the topology for a reason retrying cannot change
+/// (a plugin not enabled, a queue left over from single-queue mode): start-up
+/// gives up at once, with this one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct TopologyRefused(pub(crate) String);
+
+/// The exchange type of the partition exchange (plugin
+/// `rabbitmq_consistent_hash_exchange`).
+const CONSISTENT_HASH: &str = "x-consistent-hash";
+
+/// Partitioned mode: the exchange `<inbound_exchange>.partitions` of type
+/// `x-consistent-hash`, hashing on the `scramjet-key` header, bound to the
+/// inbound exchange with `#`; the queues `<inbound_queue>.p0` … bound to it
+/// with weight `"1"` in partition order, so that the ring is the same after a
+/// broker restart. The single inbound queue, if a single-queue daemon left
+/// one, must be empty: it is then unbound from the inbound exchange (its
+/// messages would otherwise race their successors in the partitions) and
+/// stays, empty, so that a producer publishing to it by name is noticed.
+async fn declare_partitions(channel: &Channel, s: &AmqpSettings) -> anyhow::Result<()> {
+    // Declared rather than looked up (a passive declaration of a missing
+    // queue closes the channel): a producer that publishes to it directly
+    // then finds it, and the next start says what it holds.
+    let legacy = declare_and_count(channel, &s.inbound_queue, inbound_queue_arguments(s)).await?;
+    if legacy > 0 {
+        let n = legacy;
+        return Err(TopologyRefused(format!(
+            "the inbound queue {} still holds {n} message(s) from single-queue mode: let a daemon \
+             with amqp.partitions = 1 drain it before starting with amqp.partitions = {} \
+             (docs/scale-out.md)",
+            s.inbound_queue, s.partitions
+        ))
+        .into());
+    }
+    let exchange = s.partition_exchange();
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "hash-header".into(),
+        AMQPValue::LongString(crate::domain::entity::KEY_HEADER.into()),
+    );
+    let declared = channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Custom(CONSISTENT_HASH.into()),
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await;
+    if let Err(e) = declared {
+        let text = one_line(&e.to_string());
+        if text.contains("invalid exchange type") {
+            return Err(TopologyRefused(format!(
+                "amqp.partitions = {} needs RabbitMQ's exchange type {CONSISTENT_HASH}: enable \
+                 it with `rabbitmq-plugins enable rabbitmq_consistent_hash_exchange` ({text})",
+                s.partitions
+            ))
+            .into());
+        }
+        return Err(anyhow::anyhow!("{text}"))
+            .with_context(|| format!("cannot declare exchange {exchange}"));
+    }
+    for partition in 0..s.partitions {
+        declare_bound_queue(
+            channel,
+            (&s.partition_queue(partition), inbound_queue_arguments(s)),
+            (&exchange, PARTITION_WEIGHT),
+        )
+        .await?;
+    }
+    channel
+        .exchange_bind(
+            exchange.as_str().into(),
+            s.inbound_exchange.as_str().into(),
+            "#".into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("cannot bind exchange {exchange} to {}", s.inbound_exchange))?;
+    {
+        channel
+            .queue_unbind(
+                s.inbound_queue.as_str().into(),
+                s.inbound_exchange.as_str().into(),
+                "#".into(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("cannot unbind queue {}", s.inbound_queue))?;
+        // Messages routed between the two bindings went to both.
+        let n = declare_and_count(channel, &s.inbound_queue, inbound_queue_arguments(s)).await?;
+        if n > 0 {
+            tracing::warn!(
+                queue = %s.inbound_queue,
+                messages = n,
+                "messages reached the single inbound queue while it was being unbound; they were \
+                 routed to the partitions as well, and stay there until it is purged"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The binding key of each partition queue: its weight on the hash ring.
+const PARTITION_WEIGHT: &str = "1";
+
+/// Declares the durable `queue` (as a single-queue daemon would) and
+/// returns how many ready messages it holds.
+async fn declare_and_count(
+    channel: &Channel,
+    queue: &str,
+    arguments: FieldTable,
+) -> anyhow::Result<u32> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let declared = channel
+        .queue_declare(queue.into(), durable, arguments)
+        .await
+        .with_context(|| format!("cannot declare queue {queue}"))?;
+    Ok(declared.message_count())
 }
 
 /// Declares the durable `queue` with its arguments and binds it to

@@ -33,8 +33,15 @@ pub struct AmqpSettings {
     /// Declare the inbound queue with `x-single-active-consumer`, so that with
     /// several daemons only one consumes at a time and per-id order holds.
     pub single_active_consumer: bool,
-    /// Queue type of the inbound and dead-letter queues.
+    /// Queue type of the inbound and dead-letter queues (and of the
+    /// partition queues).
     pub queue_type: QueueType,
+    /// Partition queues the inbound stream is split into (`1`: the single
+    /// inbound queue). With more, the daemon declares the consistent-hash
+    /// exchange `<inbound_exchange>.partitions` and the queues
+    /// `<inbound_queue>.p0` …, and several daemons share them by leases
+    /// (see `docs/scale-out.md`).
+    pub partitions: u16,
     /// Password, overriding any in `url` (e.g. from `SCRAMJET__AMQP__PASSWORD`).
     pub password: Option<Secret>,
     /// File holding the password; trailing newlines are ignored.
@@ -44,6 +51,22 @@ pub struct AmqpSettings {
 }
 
 impl AmqpSettings {
+    /// Whether the inbound stream is split into partition queues.
+    pub fn partitioned(&self) -> bool {
+        self.partitions > 1
+    }
+
+    /// The consistent-hash exchange that spreads the inbound exchange's
+    /// messages over the partition queues.
+    pub fn partition_exchange(&self) -> String {
+        format!("{}.partitions", self.inbound_exchange)
+    }
+
+    /// The name of partition queue `partition`.
+    pub fn partition_queue(&self, partition: u16) -> String {
+        format!("{}.p{partition}", self.inbound_queue)
+    }
+
     /// The password from `password` or `password_file`, if either is set.
     pub fn password(&self) -> anyhow::Result<Option<String>> {
         resolve_password(
@@ -67,6 +90,7 @@ impl Default for AmqpSettings {
             max_inflight_bytes: 256 * 1024 * 1024,
             single_active_consumer: true,
             queue_type: QueueType::Classic,
+            partitions: 1,
             password: None,
             password_file: None,
             tls_ca_file: None,
@@ -89,6 +113,7 @@ impl std::fmt::Debug for AmqpSettings {
             .field("max_inflight_bytes", &self.max_inflight_bytes)
             .field("single_active_consumer", &self.single_active_consumer)
             .field("queue_type", &self.queue_type)
+            .field("partitions", &self.partitions)
             .field("password", &self.password)
             .field("password_file", &self.password_file)
             .field("tls_ca_file", &self.tls_ca_file)

@@ -9,6 +9,10 @@ use super::{
     relay::plain_identifier,
 };
 
+/// The most partition queues: each held partition is a channel and a
+/// consumer of the daemon's connection, and a lane of the outbox publisher.
+pub(super) const MAX_PARTITIONS: u16 = 256;
+
 impl Settings {
     /// Rejects values that deserialize but cannot work.
     pub fn check(&self) -> anyhow::Result<()> {
@@ -19,6 +23,15 @@ impl Settings {
         anyhow::ensure!(
             self.amqp.prefetch >= 1,
             "invalid configuration: amqp.prefetch must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=MAX_PARTITIONS).contains(&self.amqp.partitions),
+            "invalid configuration: amqp.partitions must be from 1 to {MAX_PARTITIONS}"
+        );
+        // Renewed every fifth of it, in whole milliseconds of PostgreSQL time.
+        anyhow::ensure!(
+            self.partitioning.lease_ttl >= Duration::from_secs(1),
+            "invalid configuration: partitioning.lease_ttl must be at least 1s"
         );
         anyhow::ensure!(
             self.amqp.max_inflight_bytes >= self.limits.max_message_bytes,

@@ -9,6 +9,7 @@ mod amqp;
 mod check;
 mod http;
 mod limits;
+mod partitioning;
 mod postgres;
 mod relay;
 mod runtime;
@@ -23,6 +24,7 @@ pub use http::HttpSettings;
 pub use limits::{
     LimitSettings, MAX_EVENT_BYTES, MAX_KEYS_PER_TRANSACTION, MIN_EVENT_BYTES, PipelineSettings,
 };
+pub use partitioning::PartitioningSettings;
 pub use postgres::{DAEMON_MIN_CONNECTIONS, PostgresSettings};
 pub use relay::RelaySettings;
 pub use runtime::{LogFormat, LogSettings, RetentionSettings, ShutdownSettings, StartupSettings};
@@ -58,6 +60,8 @@ pub struct Settings {
     pub relay: RelaySettings,
     /// How the daemon stops.
     pub shutdown: ShutdownSettings,
+    /// How daemons share partition queues (`amqp.partitions` > 1).
+    pub partitioning: PartitioningSettings,
 }
 
 impl Settings {
@@ -175,6 +179,8 @@ mod tests {
         assert_eq!(s.relay.poll_interval, d.relay.poll_interval);
         assert_eq!(s.relay.http_listen, d.relay.http_listen);
         assert_eq!(s.shutdown.timeout, d.shutdown.timeout);
+        assert_eq!(s.amqp.partitions, d.amqp.partitions);
+        assert_eq!(s.partitioning.lease_ttl, d.partitioning.lease_ttl);
         assert_eq!(s.postgres.pool_size, d.postgres.pool_size);
         assert_eq!(s.http.pool_size, d.http.pool_size);
         assert_eq!(s.http.max_concurrent_queries, d.http.max_concurrent_queries);

@@ -51,6 +51,9 @@ pub struct App {
     bearer_token: Option<Arc<str>>,
     /// The connection opened at start-up, used by the first session.
     first_connection: Option<Connection>,
+    /// In partitioned mode, the group of daemons sharing the partitions and
+    /// this one's name in it (unique to the process).
+    group: store::leases::Group,
 }
 
 impl App {
@@ -84,6 +87,11 @@ impl App {
             .await
             .with_context(|| format!("cannot listen on {}", settings.http.listen))?;
         let http_addr = listener.local_addr()?;
+        let group = store::leases::Group {
+            of: settings.amqp.inbound_queue.clone(),
+            member: member_name(),
+            ttl: settings.partitioning.lease_ttl,
+        };
         Ok(App {
             settings,
             pools,
@@ -94,6 +102,7 @@ impl App {
             metrics,
             bearer_token,
             first_connection: Some(connection),
+            group,
         })
     }
 
@@ -138,6 +147,15 @@ impl App {
         // so a blocked or lost one never stops consuming (see `amqp`).
         let notify = Wake::default();
         let (slot, dead_letters) = amqp::dead_letter_link();
+        let (held, held_now) = tokio::sync::watch::channel(Vec::new());
+        let lanes = self
+            .settings
+            .amqp
+            .partitioned()
+            .then(|| crate::outbox::publisher::Lanes {
+                partitions: self.settings.amqp.partitions,
+                held: held_now,
+            });
         let publisher = Publisher {
             pool: self.pools.publisher.clone(),
             amqp: self.settings.amqp.clone(),
@@ -146,6 +164,7 @@ impl App {
             health: self.health.clone(),
             metrics: self.metrics.clone(),
             max_event_bytes: self.settings.limits.max_event_bytes,
+            lanes,
         };
         let publisher_stop = CancellationToken::new();
         let publisher_task =
@@ -157,7 +176,7 @@ impl App {
             let mut retry = Retry::new(Backoff::new(RECONNECT_CAP)).until(&shutdown);
             while !shutdown.is_cancelled() {
                 match self
-                    .session(&shutdown, &notify, &dead_letters, &mut retry)
+                    .session(&shutdown, &notify, &dead_letters, &held, &mut retry)
                     .await
                 {
                     Ok(()) => break,
@@ -214,8 +233,14 @@ impl App {
         shutdown: &CancellationToken,
         notify: &Wake,
         dead_letters: &DeadLetters,
+        held: &tokio::sync::watch::Sender<Vec<u16>>,
         retry: &mut Retry,
     ) -> anyhow::Result<()> {
+        if self.settings.amqp.partitioned() {
+            return self
+                .partitioned_session(shutdown, notify, dead_letters, held, retry)
+                .await;
+        }
         let s = &self.settings.amqp;
         let first = self.first_connection.take();
         let (connection, channel, stream) = tokio::time::timeout(REPLY_TIMEOUT, async {
@@ -279,6 +304,7 @@ impl App {
             schemas: self.schemas.clone(),
             dead_letters: dead_letters.clone(),
             publisher_wake: notify.clone(),
+            check_key: false,
         };
         let consuming = async {
             let consumed = consumer.run(stream, shutdown).await;
@@ -300,6 +326,73 @@ impl App {
         );
         Ok(())
     }
+}
+
+impl App {
+    /// [`App::session`] in partitioned mode: one connection, a channel per
+    /// partition held (see [`super::partitions`]).
+    async fn partitioned_session(
+        &mut self,
+        shutdown: &CancellationToken,
+        notify: &Wake,
+        dead_letters: &DeadLetters,
+        held: &tokio::sync::watch::Sender<Vec<u16>>,
+        retry: &mut Retry,
+    ) -> anyhow::Result<()> {
+        let s = &self.settings.amqp;
+        let first = self.first_connection.take();
+        let connection = tokio::time::timeout(REPLY_TIMEOUT, async {
+            let connection = match first {
+                Some(c) => c,
+                None => amqp::connect_and_declare(s).await?,
+            };
+            anyhow::Ok(connection)
+        })
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "RabbitMQ did not answer within {} s",
+                REPLY_TIMEOUT.as_secs()
+            )
+        })??;
+        self.health.set_amqp(true);
+        self.health.recovered("consumer");
+        retry.succeeded();
+        let member = super::partitions::Member {
+            settings: self.settings.clone(),
+            background: self.pools.background.clone(),
+            pipeline: self.pools.pipeline.clone(),
+            health: self.health.clone(),
+            metrics: self.metrics.clone(),
+            schemas: self.schemas.clone(),
+            dead_letters: dead_letters.clone(),
+            publisher_wake: notify.clone(),
+            held: held.clone(),
+            group: self.group.clone(),
+        };
+        let ended = member.run(&connection, shutdown).await;
+        self.health.set_amqp(false);
+        amqp::close_connection(&connection).await;
+        ended?;
+        anyhow::ensure!(
+            shutdown.is_cancelled(),
+            "the session stopped without a shutdown request"
+        );
+        Ok(())
+    }
+}
+
+/// This process's name among the daemons sharing partitions: the host, the
+/// process id and a random suffix, so that a restarted daemon is a new member.
+fn member_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "scramjet".into());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}/{}/{}", std::process::id(), &suffix[..8])
 }
 
 /// How often the backlog gauges (outbox rows, rejected rows per type) are refreshed.

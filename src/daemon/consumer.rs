@@ -28,6 +28,7 @@ use tracing::Instrument;
 use crate::{
     amqp::{CONFIRM_TIMEOUT, DeadLetters, Outgoing, REPLY_TIMEOUT},
     config::Settings,
+    domain::entity::{KEY_HEADER, key_of},
     domain::message::{self, Malformed},
     domain::validate::{SchemaRegistry, Schemas},
     outbox::Wake,
@@ -53,6 +54,10 @@ pub(super) struct Consumer {
     pub publisher_wake: Wake,
     /// Counts outcomes and times batches.
     pub metrics: Metrics,
+    /// Whether each message must carry the `scramjet-key` header of its
+    /// type and id: in a partition queue, one without it could race the
+    /// same id in another partition.
+    pub check_key: bool,
 }
 
 impl Consumer {
@@ -164,7 +169,13 @@ impl Consumer {
                 decoded.dead.push((i, format!("the AMQP {property} is not valid UTF-8 (its invalid bytes are U+FFFD in this dead letter)")));
                 continue;
             }
-            match prepare(d, limits, &schemas) {
+            let prepared = prepare(d, limits, &schemas).and_then(|p| {
+                if self.check_key {
+                    check_key(d, &p)?;
+                }
+                Ok(p)
+            });
+            match prepared {
                 Ok(p) => {
                     decoded.prepared.push(p);
                     decoded.positions.push(i);
@@ -281,6 +292,40 @@ fn prepare(
             panic_text(&*panic)
         )))
     })
+}
+
+/// Refuses a message of a partition queue whose `scramjet-key` header is
+/// missing or is not `<type>/<id>` of its body (CONTRACT §2): the broker
+/// hashed the header to pick the partition, so another partition may hold
+/// the same id, and processing it here could reorder that id's changes.
+fn check_key(d: &Delivery, p: &Prepared) -> Result<(), Malformed> {
+    let expected = key_of(p.entity_type.as_str(), p.id.as_str());
+    let header = d
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(KEY_HEADER));
+    let found: Option<&[u8]> = match header {
+        Some(AMQPValue::LongString(s)) => Some(s.as_bytes()),
+        Some(AMQPValue::ShortString(s)) => Some(s.as_str().as_bytes()),
+        _ => None,
+    };
+    match found {
+        Some(key) if key == expected.as_bytes() => Ok(()),
+        Some(key) => Err(Malformed(format!(
+            "the {KEY_HEADER} header {:?} is not this message's <type>/<id> {expected:?}: in a \
+             partition queue it could race the same id in another partition",
+            String::from_utf8_lossy(key)
+        ))),
+        None if header.is_some() => Err(Malformed(format!(
+            "the {KEY_HEADER} header is not a string; in a partition queue it must be the \
+             message's <type>/<id> {expected:?}"
+        ))),
+        None => Err(Malformed(format!(
+            "no {KEY_HEADER} header: a message in a partition queue must carry {KEY_HEADER} = \
+             <type>/<id> (here {expected:?}), or it could race the same id in another partition"
+        ))),
+    }
 }
 
 /// Counts the pipeline's `results` and logs each message; the ones the

@@ -110,6 +110,19 @@ pub(crate) struct Publisher {
     pub metrics: Metrics,
     /// Events longer than this are published reduced (`limits.max_event_bytes`).
     pub max_event_bytes: usize,
+    /// In partitioned mode, the lanes to publish: `None` publishes the
+    /// whole outbox in order, as in single-queue mode.
+    pub lanes: Option<Lanes>,
+}
+
+/// The outbox lanes a daemon publishes in partitioned mode: those of the
+/// partitions it holds (their consumers write them), and the unpartitioned one.
+#[derive(Clone)]
+pub(crate) struct Lanes {
+    /// `amqp.partitions`.
+    pub partitions: u16,
+    /// The partitions this daemon holds now, kept by its partition leases.
+    pub held: tokio::sync::watch::Receiver<Vec<u16>>,
 }
 
 impl Publisher {
@@ -239,22 +252,56 @@ impl Publisher {
     }
 
     /// Publishes rounds (one outbox row, i.e. one committed batch, each)
-    /// until the outbox is empty; returns how many events went out.
+    /// until the outbox is empty — in partitioned mode, until no lane this
+    /// daemon publishes has a row it may take; returns how many events went out.
     pub(crate) async fn drain(&self, publisher: &ConfirmPublisher) -> Result<usize, PublishError> {
         let mut total = 0;
+        let Some(lanes) = &self.lanes else {
+            loop {
+                match self.round(publisher, None).await? {
+                    0 => return Ok(total),
+                    n => total += n,
+                }
+            }
+        };
+        // A lane may wait for an older row of another: pass over them all
+        // until a pass publishes nothing.
         loop {
-            match self.round(publisher).await? {
-                0 => return Ok(total),
-                n => total += n,
+            let mut order: Vec<outbox::Lane> = lanes
+                .held
+                .borrow()
+                .iter()
+                .map(|p| outbox::Lane::Partition(*p))
+                .collect();
+            order.push(outbox::Lane::Unpartitioned);
+            let before = total;
+            for lane in order {
+                loop {
+                    match self
+                        .round(publisher, Some((lane, lanes.partitions)))
+                        .await?
+                    {
+                        0 => break,
+                        n => total += n,
+                    }
+                }
+            }
+            if total == before {
+                return Ok(total);
             }
         }
     }
 
     /// One round on a pooled connection, which is retired after an outage
-    /// rather than reused (see [`StoreError::retires_connection`]).
-    async fn round(&self, publisher: &ConfirmPublisher) -> Result<usize, PublishError> {
+    /// rather than reused (see [`StoreError::retires_connection`]); of one
+    /// lane (and `amqp.partitions`) in partitioned mode.
+    async fn round(
+        &self,
+        publisher: &ConfirmPublisher,
+        lane: Option<(outbox::Lane, u16)>,
+    ) -> Result<usize, PublishError> {
         let mut client = self.pool.get().await.map_err(StoreError::from)?;
-        let result = self.round_on(&mut client, publisher).await;
+        let result = self.round_on(&mut client, publisher, lane).await;
         if let Err(PublishError::Database(e)) = &result
             && e.retires_connection()
         {
@@ -269,10 +316,14 @@ impl Publisher {
         &self,
         client: &mut deadpool_postgres::Client,
         publisher: &ConfirmPublisher,
+        lane: Option<(outbox::Lane, u16)>,
     ) -> Result<usize, PublishError> {
         let tx = client.transaction().await.map_err(StoreError::from)?;
         let taken = std::time::Instant::now();
-        let (pending, waited) = outbox::take_oldest(&tx).await?;
+        let (pending, waited) = match lane {
+            None => outbox::take_oldest(&tx).await?,
+            Some((lane, partitions)) => outbox::take_oldest_in(&tx, lane, partitions).await?,
+        };
         if pending.is_empty() {
             return Ok(0);
         }

@@ -76,15 +76,31 @@ pub struct Session {
     epoch: std::sync::Mutex<Option<i64>>,
     /// Cancelled when the broker connection or channel of the session is lost.
     lost: CancellationToken,
+    /// The partition consumed, in partitioned mode: its outbox rows carry it.
+    partition: Option<i32>,
 }
 
 impl Session {
-    /// A session on `queue` that ends when `lost` is cancelled.
+    /// A session on the single inbound `queue` that ends when `lost` is
+    /// cancelled: its first batch registers a new epoch.
     pub fn new(queue: &str, lost: CancellationToken) -> Session {
         Session {
             queue: queue.to_owned(),
             epoch: std::sync::Mutex::new(None),
             lost,
+            partition: None,
+        }
+    }
+
+    /// A session on partition queue `queue` (number `partition`), whose
+    /// lease this daemon took at `epoch`: every batch checks that the epoch
+    /// is still the lease's.
+    pub fn leased(queue: &str, partition: u16, epoch: i64, lost: CancellationToken) -> Session {
+        Session {
+            queue: queue.to_owned(),
+            epoch: std::sync::Mutex::new(Some(epoch)),
+            lost,
+            partition: Some(i32::from(partition)),
         }
     }
 
@@ -125,6 +141,11 @@ impl Pipeline {
     pub fn for_session(mut self, session: Session) -> Self {
         self.session = Some(Arc::new(session));
         self
+    }
+
+    /// The partition whose outbox lane this pipeline's events go to.
+    fn partition(&self) -> Option<i32> {
+        self.session.as_ref().and_then(|s| s.partition)
     }
 
     /// Whether the broker session (if any) has ended.

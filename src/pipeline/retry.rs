@@ -290,10 +290,11 @@ impl Pipeline {
             let mut tx = client.transaction().await?;
             let (results, current) = match mode {
                 Mode::Together => {
-                    let (outcomes, current) = plan_and_write(&tx, fence, prepared).await?;
+                    let (outcomes, current) =
+                        plan_and_write(&tx, fence, self.partition(), prepared).await?;
                     (outcomes.into_iter().map(Ok).collect(), current)
                 }
-                Mode::EachAlone => each_alone(&mut tx, fence, prepared).await?,
+                Mode::EachAlone => each_alone(&mut tx, fence, self.partition(), prepared).await?,
             };
             // A registration's epoch becomes the session's once committed.
             let mut registered = None;

@@ -5,6 +5,7 @@
 //! here to embed), and every value goes in as a parameter.
 
 pub(crate) mod batch;
+pub(crate) mod leases;
 pub(crate) mod outbox;
 pub(crate) mod producer;
 pub(crate) mod read;
@@ -390,8 +391,28 @@ impl Pools {
             Some(given) if !given.is_empty() => format!("{given} {timeout}"),
             _ => timeout,
         });
+        // Partitioned, the partitions held commit side by side, and a batch
+        // transaction of a daemon that paused must not keep a takeover
+        // waiting on its lease's share lock: PostgreSQL ends it once idle
+        // for a lease's time (its batch then fails the fence on retry).
+        let (pipeline, pipeline_connections) = if settings.amqp.partitioned() {
+            let mut partitioned = config.clone();
+            let idle = format!(
+                "-c idle_in_transaction_session_timeout={}",
+                settings.partitioning.lease_ttl.as_millis()
+            );
+            partitioned.options(&match config.get_options() {
+                Some(given) if !given.is_empty() => format!("{given} {idle}"),
+                _ => idle,
+            });
+            let connections =
+                PIPELINE_CONNECTIONS + usize::from(settings.amqp.partitions.min(4)) - 1;
+            (partitioned, connections)
+        } else {
+            (config.clone(), PIPELINE_CONNECTIONS)
+        };
         Ok(Pools {
-            pipeline: build_pool(config.clone(), tls.clone(), PIPELINE_CONNECTIONS)?,
+            pipeline: build_pool(pipeline, tls.clone(), pipeline_connections)?,
             publisher: build_pool(config.clone(), tls.clone(), PUBLISHER_CONNECTIONS)?,
             background: build_pool(config, tls.clone(), background)?,
             read: build_pool(read, tls, settings.http.pool_size)?,

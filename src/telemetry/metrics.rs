@@ -114,6 +114,13 @@ pub struct Metrics {
     pub reconnects: IntCounterVec,
     /// Outages begun, by service and reason (see `crate::store::Cause`).
     pub outages: IntCounterVec,
+    /// Partitions whose lease this daemon holds (partitioned mode).
+    pub partitions_owned: IntGauge,
+    /// Lease changes of this daemon, by kind: `taken`, `released` (handed
+    /// over), `lost` (another daemon took it after it expired).
+    pub partition_handovers: IntCounterVec,
+    /// Ready messages in each partition queue this daemon holds.
+    pub partition_depth: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -178,6 +185,20 @@ impl Metrics {
                 "scramjet_outages_total",
                 "Outages begun (the environment, not a message, failed), by service and reason.",
                 &["service", "reason"],
+            ),
+            partitions_owned: r.gauge(
+                "scramjet_partitions_owned",
+                "Partitions whose lease this daemon holds (amqp.partitions > 1).",
+            ),
+            partition_handovers: r.counters(
+                "scramjet_partition_handovers_total",
+                "Partition leases this daemon took, released (handed over) or lost (taken by another after expiry).",
+                &["kind"],
+            ),
+            partition_depth: r.gauges(
+                "scramjet_partition_queue_depth",
+                "Ready messages in each partition queue this daemon holds.",
+                "partition",
             ),
             registry: r,
         }

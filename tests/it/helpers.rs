@@ -656,18 +656,19 @@ impl Drop for TestApp {
 pub async fn cleanup(settings: &Settings, names: &Names) {
     if let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
         if let Ok(ch) = conn.create_channel().await {
-            for q in [
-                &settings.amqp.inbound_queue,
-                &settings.amqp.dead_letter_queue,
-            ] {
+            let a = &settings.amqp;
+            let mut queues = vec![a.inbound_queue.clone(), a.dead_letter_queue.clone()];
+            queues.extend((0..a.partitions).map(|p| a.partition_queue(p)));
+            for q in &queues {
                 let _ = ch
                     .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                     .await;
             }
             for x in [
-                &settings.amqp.inbound_exchange,
-                &settings.amqp.changes_exchange,
-                &settings.amqp.dead_letter_exchange,
+                &a.inbound_exchange,
+                &a.changes_exchange,
+                &a.dead_letter_exchange,
+                &a.partition_exchange(),
             ] {
                 let _ = ch
                     .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())

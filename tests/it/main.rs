@@ -14,6 +14,7 @@ mod malformed;
 mod model;
 mod order;
 mod outages;
+mod partitions;
 mod properties;
 mod proxy;
 mod raw_amqp;

@@ -1,0 +1,521 @@
+//! Partitioned mode (`amqp.partitions` > 1): one broker connection's life
+//! as a member of the daemons sharing the partition queues.
+//!
+//! Every tick (a fifth of `partitioning.lease_ttl`, at most 2 s) the daemon
+//! renews its membership, renews the leases it holds, computes its share of
+//! the partitions from the live members ([`leases::share`]), hands over what
+//! is no longer its share, and takes what is. It consumes a partition, on a
+//! channel of its own, only while it holds the partition's lease; every batch
+//! checks the lease's epoch (the fence of `crate::pipeline::Session`).
+//!
+//! Handing over: cancel the consumer, which finishes and acks its batch in
+//! hand; close the channel (the broker requeues what was prefetched); release
+//! the lease. Losing a lease (it expired and another daemon took it, because
+//! this one paused or could not renew): drop the consumer at once; its batch
+//! in hand, if any, fails the fence and is never committed.
+//!
+//! Only a daemon with a broker connection is a member: when the connection
+//! is lost it releases its leases and leaves, and the others take over.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use futures_util::StreamExt;
+use lapin::{
+    Channel, Connection,
+    options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+use tokio::{sync::watch, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    amqp::{self, DeadLetters, REPLY_TIMEOUT},
+    config::Settings,
+    daemon::consumer::Consumer,
+    domain::validate::Schemas,
+    outbox::Wake,
+    pipeline::{Pipeline, Session},
+    store::{StoreError, leases},
+    telemetry::{health::Health, metrics::Metrics},
+};
+
+/// What a partitioned session needs from the daemon.
+pub(super) struct Member {
+    /// Settings.
+    pub settings: Arc<Settings>,
+    /// For lease and membership statements.
+    pub background: Pool,
+    /// For the partitions' batch transactions.
+    pub pipeline: Pool,
+    /// Readiness.
+    pub health: Arc<Health>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Schemas.
+    pub schemas: Arc<Schemas>,
+    /// Dead letters, over the publishing connection.
+    pub dead_letters: DeadLetters,
+    /// Wakes the outbox publisher.
+    pub publisher_wake: Wake,
+    /// The partitions held, for the outbox publisher's lanes.
+    pub held: watch::Sender<Vec<u16>>,
+    /// This daemon's group and member name.
+    pub group: leases::Group,
+}
+
+/// A partition being consumed.
+struct Running {
+    /// The epoch of the lease it consumes under.
+    epoch: i64,
+    /// Asks the consumer to stop after its batch in hand.
+    stop: CancellationToken,
+    /// Abandons its batch in hand (the lease or the connection is gone).
+    lost: CancellationToken,
+    /// Its channel.
+    channel: Channel,
+    /// The consume loop.
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Member {
+    /// Consumes the partitions this daemon's share gives it, over
+    /// `connection`, until `shutdown` (→ `Ok`) or the connection fails
+    /// (→ `Err`); then stops its consumers and gives its leases up.
+    pub(super) async fn run(
+        &self,
+        connection: &Connection,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut leases: BTreeMap<u16, i64> = BTreeMap::new();
+        let mut running: BTreeMap<u16, Running> = BTreeMap::new();
+        let connection_lost = CancellationToken::new();
+        let watcher = watch_connection(connection, connection_lost.clone());
+        tokio::pin!(watcher);
+        let mut watching = true;
+        let mut tick = tokio::time::interval(self.settings.partitioning.tick());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tracing::info!(
+            member = %self.group.member,
+            partitions = self.settings.amqp.partitions,
+            lease_ttl_ms = self.settings.partitioning.lease_ttl.as_millis() as u64,
+            "joining the daemons that share the partitions"
+        );
+        let ended = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Ok(()),
+                _ = connection_lost.cancelled() => break Err(anyhow::anyhow!("the broker connection was lost")),
+                _ = &mut watcher, if watching => watching = false,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self
+                .tick(connection, &mut leases, &mut running, shutdown)
+                .await
+            {
+                break Err(e);
+            }
+        };
+        let graceful = ended.is_ok();
+        self.leave(&mut leases, running, graceful).await;
+        ended
+    }
+
+    /// One round of membership and leases.
+    async fn tick(
+        &self,
+        connection: &Connection,
+        leases: &mut BTreeMap<u16, i64>,
+        running: &mut BTreeMap<u16, Running>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        // Consumers that ended by themselves (a channel error, or a batch
+        // that failed the fence): the lease decides below whether to restart.
+        let ended: Vec<u16> = running
+            .iter()
+            .filter(|(_, r)| r.task.is_finished())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in ended {
+            let r = running.remove(&p).expect("listed above");
+            match r.task.await {
+                Ok(Ok(())) => tracing::info!(partition = p, "partition consumer stopped"),
+                Ok(Err(e)) => {
+                    tracing::warn!(partition = p, error = %format!("{e:#}"), "partition consumer failed")
+                }
+                Err(e) => tracing::error!(partition = p, error = %e, "partition consumer panicked"),
+            }
+        }
+
+        let mut client = match self.background.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                self.db_trouble(&StoreError::from(e));
+                return Ok(());
+            }
+        };
+        let members = match self.group.heartbeat(&mut client).await {
+            Ok(m) => m,
+            Err(e) => {
+                self.db_trouble(&e);
+                return Ok(());
+            }
+        };
+
+        // Renew; a lease missing from the answer was taken by another daemon.
+        let mine: Vec<u16> = leases.keys().copied().collect();
+        match self.group.renew(&mut client, &mine).await {
+            Ok(still) => {
+                for p in mine {
+                    let kept = still.iter().find(|(q, _)| *q == p).map(|(_, e)| *e);
+                    if kept == leases.get(&p).copied() {
+                        continue;
+                    }
+                    let epoch = leases.remove(&p).unwrap_or_default();
+                    tracing::warn!(
+                        partition = p,
+                        epoch,
+                        "lost the lease on a partition (it expired and another daemon took it); \
+                         dropping its consumer, whose batch in hand cannot commit"
+                    );
+                    self.metrics
+                        .partition_handovers
+                        .with_label_values(&["lost"])
+                        .inc();
+                    if let Some(r) = running.remove(&p) {
+                        r.lost.cancel();
+                        r.stop.cancel();
+                    }
+                    if let Some(epoch) = kept {
+                        // Taken back in between: a new epoch, a new consumer.
+                        leases.insert(p, epoch);
+                    }
+                }
+            }
+            Err(e) => {
+                self.db_trouble(&e);
+                return Ok(());
+            }
+        }
+
+        let share = leases::share(&members, &self.group.member, self.settings.amqp.partitions);
+
+        // Hand over what is no longer this daemon's share.
+        let surplus: Vec<u16> = leases
+            .keys()
+            .copied()
+            .filter(|p| !share.contains(p))
+            .collect();
+        if !surplus.is_empty() {
+            let stopping: Vec<Running> = surplus.iter().filter_map(|p| running.remove(p)).collect();
+            stop_all(stopping, self.settings.partitioning.lease_ttl / 2).await;
+            match self.group.release(&mut client, &surplus).await {
+                Ok(released) => {
+                    for (p, epoch) in released {
+                        tracing::info!(partition = p, epoch, "handed a partition over");
+                        self.metrics
+                            .partition_handovers
+                            .with_label_values(&["released"])
+                            .inc();
+                    }
+                }
+                Err(e) => self.db_trouble(&e),
+            }
+            // Released or not, they are no longer consumed here; a lease
+            // not released expires.
+            for p in &surplus {
+                leases.remove(p);
+            }
+        }
+
+        // Take what is this daemon's share and free.
+        let wanted: Vec<(u16, String)> = share
+            .iter()
+            .filter(|p| !leases.contains_key(p))
+            .map(|p| (*p, self.settings.amqp.partition_queue(*p)))
+            .collect();
+        if !wanted.is_empty() && !shutdown.is_cancelled() {
+            match self.group.take(&mut client, &wanted).await {
+                Ok(taken) => {
+                    for (p, epoch) in taken {
+                        tracing::info!(partition = p, epoch, member = %self.group.member, "took a partition");
+                        self.metrics
+                            .partition_handovers
+                            .with_label_values(&["taken"])
+                            .inc();
+                        leases.insert(p, epoch);
+                    }
+                }
+                Err(e) => self.db_trouble(&e),
+            }
+        }
+        drop(client);
+
+        // Consume every partition held and not consumed yet.
+        let prefetch = self.prefetch(leases.len());
+        for (&p, &epoch) in leases.iter() {
+            if running.get(&p).is_some_and(|r| r.epoch == epoch) {
+                continue;
+            }
+            if let Some(old) = running.remove(&p) {
+                old.lost.cancel();
+                old.stop.cancel();
+            }
+            let r = self
+                .consume(connection, p, epoch, prefetch, shutdown)
+                .await
+                .with_context(|| format!("cannot consume partition {p}"))?;
+            running.insert(p, r);
+        }
+        // Spread the prefetch over the partitions held (see `prefetch`).
+        for r in running.values() {
+            let _ = tokio::time::timeout(
+                REPLY_TIMEOUT,
+                r.channel
+                    .basic_qos(prefetch, BasicQosOptions { global: false }),
+            )
+            .await;
+        }
+        self.metrics.partitions_owned.set(leases.len() as i64);
+        self.held.send_replace(leases.keys().copied().collect());
+        self.refresh_depths(connection, leases).await;
+        Ok(())
+    }
+
+    /// The prefetch of each partition's channel: `amqp.prefetch` (as lowered
+    /// by `amqp.max_inflight_bytes`) shared by the partitions held, so that
+    /// the daemon's deliveries in flight stay within the same bound as in
+    /// single-queue mode; at least 2, so that one batch can arrive while
+    /// another commits.
+    fn prefetch(&self, held: usize) -> u16 {
+        let total = usize::from(self.settings.prefetch());
+        u16::try_from((total / held.max(1)).max(2)).unwrap_or(u16::MAX)
+    }
+
+    /// Opens a channel for partition `p` and starts its consumer, fenced at `epoch`.
+    async fn consume(
+        &self,
+        connection: &Connection,
+        p: u16,
+        epoch: i64,
+        prefetch: u16,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Running> {
+        let queue = self.settings.amqp.partition_queue(p);
+        let (channel, stream) = tokio::time::timeout(REPLY_TIMEOUT, async {
+            let channel = connection
+                .create_channel()
+                .await
+                .context("cannot open a channel")?;
+            channel
+                .basic_qos(prefetch, BasicQosOptions::default())
+                .await
+                .context("cannot set the prefetch")?;
+            let stream = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .with_context(|| format!("cannot consume from {queue}"))?;
+            anyhow::Ok((channel, stream))
+        })
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "RabbitMQ did not answer within {} s",
+                REPLY_TIMEOUT.as_secs()
+            )
+        })??;
+        let stop = shutdown.child_token();
+        let lost = CancellationToken::new();
+        let pipeline = Pipeline::new(
+            self.pipeline.clone(),
+            self.health.clone(),
+            self.metrics.clone(),
+        )
+        .for_session(Session::leased(&queue, p, epoch, lost.clone()));
+        let consumer = Consumer {
+            settings: self.settings.clone(),
+            pipeline,
+            schemas: self.schemas.clone(),
+            dead_letters: self.dead_letters.clone(),
+            publisher_wake: self.publisher_wake.clone(),
+            metrics: self.metrics.clone(),
+            check_key: true,
+        };
+        let task = tokio::spawn({
+            let (channel, stop, lost) = (channel.clone(), stop.clone(), lost.clone());
+            async move {
+                // Stopped, or its channel lost: either way its batch in hand
+                // is finished (stop) or abandoned (lost), never committed late.
+                let consuming = async {
+                    let consumed = consumer.run(stream, &stop).await;
+                    lost.cancel();
+                    consumed
+                };
+                let (consumed, ()) = tokio::join!(consuming, watch_channel(&channel, lost.clone()));
+                // Closing the channel returns its prefetched deliveries to the queue.
+                let _ = tokio::time::timeout(REPLY_TIMEOUT, channel.close(200, "bye".into())).await;
+                consumed
+            }
+        });
+        tracing::debug!(partition = p, epoch, prefetch, "consuming a partition");
+        Ok(Running {
+            epoch,
+            stop,
+            lost,
+            channel,
+            task,
+        })
+    }
+
+    /// Updates `scramjet_partition_queue_depth` for the partitions held:
+    /// one passive declaration each, on a channel of its own (a passive
+    /// declaration that fails closes its channel).
+    async fn refresh_depths(&self, connection: &Connection, leases: &BTreeMap<u16, i64>) {
+        self.metrics.partition_depth.reset();
+        if leases.is_empty() {
+            return;
+        }
+        let probe = async {
+            let channel = connection.create_channel().await?;
+            for p in leases.keys() {
+                let queue = self.settings.amqp.partition_queue(*p);
+                let declared = channel
+                    .queue_declare(
+                        queue.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                self.metrics
+                    .partition_depth
+                    .with_label_values(&[&p.to_string()])
+                    .set(i64::from(declared.message_count()));
+            }
+            let _ = channel.close(200, "bye".into()).await;
+            lapin::Result::Ok(())
+        };
+        if let Ok(Err(e)) = tokio::time::timeout(REPLY_TIMEOUT, probe).await {
+            tracing::debug!(error = %e, "cannot read the partition queues' depths");
+        }
+    }
+
+    /// Stops every consumer (after its batch in hand when `graceful`, at
+    /// once otherwise), gives the leases up and leaves the group.
+    async fn leave(
+        &self,
+        leases: &mut BTreeMap<u16, i64>,
+        running: BTreeMap<u16, Running>,
+        graceful: bool,
+    ) {
+        let consumers: Vec<Running> = running.into_values().collect();
+        if !graceful {
+            for r in &consumers {
+                r.lost.cancel();
+            }
+            // The events already committed are published by the partitions'
+            // next owners.
+            self.held.send_replace(Vec::new());
+        }
+        stop_all(consumers, self.settings.shutdown.timeout).await;
+        self.metrics.partitions_owned.set(0);
+        let mine: Vec<u16> = leases.keys().copied().collect();
+        let released = async {
+            let mut client = self.background.get().await.map_err(StoreError::from)?;
+            let released = self.group.release(&mut client, &mine).await?;
+            self.group.leave(&mut client).await?;
+            Ok::<_, StoreError>(released)
+        };
+        match tokio::time::timeout(REPLY_TIMEOUT, released).await {
+            Ok(Ok(released)) => {
+                for (p, epoch) in released {
+                    tracing::info!(partition = p, epoch, "released a partition");
+                    self.metrics
+                        .partition_handovers
+                        .with_label_values(&["released"])
+                        .inc();
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot release the partitions; their leases expire")
+            }
+            Err(_) => tracing::warn!("releasing the partitions timed out; their leases expire"),
+        }
+        leases.clear();
+    }
+
+    /// A lease or membership statement failed: the database is in trouble.
+    /// The leases are kept as long as they last; the batches' own fences
+    /// keep them honest.
+    fn db_trouble(&self, e: &StoreError) {
+        tracing::warn!(error = %e, "cannot renew the partition leases; trying again at the next tick");
+    }
+}
+
+/// Stops `consumers` after their batches in hand and waits for them, at
+/// most `within`; one still running then is abandoned (its batch fails the
+/// fence once another daemon holds its lease).
+async fn stop_all(consumers: Vec<Running>, within: Duration) {
+    for r in &consumers {
+        r.stop.cancel();
+    }
+    let waits = consumers.into_iter().map(|r| async move {
+        let lost = r.lost.clone();
+        if tokio::time::timeout(within, r.task).await.is_err() {
+            lost.cancel();
+        }
+    });
+    futures_util::future::join_all(waits).await;
+}
+
+/// Cancels `lost` when `connection` fails.
+async fn watch_connection(connection: &Connection, lost: CancellationToken) {
+    let mut events = std::pin::pin!(connection.events_listener());
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            event = events.next() => match event {
+                Some(lapin::Event::Error(e)) => {
+                    tracing::warn!(error = %amqp::one_line(&e.to_string()), "the broker connection failed");
+                    lost.cancel();
+                    return;
+                }
+                None => {
+                    lost.cancel();
+                    return;
+                }
+                Some(_) => {}
+            },
+            _ = tick.tick() => {
+                if !connection.status().connected() {
+                    lost.cancel();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Cancels `lost` when `channel` closes (or once `lost` is cancelled).
+async fn watch_channel(channel: &Channel, lost: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = lost.cancelled() => return,
+            _ = tick.tick() => {
+                if !channel.status().connected() {
+                    lost.cancel();
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,410 @@
+//! Partitioned mode (`amqp.partitions` > 1): several daemons, real
+//! processes, share the partition queues by leases; each (type, id) is
+//! handled by one daemon at a time, in order, across SIGKILLs, new members
+//! and a daemon paused with SIGSTOP.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties, Channel, Connection, ConnectionProperties,
+    options::{BasicPublishOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable, ShortString},
+};
+use scramjet::config::Settings;
+use serde_json::Value;
+
+use crate::{helpers::*, model::*};
+
+/// Settings of a partitioned test: `partitions` queues, short leases.
+fn partitioned(names: &Names, schemas: PathBuf, partitions: u16) -> Settings {
+    let mut s = test_settings(names, schemas);
+    s.amqp.partitions = partitions;
+    s.partitioning.lease_ttl = Duration::from_secs(2);
+    s
+}
+
+/// A `scramjet run` process whose JSON log goes to a file.
+struct Daemon {
+    name: &'static str,
+    log: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    async fn start(
+        name: &'static str,
+        s: &Settings,
+        dir: &std::path::Path,
+        extra: &[(&str, &str)],
+    ) -> Daemon {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_scramjet"));
+        cmd.arg("run").stdout(file).stderr(Stdio::null());
+        let a = &s.amqp;
+        let lease = format!("{}ms", s.partitioning.lease_ttl.as_millis());
+        let env = [
+            ("SCRAMJET__POSTGRES__URL", s.postgres.url.clone()),
+            ("SCRAMJET__AMQP__URL", a.url.clone()),
+            (
+                "SCRAMJET__AMQP__INBOUND_EXCHANGE",
+                a.inbound_exchange.clone(),
+            ),
+            ("SCRAMJET__AMQP__INBOUND_QUEUE", a.inbound_queue.clone()),
+            (
+                "SCRAMJET__AMQP__CHANGES_EXCHANGE",
+                a.changes_exchange.clone(),
+            ),
+            (
+                "SCRAMJET__AMQP__DEAD_LETTER_EXCHANGE",
+                a.dead_letter_exchange.clone(),
+            ),
+            (
+                "SCRAMJET__AMQP__DEAD_LETTER_QUEUE",
+                a.dead_letter_queue.clone(),
+            ),
+            ("SCRAMJET__AMQP__PARTITIONS", a.partitions.to_string()),
+            ("SCRAMJET__PARTITIONING__LEASE_TTL", lease),
+            ("SCRAMJET__HTTP__LISTEN", format!("127.0.0.1:{port}")),
+            ("SCRAMJET__PIPELINE__BATCH_SIZE", "50".into()),
+            ("SCRAMJET__LOG__FORMAT", "json".into()),
+            ("SCRAMJET__LOG__LEVEL", "info,tokio_postgres=warn".into()),
+            (
+                "SCRAMJET__VALIDATION__SCHEMA_DIR",
+                s.validation.schema_dir.to_string_lossy().into_owned(),
+            ),
+        ];
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let mut daemon = Daemon {
+            name,
+            log,
+            port,
+            child: Some(cmd.spawn().unwrap()),
+        };
+        daemon.wait_ready().await;
+        daemon
+    }
+
+    async fn wait_ready(&mut self) {
+        let addr = format!("127.0.0.1:{}", self.port).parse().unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_ok()
+                && http_get(addr, "/readyz").await.0 == 200
+            {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "{} exited at start ({status}): {}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            assert!(Instant::now() < deadline, "{} became ready", self.name);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill")
+            .arg(signal)
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    async fn kill9(&mut self) {
+        self.signal("-KILL");
+        let mut child = self.child.take().unwrap();
+        tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    async fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal("-TERM");
+        let mut child = self.child.take().unwrap();
+        tokio::time::timeout(PATIENCE, tokio::task::spawn_blocking(move || child.wait()))
+            .await
+            .expect("exits after SIGTERM")
+            .unwrap()
+            .unwrap()
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The JSON log lines whose message is `message`.
+    fn lines(&self, message: &str) -> Vec<Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["message"] == message)
+            .collect()
+    }
+
+    /// Messages this daemon committed, from its "batch committed" lines.
+    fn processed(&self) -> u64 {
+        self.lines("batch committed")
+            .iter()
+            .map(|f| f["size"].as_u64().unwrap_or(0))
+            .sum()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The properties a producer sends: `message_id`, persistent, and the key.
+fn keyed(i: usize, body: &str) -> BasicProperties {
+    let v: Value = serde_json::from_str(body).unwrap();
+    let key = format!(
+        "{}/{}",
+        v["type"].as_str().unwrap(),
+        v["id"].as_str().unwrap()
+    );
+    let mut headers = FieldTable::default();
+    headers.insert("scramjet-key".into(), AMQPValue::LongString(key.into()));
+    BasicProperties::default()
+        .with_message_id(ShortString::from(format!("msg-{i}")))
+        .with_delivery_mode(2)
+        .with_headers(headers)
+}
+
+/// Collects every event from `stream` until `done` is cancelled.
+fn collect(
+    mut stream: lapin::Consumer,
+    done: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<Vec<ReceivedEvent>> {
+    tokio::spawn(async move {
+        let mut events = Vec::new();
+        loop {
+            tokio::select! {
+                _ = done.cancelled() => return events,
+                next = stream.next() => {
+                    let Some(Ok(d)) = next else { return events };
+                    let raw = String::from_utf8(d.data).unwrap();
+                    events.push(ReceivedEvent {
+                        body: serde_json::from_str(&raw).unwrap(),
+                        raw,
+                        routing_key: d.routing_key.to_string(),
+                        properties: d.properties,
+                    });
+                }
+            }
+        }
+    })
+}
+
+/// Ready messages in every partition queue of `s`.
+async fn depth(channel: &Channel, s: &Settings) -> u32 {
+    let mut total = 0;
+    for p in 0..s.amqp.partitions {
+        let q = channel
+            .queue_declare(
+                s.amqp.partition_queue(p).as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        total += q.message_count();
+    }
+    total
+}
+
+/// Waits until the partition queues and the outbox are empty, staging holds
+/// only rejected rows, and no event arrived for a while.
+async fn wait_drained(channel: &Channel, s: &Settings, db: &tokio_postgres::Client) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut quiet_since: Option<Instant> = None;
+    loop {
+        let busy = depth(channel, s).await > 0
+            || count(db, "SELECT count(*) FROM outbox").await > 0
+            || count(
+                db,
+                "SELECT count(*) FROM staging WHERE is_valid IS DISTINCT FROM false",
+            )
+            .await
+                > 0;
+        match (busy, quiet_since) {
+            (true, _) => quiet_since = None,
+            (false, None) => quiet_since = Some(Instant::now()),
+            (false, Some(t)) if t.elapsed() > Duration::from_secs(3) => return,
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "the daemons did not drain the partitions: {} ready, outbox {}, staging {}",
+                depth(channel, s).await,
+                count(db, "SELECT count(*) FROM outbox").await,
+                count(
+                    db,
+                    "SELECT count(*) FROM staging WHERE is_valid IS DISTINCT FROM false"
+                )
+                .await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn count(db: &tokio_postgres::Client, sql: &str) -> i64 {
+    db.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// No (partition, epoch) was ever taken by two daemons: from every
+/// daemon's "took a partition" lines.
+fn one_owner_per_epoch(daemons: &[&Daemon]) -> usize {
+    let mut owners: BTreeMap<(u64, u64), BTreeSet<String>> = BTreeMap::new();
+    for d in daemons {
+        for f in d.lines("took a partition") {
+            owners
+                .entry((
+                    f["partition"].as_u64().unwrap(),
+                    f["epoch"].as_u64().unwrap(),
+                ))
+                .or_default()
+                .insert(f["member"].as_str().unwrap().to_owned());
+        }
+    }
+    for ((p, e), who) in &owners {
+        assert_eq!(who.len(), 1, "partition {p} epoch {e} had owners {who:?}");
+    }
+    owners.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemons_share_partitions_through_a_sigkill_and_a_new_member_keeping_per_id_order() {
+    let names = Names::new();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("person.json"), PERSON_SCHEMA).unwrap();
+    let s = partitioned(&names, dir.path().to_owned(), 8);
+    let _cleanup = Cleanup::new(&s, &names);
+
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    declare_like_the_daemon(&channel, &s).await;
+    channel.confirm_select(Default::default()).await.unwrap();
+    let stream = watch_changes(&conn, &s, &format!("{}.watch", names.prefix)).await;
+    let done = tokio_util::sync::CancellationToken::new();
+    let collector = collect(stream, done.clone());
+
+    let mut a = Daemon::start("a", &s, dir.path(), &[]).await;
+    let b = Daemon::start("b", &s, dir.path(), &[]).await;
+    let c = Daemon::start("c", &s, dir.path(), &[]).await;
+
+    let (bodies, model) = workload(13, 20_000, 300);
+    let messages: Vec<(String, BasicProperties)> = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let body = versioned(b, i as i64 + 1);
+            let properties = keyed(i, &body);
+            (body, properties)
+        })
+        .collect();
+    let exchange = s.amqp.inbound_exchange.clone();
+    let publisher = tokio::spawn({
+        let channel = channel.clone();
+        async move {
+            // About 2,000 a second: the SIGKILL and the new member land mid-stream.
+            for chunk in messages.chunks(200) {
+                for (body, properties) in chunk {
+                    channel
+                        .basic_publish(
+                            exchange.as_str().into(),
+                            "person.save".into(),
+                            BasicPublishOptions::default(),
+                            body.as_bytes(),
+                            properties.clone(),
+                        )
+                        .await
+                        .unwrap();
+                }
+                assert!(channel.wait_for_confirms().await.unwrap().is_empty());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    a.kill9().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let d = Daemon::start("d", &s, dir.path(), &[]).await;
+    publisher.await.unwrap();
+
+    let db = connect_db(&names).await.unwrap();
+    wait_drained(&channel, &s, &db).await;
+    done.cancel();
+    let (events, repeats) = dedupe(collector.await.unwrap());
+    check_events(&events, &model);
+    check_final_state(&db, &model).await;
+    assert!(
+        count(&db, "SELECT count(*) FROM staging").await
+            == count(&db, "SELECT count(*) FROM staging WHERE is_valid = false").await,
+        "staging holds only rejected rows"
+    );
+
+    let processed: Vec<(&str, u64)> = [&a, &b, &c, &d]
+        .iter()
+        .map(|x| (x.name, x.processed()))
+        .collect();
+    for (name, n) in &processed {
+        assert!(
+            *n > 0,
+            "daemon {name} processed messages: {processed:?}; log of a: {}",
+            a.log_text().lines().take(40).collect::<Vec<_>>().join("\n")
+        );
+    }
+    let epochs = one_owner_per_epoch(&[&a, &b, &c, &d]);
+    for x in [&b, &c, &d] {
+        assert!(!x.lines("took a partition").is_empty());
+    }
+    let mut b = b;
+    let mut c = c;
+    let mut d = d;
+    for x in [&mut b, &mut c, &mut d] {
+        let exit = x.terminate().await;
+        assert!(exit.success(), "{} exits cleanly: {exit:?}", x.name);
+    }
+    println!(
+        "partitions: 8 partitions, {} messages, 3 daemons, 1 SIGKILLed, 1 joined; processed \
+         {processed:?}; {epochs} lease epochs, each with one owner; {} events, {repeats} repeats",
+        bodies.len(),
+        events.len()
+    );
+}
