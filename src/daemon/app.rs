@@ -304,6 +304,7 @@ impl App {
             schemas: self.schemas.clone(),
             dead_letters: dead_letters.clone(),
             publisher_wake: notify.clone(),
+            batch_size: self.settings.batch_size(),
             check_key: false,
         };
         let consuming = async {

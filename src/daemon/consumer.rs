@@ -54,6 +54,9 @@ pub(super) struct Consumer {
     pub publisher_wake: Wake,
     /// Counts outcomes and times batches.
     pub metrics: Metrics,
+    /// Most messages per batch: [`Settings::batch_size`], or less for a
+    /// partition's channel, whose prefetch is a share of the daemon's.
+    pub batch_size: usize,
     /// Whether each message must carry the `scramjet-key` header of its
     /// type and id: in a partition queue, one without it could race the
     /// same id in another partition.
@@ -67,7 +70,7 @@ impl Consumer {
         mut stream: lapin::Consumer,
         stop: &CancellationToken,
     ) -> anyhow::Result<()> {
-        let batch_size = self.settings.batch_size();
+        let batch_size = self.batch_size;
         let max_bytes = self.settings.pipeline.max_batch_bytes;
         let linger = self.settings.pipeline.linger();
         loop {

@@ -345,6 +345,12 @@ impl Member {
             dead_letters: self.dead_letters.clone(),
             publisher_wake: self.publisher_wake.clone(),
             metrics: self.metrics.clone(),
+            // Half the channel's prefetch, so that the next batch arrives
+            // while one commits (as `Settings::batch_size` does).
+            batch_size: self
+                .settings
+                .batch_size()
+                .min((usize::from(prefetch) / 2).max(1)),
             check_key: true,
         };
         let task = tokio::spawn({

@@ -408,3 +408,249 @@ async fn daemons_share_partitions_through_a_sigkill_and_a_new_member_keeping_per
         events.len()
     );
 }
+
+fn error_of(d: &lapin::message::Delivery) -> String {
+    match d
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(scramjet::daemon::ERROR_HEADER))
+    {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        other => panic!("no reason header: {other:?}"),
+    }
+}
+
+fn with_key(key: &str) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert("scramjet-key".into(), AMQPValue::LongString(key.into()));
+    BasicProperties::default().with_headers(headers)
+}
+
+#[tokio::test]
+async fn a_message_in_a_partition_queue_with_a_missing_or_wrong_key_is_dead_lettered() {
+    let mut app = spawn_app_with(|s| {
+        s.amqp.partitions = 2;
+        s.partitioning.lease_ttl = Duration::from_secs(2);
+    })
+    .await;
+    // A keyed save goes through once the daemon holds its partitions.
+    app.publish_with(
+        save_body("person", "ok", r#"{"name":"A"}"#),
+        with_key("person/ok"),
+    )
+    .await;
+    assert_eq!(app.next_event().await.id(), "ok");
+
+    app.publish(save_body("person", "bare", r#"{"name":"B"}"#))
+        .await;
+    let missing = error_of(&app.next_dead_letter().await);
+    assert!(missing.contains("no scramjet-key header"), "{missing}");
+    assert!(missing.contains("\"person/bare\""), "{missing}");
+
+    app.publish_with(
+        save_body("person", "wrong", r#"{"name":"C"}"#),
+        with_key("person/other"),
+    )
+    .await;
+    let wrong = error_of(&app.next_dead_letter().await);
+    assert!(
+        wrong.contains("\"person/other\" is not this message's <type>/<id> \"person/wrong\""),
+        "{wrong}"
+    );
+
+    // Straight into a partition queue through the default exchange.
+    app.publisher
+        .basic_publish(
+            "".into(),
+            app.settings.amqp.partition_queue(1).as_str().into(),
+            BasicPublishOptions::default(),
+            delete_body("person", "ok").as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let direct = error_of(&app.next_dead_letter().await);
+    assert!(direct.contains("no scramjet-key header"), "{direct}");
+
+    let ids: Vec<String> = app.resources().await.into_iter().map(|r| r.1).collect();
+    assert_eq!(ids, ["ok"], "no dead-lettered message changed anything");
+}
+
+#[tokio::test]
+async fn partitioned_start_up_refuses_a_single_inbound_queue_that_still_holds_messages() {
+    let names = Names::new();
+    let dir = tempfile::tempdir().unwrap();
+    let single = test_settings(&names, dir.path().to_owned());
+    let s = partitioned(&names, dir.path().to_owned(), 4);
+    let _cleanup = Cleanup::new(&s, &names);
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    // Left by single-queue daemons: two messages nobody consumed.
+    declare_like_the_daemon(&channel, &single).await;
+    for id in ["a", "b"] {
+        channel
+            .basic_publish(
+                single.amqp.inbound_exchange.as_str().into(),
+                "person.save".into(),
+                BasicPublishOptions::default(),
+                save_body("person", id, r#"{"name":"A"}"#).as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let refused = match scramjet::daemon::App::build(s.clone()).await {
+        Ok(_) => panic!("a partitioned daemon started over a full single queue"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        refused.contains("still holds 2 message(s) from single-queue mode"),
+        "{refused}"
+    );
+    assert!(!refused.contains('\n'), "one line: {refused}");
+
+    // Once drained, it starts, and the single queue no longer collects messages.
+    channel
+        .queue_purge(
+            single.amqp.inbound_queue.as_str().into(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let (_http, shutdown, running, _) = launch(&s).await;
+    channel
+        .basic_publish(
+            s.amqp.inbound_exchange.as_str().into(),
+            "person.save".into(),
+            BasicPublishOptions::default(),
+            save_body("person", "c", r#"{"name":"C"}"#).as_bytes(),
+            with_key("person/c"),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let left = channel
+        .queue_declare(
+            single.amqp.inbound_queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(left.message_count(), 0, "the single queue was unbound");
+    assert!(depth(&channel, &s).await <= 1);
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_daemon_that_lost_its_leases_never_commits_its_batch_in_hand() {
+    let names = Names::new();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("person.json"), PERSON_SCHEMA).unwrap();
+    let s = partitioned(&names, dir.path().to_owned(), 4);
+    let _cleanup = Cleanup::new(&s, &names);
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    declare_like_the_daemon(&channel, &s).await;
+    channel.confirm_select(Default::default()).await.unwrap();
+    let stream = watch_changes(&conn, &s, &format!("{}.watch", names.prefix)).await;
+    let done = tokio_util::sync::CancellationToken::new();
+    let collector = collect(stream, done.clone());
+
+    // The paused one lingers on each batch, so that it has one in hand.
+    let mut paused = Daemon::start(
+        "paused",
+        &s,
+        dir.path(),
+        &[
+            ("SCRAMJET__PIPELINE__LINGER_MS", "1500"),
+            ("SCRAMJET__PIPELINE__BATCH_SIZE", "500"),
+        ],
+    )
+    .await;
+    let mut other = Daemon::start("other", &s, dir.path(), &[]).await;
+
+    let (bodies, model) = workload(29, 3000, 60);
+    let exchange = s.amqp.inbound_exchange.clone();
+    let publisher = tokio::spawn({
+        let channel = channel.clone();
+        async move {
+            for (i, b) in bodies.iter().enumerate() {
+                let body = versioned(b, i as i64 + 1);
+                channel
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        "person.save".into(),
+                        BasicPublishOptions::default(),
+                        body.as_bytes(),
+                        keyed(i, &body),
+                    )
+                    .await
+                    .unwrap();
+                if i % 20 == 19 {
+                    assert!(channel.wait_for_confirms().await.unwrap().is_empty());
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            assert!(channel.wait_for_confirms().await.unwrap().is_empty());
+        }
+    });
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = paused.lines("took a partition").len();
+    assert!(before > 0, "the paused daemon held partitions");
+    paused.signal("-STOP");
+    // Its leases (2 s) expire and the other daemon takes them.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while other.lines("took a partition").len() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the other daemon took every partition"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    paused.signal("-CONT");
+    publisher.await.unwrap();
+
+    let db = connect_db(&names).await.unwrap();
+    wait_drained(&channel, &s, &db).await;
+    done.cancel();
+    let (events, _) = dedupe(collector.await.unwrap());
+    check_events(&events, &model);
+    check_final_state(&db, &model).await;
+    let lost = paused.lines(
+        "lost the lease on a partition (it expired and another daemon took it); dropping its \
+         consumer, whose batch in hand cannot commit",
+    );
+    let abandoned = paused.lines("batch abandoned, not committed; the broker redelivers it");
+    assert!(!lost.is_empty(), "the paused daemon saw it lost its leases");
+    assert!(
+        !abandoned.is_empty(),
+        "its batch in hand was abandoned, not committed"
+    );
+    one_owner_per_epoch(&[&paused, &other]);
+    for d in [&mut paused, &mut other] {
+        assert!(d.terminate().await.success());
+    }
+    println!(
+        "fencing: {} leases lost, {} batches abandoned after SIGCONT; {} events right",
+        lost.len(),
+        abandoned.len(),
+        events.len()
+    );
+}
