@@ -28,6 +28,8 @@ const CONFIG_KEYS: &[&str] = &[
     "amqp.changes_exchange",
     "amqp.dead_letter_exchange",
     "amqp.dead_letter_queue",
+    "amqp.partitions",
+    "partitioning.lease_ttl",
     "validation.schema_dir",
     "validation.unknown_types",
     "http.listen",

@@ -11,6 +11,20 @@ use lapin::{
 use super::{Bench, workload::Op};
 use crate::amqp::consume_no_ack;
 
+/// The properties of a bench message: persistent, with the `scramjet-key`
+/// header a partitioned deployment hashes on (set in every mode, as
+/// `scramjet send` does, so that the runs compare like with like).
+pub(super) fn keyed(body: &str) -> BasicProperties {
+    let properties = BasicProperties::default().with_delivery_mode(2);
+    match serde_json::from_str::<serde_json::Value>(body) {
+        Ok(v) => match (v["type"].as_str(), v["id"].as_str()) {
+            (Some(t), Some(id)) => properties.with_headers(crate::amqp::key_headers(t, id)),
+            _ => properties,
+        },
+        Err(_) => properties,
+    }
+}
+
 impl Bench {
     pub(super) async fn publish_to(
         &self,
@@ -39,7 +53,7 @@ impl Bench {
                     routing_key.into(),
                     BasicPublishOptions::default(),
                     body.as_bytes(),
-                    BasicProperties::default().with_delivery_mode(2),
+                    keyed(body),
                 )
                 .await?;
         }

@@ -57,6 +57,11 @@ impl Daemon {
                 "SCRAMJET__PIPELINE__BATCH_SIZE",
                 s.pipeline.batch_size.to_string(),
             )
+            .env("SCRAMJET__AMQP__PARTITIONS", s.amqp.partitions.to_string())
+            .env(
+                "SCRAMJET__PARTITIONING__LEASE_TTL",
+                format!("{}ms", s.partitioning.lease_ttl.as_millis()),
+            )
             .env(
                 "SCRAMJET__AMQP__QUEUE_TYPE",
                 format!("{:?}", s.amqp.queue_type).to_lowercase(),

@@ -8,12 +8,9 @@ use std::{
 
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
-use lapin::{
-    BasicProperties,
-    options::{BasicPublishOptions, ConfirmSelectOptions},
-};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 
-use super::{Bench, daemon::Daemon, workload::save};
+use super::{Bench, broker::keyed, daemon::Daemon, workload::save};
 
 /// Percentiles of one latency run, in milliseconds.
 pub(super) struct Latency {
@@ -27,6 +24,28 @@ pub(super) struct Latency {
 impl Bench {
     pub(super) async fn latency(&self, seconds: u64, rate: u64) -> anyhow::Result<Latency> {
         let mut daemon = Daemon::start(&self.settings).await?;
+        let latency = self
+            .offered(
+                &self.settings.amqp.inbound_exchange,
+                "latency",
+                seconds,
+                rate,
+            )
+            .await?;
+        daemon.stop().await?;
+        Ok(latency)
+    }
+
+    /// Publishes saves of `entity_type` to `exchange` at `rate` for
+    /// `seconds`, to daemons already running, and measures each one's time
+    /// to its event.
+    pub(super) async fn offered(
+        &self,
+        exchange: &str,
+        entity_type: &str,
+        seconds: u64,
+        rate: u64,
+    ) -> anyhow::Result<Latency> {
         let (_ch, mut stream) = self.watch_events().await?;
         let total = (seconds * rate) as usize;
         let sent: Arc<Mutex<HashMap<String, Instant>>> =
@@ -35,7 +54,8 @@ impl Bench {
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        let exchange = self.settings.amqp.inbound_exchange.clone();
+        let exchange = exchange.to_owned();
+        let entity_type = entity_type.to_owned();
         let sending = tokio::spawn({
             let sent = sent.clone();
             async move {
@@ -43,7 +63,7 @@ impl Bench {
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 for i in 0..total {
                     tick.tick().await;
-                    let body = save("latency", i, 0, 1024);
+                    let body = save(&entity_type, i, 0, 1024);
                     sent.lock()
                         .expect("not poisoned")
                         .insert(format!("e{i:08}"), Instant::now());
@@ -53,7 +73,7 @@ impl Bench {
                             "bench".into(),
                             BasicPublishOptions::default(),
                             body.as_bytes(),
-                            BasicProperties::default().with_delivery_mode(2),
+                            keyed(&body),
                         )
                         .await?;
                 }
@@ -82,7 +102,6 @@ impl Bench {
             latencies.push(now.duration_since(at).as_secs_f64() * 1000.0);
         }
         sending.await??;
-        daemon.stop().await?;
         self.delete_queue(&format!("{}.events", self.names.prefix()))
             .await;
         latencies.sort_by(f64::total_cmp);

@@ -14,6 +14,7 @@ mod ingest;
 mod latency;
 mod memory;
 mod probes;
+mod replicas;
 mod report;
 mod throughput;
 mod workload;
@@ -58,6 +59,14 @@ pub struct BenchArgs {
     /// report the daemon's peak RSS against amqp.max_inflight_bytes.
     #[arg(long, value_name = "MESSAGES", conflicts_with = "ingest")]
     pub large: Option<usize>,
+    /// Instead, compare one daemon on the single queue with 1 to N daemons
+    /// sharing --partitions partition queues (docs/scale-out.md): the rate,
+    /// CPU per message and latency of each.
+    #[arg(long, value_name = "N", conflicts_with_all = ["ingest", "large"])]
+    pub replicas: Option<usize>,
+    /// With --replicas: the partition queues the daemons share.
+    #[arg(long, default_value_t = 8, requires = "replicas")]
+    pub partitions: u16,
 }
 
 /// Names of this run.
@@ -95,6 +104,12 @@ pub async fn run(base: &Settings, opts: &BenchArgs) -> anyhow::Result<()> {
     let bench = Bench::new(settings, names).await?;
     if let Some(records) = opts.ingest {
         let result = bench.ingest(records, opts.ingest_through_daemon).await;
+        bench.cleanup().await;
+        println!("{}", result?);
+        return Ok(());
+    }
+    if let Some(most) = opts.replicas {
+        let result = bench.replicas(most, opts).await;
         bench.cleanup().await;
         println!("{}", result?);
         return Ok(());
