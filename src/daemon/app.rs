@@ -5,6 +5,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
+use futures_util::StreamExt;
 use lapin::{
     Connection,
     options::{BasicConsumeOptions, BasicQosOptions},
@@ -164,6 +165,7 @@ impl App {
             health: self.health.clone(),
             metrics: self.metrics.clone(),
             max_event_bytes: self.settings.limits.max_event_bytes,
+            max_round_events: self.settings.batch_size() as i64,
             lanes,
         };
         let publisher_stop = CancellationToken::new();
@@ -308,7 +310,7 @@ impl App {
             check_key: false,
         };
         let consuming = async {
-            let consumed = consumer.run(stream, shutdown).await;
+            let consumed = consumer.run(stream.map(|d| (None, d)), shutdown).await;
             lost.cancel();
             consumed
         };

@@ -15,7 +15,7 @@
 
 use std::{collections::BTreeMap, panic::AssertUnwindSafe, sync::Arc, time::Instant};
 
-use futures_util::{FutureExt, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use lapin::{
     BasicProperties,
     message::Delivery,
@@ -64,10 +64,12 @@ pub(super) struct Consumer {
 }
 
 impl Consumer {
-    /// Runs until `stop` (after finishing the batch in hand) or a broker error.
+    /// Runs until `stop` (after finishing the batch in hand) or a broker
+    /// error. `stream` yields each delivery with its lane: the partition
+    /// queue it came from (its channel's), `None` for the single queue.
     pub(super) async fn run(
         &self,
-        mut stream: lapin::Consumer,
+        mut stream: impl Stream<Item = Lane> + Unpin,
         stop: &CancellationToken,
     ) -> anyhow::Result<()> {
         let batch_size = self.batch_size;
@@ -79,17 +81,19 @@ impl Consumer {
                 _ = stop.cancelled() => return Ok(()),
                 next = stream.next() => next,
             };
-            let mut batch = vec![accept(first)?];
-            let mut bytes = batch[0].data.len();
-            let room =
-                |batch: &Vec<Delivery>, bytes: usize| batch.len() < batch_size && bytes < max_bytes;
+            let mut batch = Batch::default();
+            batch.push(accept(first)?);
+            let mut bytes = batch.deliveries[0].data.len();
+            let room = |batch: &Batch, bytes: usize| {
+                batch.deliveries.len() < batch_size && bytes < max_bytes
+            };
             // Take whatever has already arrived: under load batches grow by
             // themselves, and an idle daemon answers a lone message at once.
             while room(&batch, bytes) {
                 match stream.next().now_or_never() {
                     Some(next) => {
                         let d = accept(next)?;
-                        bytes += d.data.len();
+                        bytes += d.1.data.len();
                         batch.push(d);
                     }
                     None => break,
@@ -101,7 +105,7 @@ impl Consumer {
                     match tokio::time::timeout_at(deadline, stream.next()).await {
                         Ok(next) => {
                             let d = accept(next)?;
-                            bytes += d.data.len();
+                            bytes += d.1.data.len();
                             batch.push(d);
                         }
                         Err(_) => break,
@@ -110,8 +114,8 @@ impl Consumer {
             }
             let span = tracing::info_span!(
                 "batch",
-                size = batch.len(),
-                first_tag = batch[0].delivery_tag
+                size = batch.deliveries.len(),
+                first_tag = batch.deliveries[0].delivery_tag
             );
             match self.handle(&batch, stop).instrument(span).await {
                 Ok(()) => {}
@@ -126,13 +130,11 @@ impl Consumer {
     /// one transaction, dead-letter (confirmed), ack, record. Nothing is
     /// acked before its transaction committed and its dead letters were
     /// confirmed.
-    async fn handle(
-        &self,
-        batch: &[Delivery],
-        stop: &CancellationToken,
-    ) -> Result<(), HandleError> {
+    async fn handle(&self, batch: &Batch, stop: &CancellationToken) -> Result<(), HandleError> {
         let started = Instant::now();
-        let mut decoded = self.decode_all(batch);
+        let lanes = &batch.lanes;
+        let batch = batch.deliveries.as_slice();
+        let mut decoded = self.decode_all(batch, lanes);
         let results = self
             .pipeline
             .process(&decoded.prepared, stop)
@@ -148,14 +150,14 @@ impl Consumer {
             let dead_lettered = self.dead_letter_all(batch, decoded.dead).await?;
             counts.per_label.insert("dead_lettered", dead_lettered);
         }
-        ack(batch).await?;
+        ack(batch, lanes).await?;
         self.record(batch.len(), &counts, started);
         Ok(())
     }
 
     /// Decodes and prepares every delivery of `batch`; those that cannot be
     /// processed are set aside for the dead-letter exchange, with the reason.
-    fn decode_all(&self, batch: &[Delivery]) -> Decoded {
+    fn decode_all(&self, batch: &[Delivery], lanes: &[Option<i32>]) -> Decoded {
         let limits = self.settings.limits.decoder_limits();
         let schemas = self.schemas.current();
 
@@ -172,10 +174,11 @@ impl Consumer {
                 decoded.dead.push((i, format!("the AMQP {property} is not valid UTF-8 (its invalid bytes are U+FFFD in this dead letter)")));
                 continue;
             }
-            let prepared = prepare(d, limits, &schemas).and_then(|p| {
+            let prepared = prepare(d, limits, &schemas).and_then(|mut p| {
                 if self.check_key {
                     check_key(d, &p)?;
                 }
+                p.lane = lanes[i];
                 Ok(p)
             });
             match prepared {
@@ -359,23 +362,30 @@ fn tally(batch: &[Delivery], decoded: &mut Decoded, results: Results) -> Counts 
     counts
 }
 
-/// Acks the whole batch with one `basic.ack(multiple)` on its last delivery.
-async fn ack(batch: &[Delivery]) -> Result<(), HandleError> {
-    let last = batch.last().expect("a batch is never empty");
+/// Acks the whole batch with one `basic.ack(multiple)` on the last delivery
+/// of each lane (each lane is a channel of its own).
+async fn ack(batch: &[Delivery], lanes: &[Option<i32>]) -> Result<(), HandleError> {
+    let mut last: Vec<(Option<i32>, &Delivery)> = Vec::new();
+    for (d, lane) in batch.iter().zip(lanes) {
+        match last.iter_mut().find(|(l, _)| l == lane) {
+            Some(slot) => slot.1 = d,
+            None => last.push((*lane, d)),
+        }
+    }
+    let acks = last
+        .iter()
+        .map(|(_, d)| d.acker.ack(BasicAckOptions { multiple: true }));
     // An ack that cannot be written means a dead connection: reconnect,
     // and the broker redelivers the (committed, so harmless) batch.
-    tokio::time::timeout(
-        REPLY_TIMEOUT,
-        last.acker.ack(BasicAckOptions { multiple: true }),
-    )
-    .await
-    .map_err(|_| {
-        HandleError::Broker(anyhow::anyhow!(
-            "cannot ack: no progress within {} s",
-            REPLY_TIMEOUT.as_secs()
-        ))
-    })?
-    .map_err(|e| HandleError::Broker(anyhow::anyhow!("cannot ack: {e}")))?;
+    tokio::time::timeout(REPLY_TIMEOUT, futures_util::future::try_join_all(acks))
+        .await
+        .map_err(|_| {
+            HandleError::Broker(anyhow::anyhow!(
+                "cannot ack: no progress within {} s",
+                REPLY_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(|e| HandleError::Broker(anyhow::anyhow!("cannot ack: {e}")))?;
     Ok(())
 }
 
@@ -387,10 +397,28 @@ enum HandleError {
     Broker(anyhow::Error),
 }
 
-fn accept(next: Option<lapin::Result<Delivery>>) -> anyhow::Result<Delivery> {
+/// A delivery and its lane: the partition whose queue (and channel) it
+/// came from, `None` for the single inbound queue.
+pub(super) type Lane = (Option<i32>, lapin::Result<Delivery>);
+
+/// Deliveries gathered for one transaction, with their lanes.
+#[derive(Default)]
+struct Batch {
+    deliveries: Vec<Delivery>,
+    lanes: Vec<Option<i32>>,
+}
+
+impl Batch {
+    fn push(&mut self, (lane, d): (Option<i32>, Delivery)) {
+        self.deliveries.push(d);
+        self.lanes.push(lane);
+    }
+}
+
+fn accept(next: Option<Lane>) -> anyhow::Result<(Option<i32>, Delivery)> {
     match next {
-        Some(Ok(delivery)) => Ok(delivery),
-        Some(Err(e)) => Err(anyhow::anyhow!("consuming failed: {e}")),
+        Some((lane, Ok(delivery))) => Ok((lane, delivery)),
+        Some((_, Err(e))) => Err(anyhow::anyhow!("consuming failed: {e}")),
         None => Err(anyhow::anyhow!("the broker cancelled the consumer")),
     }
 }

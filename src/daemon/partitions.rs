@@ -5,14 +5,19 @@
 //! renews its membership, renews the leases it holds, computes its share of
 //! the partitions from the live members ([`leases::share`]), hands over what
 //! is no longer its share, and takes what is. It consumes a partition, on a
-//! channel of its own, only while it holds the partition's lease; every batch
-//! checks the lease's epoch (the fence of `crate::pipeline::Session`).
+//! channel of its own, only while it holds the partition's lease. One
+//! consumer gathers batches from all the channels of the partitions held
+//! (per partition in queue order), so that a daemon holding eight partitions
+//! commits batches as large as one on the single queue; every batch checks
+//! every lease's epoch (the fence of `crate::pipeline::Session`), and its
+//! events go to one outbox row per partition.
 //!
 //! Handing over: cancel the consumer, which finishes and acks its batch in
-//! hand; close the channel (the broker requeues what was prefetched); release
-//! the lease. Losing a lease (it expired and another daemon took it, because
-//! this one paused or could not renew): drop the consumer at once; its batch
-//! in hand, if any, fails the fence and is never committed.
+//! hand; close the channels (the broker requeues what was prefetched);
+//! release the lease; consume the partitions still held on new channels.
+//! Losing a lease (it expired and another daemon took it, because this one
+//! paused or could not renew): drop the consumer at once; its batch in hand,
+//! if any, fails the fence and is never committed.
 //!
 //! Only a daemon with a broker connection is a member: when the connection
 //! is lost it releases its leases and leaves, and the others take over.
@@ -65,16 +70,16 @@ pub(super) struct Member {
     pub group: leases::Group,
 }
 
-/// A partition being consumed.
+/// The consumer of the partitions held: one channel per partition, one
+/// stream of batches over them all, so that a daemon holding several
+/// partitions commits as large batches as one on the single queue.
 struct Running {
-    /// The epoch of the lease it consumes under.
-    epoch: i64,
+    /// The leases it consumes under: partition → epoch.
+    leases: BTreeMap<u16, i64>,
     /// Asks the consumer to stop after its batch in hand.
     stop: CancellationToken,
-    /// Abandons its batch in hand (the lease or the connection is gone).
+    /// Abandons its batch in hand (a lease or the connection is gone).
     lost: CancellationToken,
-    /// Its channel.
-    channel: Channel,
     /// The consume loop.
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -89,7 +94,7 @@ impl Member {
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
         let mut leases: BTreeMap<u16, i64> = BTreeMap::new();
-        let mut running: BTreeMap<u16, Running> = BTreeMap::new();
+        let mut running: Option<Running> = None;
         let connection_lost = CancellationToken::new();
         let watcher = watch_connection(connection, connection_lost.clone());
         tokio::pin!(watcher);
@@ -127,24 +132,19 @@ impl Member {
         &self,
         connection: &Connection,
         leases: &mut BTreeMap<u16, i64>,
-        running: &mut BTreeMap<u16, Running>,
+        running: &mut Option<Running>,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
-        // Consumers that ended by themselves (a channel error, or a batch
-        // that failed the fence): the lease decides below whether to restart.
-        let ended: Vec<u16> = running
-            .iter()
-            .filter(|(_, r)| r.task.is_finished())
-            .map(|(p, _)| *p)
-            .collect();
-        for p in ended {
-            let r = running.remove(&p).expect("listed above");
+        // A consumer that ended by itself (a channel error, or a batch that
+        // failed the fence): the leases decide below what to consume next.
+        if running.as_ref().is_some_and(|r| r.task.is_finished()) {
+            let r = running.take().expect("checked above");
             match r.task.await {
-                Ok(Ok(())) => tracing::info!(partition = p, "partition consumer stopped"),
+                Ok(Ok(())) => tracing::info!("partition consumer stopped"),
                 Ok(Err(e)) => {
-                    tracing::warn!(partition = p, error = %format!("{e:#}"), "partition consumer failed")
+                    tracing::warn!(error = %format!("{e:#}"), "partition consumer failed")
                 }
-                Err(e) => tracing::error!(partition = p, error = %e, "partition consumer panicked"),
+                Err(e) => tracing::error!(error = %e, "partition consumer panicked"),
             }
         }
 
@@ -183,7 +183,7 @@ impl Member {
                         .partition_handovers
                         .with_label_values(&["lost"])
                         .inc();
-                    if let Some(r) = running.remove(&p) {
+                    if let Some(r) = running.as_ref().filter(|r| r.leases.contains_key(&p)) {
                         r.lost.cancel();
                         r.stop.cancel();
                     }
@@ -208,8 +208,11 @@ impl Member {
             .filter(|p| !share.contains(p))
             .collect();
         if !surplus.is_empty() {
-            let stopping: Vec<Running> = surplus.iter().filter_map(|p| running.remove(p)).collect();
-            stop_all(stopping, self.settings.partitioning.lease_ttl / 2).await;
+            // Its batch in hand finished and acked, its channels closed:
+            // what they had prefetched goes back to the queues.
+            if let Some(r) = running.take() {
+                stop(r, self.settings.partitioning.lease_ttl / 2).await;
+            }
             match self.group.release(&mut client, &surplus).await {
                 Ok(released) => {
                     for (p, epoch) in released {
@@ -252,30 +255,18 @@ impl Member {
         }
         drop(client);
 
-        // Consume every partition held and not consumed yet.
-        let prefetch = self.prefetch(leases.len());
-        for (&p, &epoch) in leases.iter() {
-            if running.get(&p).is_some_and(|r| r.epoch == epoch) {
-                continue;
-            }
-            if let Some(old) = running.remove(&p) {
-                old.lost.cancel();
-                old.stop.cancel();
-            }
-            let r = self
-                .consume(connection, p, epoch, prefetch, shutdown)
-                .await
-                .with_context(|| format!("cannot consume partition {p}"))?;
-            running.insert(p, r);
+        // Consume what is held: a change of the set restarts the consumer
+        // (after its batch in hand), which is rare — a handover.
+        if running.as_ref().is_some_and(|r| r.leases != *leases) {
+            let r = running.take().expect("checked above");
+            stop(r, self.settings.partitioning.lease_ttl / 2).await;
         }
-        // Spread the prefetch over the partitions held (see `prefetch`).
-        for r in running.values() {
-            let _ = tokio::time::timeout(
-                REPLY_TIMEOUT,
-                r.channel
-                    .basic_qos(prefetch, BasicQosOptions { global: false }),
-            )
-            .await;
+        if running.is_none() && !leases.is_empty() && !shutdown.is_cancelled() {
+            let r = self
+                .consume(connection, leases.clone(), shutdown)
+                .await
+                .context("cannot consume the partitions")?;
+            *running = Some(r);
         }
         self.metrics.partitions_owned.set(leases.len() as i64);
         self.held.send_replace(leases.keys().copied().collect());
@@ -286,42 +277,48 @@ impl Member {
     /// The prefetch of each partition's channel: `amqp.prefetch` (as lowered
     /// by `amqp.max_inflight_bytes`) shared by the partitions held, so that
     /// the daemon's deliveries in flight stay within the same bound as in
-    /// single-queue mode; at least 2, so that one batch can arrive while
-    /// another commits.
+    /// single-queue mode; at least 2.
     fn prefetch(&self, held: usize) -> u16 {
         let total = usize::from(self.settings.prefetch());
         u16::try_from((total / held.max(1)).max(2)).unwrap_or(u16::MAX)
     }
 
-    /// Opens a channel for partition `p` and starts its consumer, fenced at `epoch`.
+    /// Opens a channel per partition of `leases` and starts one consumer
+    /// over them all, fenced at the leases' epochs.
     async fn consume(
         &self,
         connection: &Connection,
-        p: u16,
-        epoch: i64,
-        prefetch: u16,
+        leases: BTreeMap<u16, i64>,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Running> {
-        let queue = self.settings.amqp.partition_queue(p);
-        let (channel, stream) = tokio::time::timeout(REPLY_TIMEOUT, async {
-            let channel = connection
-                .create_channel()
-                .await
-                .context("cannot open a channel")?;
-            channel
-                .basic_qos(prefetch, BasicQosOptions::default())
-                .await
-                .context("cannot set the prefetch")?;
-            let stream = channel
-                .basic_consume(
-                    queue.as_str().into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .with_context(|| format!("cannot consume from {queue}"))?;
-            anyhow::Ok((channel, stream))
+        let prefetch = self.prefetch(leases.len());
+        let (channels, streams) = tokio::time::timeout(REPLY_TIMEOUT, async {
+            let mut channels = Vec::with_capacity(leases.len());
+            let mut streams = Vec::with_capacity(leases.len());
+            for &p in leases.keys() {
+                let queue = self.settings.amqp.partition_queue(p);
+                let channel = connection
+                    .create_channel()
+                    .await
+                    .context("cannot open a channel")?;
+                channel
+                    .basic_qos(prefetch, BasicQosOptions::default())
+                    .await
+                    .context("cannot set the prefetch")?;
+                let stream = channel
+                    .basic_consume(
+                        queue.as_str().into(),
+                        "".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .with_context(|| format!("cannot consume from {queue}"))?;
+                let lane = Some(i32::from(p));
+                streams.push(stream.map(move |d| (lane, d)));
+                channels.push(channel);
+            }
+            anyhow::Ok((channels, streams))
         })
         .await
         .map_err(|_| {
@@ -332,12 +329,16 @@ impl Member {
         })??;
         let stop = shutdown.child_token();
         let lost = CancellationToken::new();
+        let fenced: Vec<(String, i64)> = leases
+            .iter()
+            .map(|(p, e)| (self.settings.amqp.partition_queue(*p), *e))
+            .collect();
         let pipeline = Pipeline::new(
             self.pipeline.clone(),
             self.health.clone(),
             self.metrics.clone(),
         )
-        .for_session(Session::leased(&queue, p, epoch, lost.clone()));
+        .for_session(Session::leased(fenced, lost.clone()));
         let consumer = Consumer {
             settings: self.settings.clone(),
             pipeline,
@@ -345,36 +346,35 @@ impl Member {
             dead_letters: self.dead_letters.clone(),
             publisher_wake: self.publisher_wake.clone(),
             metrics: self.metrics.clone(),
-            // Half the channel's prefetch, so that the next batch arrives
-            // while one commits (as `Settings::batch_size` does).
-            batch_size: self
-                .settings
-                .batch_size()
-                .min((usize::from(prefetch) / 2).max(1)),
+            batch_size: self.settings.batch_size(),
             check_key: true,
         };
         let task = tokio::spawn({
-            let (channel, stop, lost) = (channel.clone(), stop.clone(), lost.clone());
+            let (channels, stop, lost) = (channels.clone(), stop.clone(), lost.clone());
             async move {
-                // Stopped, or its channel lost: either way its batch in hand
+                // Stopped, or a channel lost: either way the batch in hand
                 // is finished (stop) or abandoned (lost), never committed late.
                 let consuming = async {
-                    let consumed = consumer.run(stream, &stop).await;
+                    let merged = futures_util::stream::select_all(streams);
+                    let consumed = consumer.run(merged, &stop).await;
                     lost.cancel();
                     consumed
                 };
-                let (consumed, ()) = tokio::join!(consuming, watch_channel(&channel, lost.clone()));
-                // Closing the channel returns its prefetched deliveries to the queue.
-                let _ = tokio::time::timeout(REPLY_TIMEOUT, channel.close(200, "bye".into())).await;
+                let (consumed, ()) =
+                    tokio::join!(consuming, watch_channels(&channels, lost.clone()));
+                // Closing the channels returns their prefetched deliveries.
+                let closing = channels.iter().map(|c| c.close(200, "bye".into()));
+                let _ =
+                    tokio::time::timeout(REPLY_TIMEOUT, futures_util::future::join_all(closing))
+                        .await;
                 consumed
             }
         });
-        tracing::debug!(partition = p, epoch, prefetch, "consuming a partition");
+        tracing::debug!(partitions = ?leases, prefetch, "consuming the partitions held");
         Ok(Running {
-            epoch,
+            leases,
             stop,
             lost,
-            channel,
             task,
         })
     }
@@ -419,19 +419,20 @@ impl Member {
     async fn leave(
         &self,
         leases: &mut BTreeMap<u16, i64>,
-        running: BTreeMap<u16, Running>,
+        running: Option<Running>,
         graceful: bool,
     ) {
-        let consumers: Vec<Running> = running.into_values().collect();
         if !graceful {
-            for r in &consumers {
+            if let Some(r) = &running {
                 r.lost.cancel();
             }
             // The events already committed are published by the partitions'
             // next owners.
             self.held.send_replace(Vec::new());
         }
-        stop_all(consumers, self.settings.shutdown.timeout).await;
+        if let Some(r) = running {
+            stop(r, self.settings.shutdown.timeout).await;
+        }
         self.metrics.partitions_owned.set(0);
         let mine: Vec<u16> = leases.keys().copied().collect();
         let released = async {
@@ -466,20 +467,14 @@ impl Member {
     }
 }
 
-/// Stops `consumers` after their batches in hand and waits for them, at
-/// most `within`; one still running then is abandoned (its batch fails the
-/// fence once another daemon holds its lease).
-async fn stop_all(consumers: Vec<Running>, within: Duration) {
-    for r in &consumers {
-        r.stop.cancel();
+/// Stops the consumer after its batch in hand and waits for it (and its
+/// channels' closing), at most `within`; still running then, it is
+/// abandoned (its batch fails the fence once another daemon holds a lease).
+async fn stop(r: Running, within: Duration) {
+    r.stop.cancel();
+    if tokio::time::timeout(within, r.task).await.is_err() {
+        r.lost.cancel();
     }
-    let waits = consumers.into_iter().map(|r| async move {
-        let lost = r.lost.clone();
-        if tokio::time::timeout(within, r.task).await.is_err() {
-            lost.cancel();
-        }
-    });
-    futures_util::future::join_all(waits).await;
 }
 
 /// Cancels `lost` when `connection` fails.
@@ -510,14 +505,14 @@ async fn watch_connection(connection: &Connection, lost: CancellationToken) {
     }
 }
 
-/// Cancels `lost` when `channel` closes (or once `lost` is cancelled).
-async fn watch_channel(channel: &Channel, lost: CancellationToken) {
+/// Cancels `lost` when one of `channels` closes (or once `lost` is cancelled).
+async fn watch_channels(channels: &[Channel], lost: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
             _ = lost.cancelled() => return,
             _ = tick.tick() => {
-                if !channel.status().connected() {
+                if channels.iter().any(|c| !c.status().connected()) {
                     lost.cancel();
                     return;
                 }

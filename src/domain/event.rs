@@ -51,6 +51,9 @@ pub struct Event {
     pub correlation_id: Option<String>,
     /// The JSON body.
     pub payload: String,
+    /// The outbox lane it goes to: the partition of the message that
+    /// caused it, in partitioned mode.
+    pub lane: Option<i32>,
 }
 
 /// What an event says; fields absent here are `null` in the body.
@@ -133,6 +136,7 @@ impl Event {
             routing_key: format!("{entity_type}.{}", op.as_str()),
             correlation_id,
             payload: out,
+            lane: None,
         }
     }
 }

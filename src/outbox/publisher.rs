@@ -110,6 +110,9 @@ pub(crate) struct Publisher {
     pub metrics: Metrics,
     /// Events longer than this are published reduced (`limits.max_event_bytes`).
     pub max_event_bytes: usize,
+    /// In partitioned mode, the most events a round takes from the lanes of
+    /// the partitions held (`pipeline.batch_size`: one batch's worth).
+    pub max_round_events: i64,
     /// In partitioned mode, the lanes to publish: `None` publishes the
     /// whole outbox in order, as in single-queue mode.
     pub lanes: Option<Lanes>,
@@ -264,21 +267,15 @@ impl Publisher {
                 }
             }
         };
-        // A lane may wait for an older row of another: pass over them all
-        // until a pass publishes nothing.
+        // The partitions' lanes and the unpartitioned one may each wait for
+        // an older row of the other: alternate until neither moves.
         loop {
-            let mut order: Vec<outbox::Lane> = lanes
-                .held
-                .borrow()
-                .iter()
-                .map(|p| outbox::Lane::Partition(*p))
-                .collect();
-            order.push(outbox::Lane::Unpartitioned);
+            let held = outbox::Lanes::Partitions(lanes.held.borrow().clone());
             let before = total;
-            for lane in order {
+            for take in [held, outbox::Lanes::Unpartitioned] {
                 loop {
                     match self
-                        .round(publisher, Some((lane, lanes.partitions)))
+                        .round(publisher, Some((&take, lanes.partitions)))
                         .await?
                     {
                         0 => break,
@@ -298,7 +295,7 @@ impl Publisher {
     async fn round(
         &self,
         publisher: &ConfirmPublisher,
-        lane: Option<(outbox::Lane, u16)>,
+        lane: Option<(&outbox::Lanes, u16)>,
     ) -> Result<usize, PublishError> {
         let mut client = self.pool.get().await.map_err(StoreError::from)?;
         let result = self.round_on(&mut client, publisher, lane).await;
@@ -316,13 +313,15 @@ impl Publisher {
         &self,
         client: &mut deadpool_postgres::Client,
         publisher: &ConfirmPublisher,
-        lane: Option<(outbox::Lane, u16)>,
+        lane: Option<(&outbox::Lanes, u16)>,
     ) -> Result<usize, PublishError> {
         let tx = client.transaction().await.map_err(StoreError::from)?;
         let taken = std::time::Instant::now();
         let (pending, waited) = match lane {
             None => outbox::take_oldest(&tx).await?,
-            Some((lane, partitions)) => outbox::take_oldest_in(&tx, lane, partitions).await?,
+            Some((lanes, partitions)) => {
+                outbox::take_oldest_in(&tx, lanes, partitions, self.max_round_events).await?
+            }
         };
         if pending.is_empty() {
             return Ok(0);

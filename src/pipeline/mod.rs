@@ -76,8 +76,9 @@ pub struct Session {
     epoch: std::sync::Mutex<Option<i64>>,
     /// Cancelled when the broker connection or channel of the session is lost.
     lost: CancellationToken,
-    /// The partition consumed, in partitioned mode: its outbox rows carry it.
-    partition: Option<i32>,
+    /// In partitioned mode, the partition queues consumed and the epochs
+    /// of their leases, in queue-name order: every batch checks them all.
+    leases: Option<Vec<(String, i64)>>,
 }
 
 impl Session {
@@ -88,19 +89,20 @@ impl Session {
             queue: queue.to_owned(),
             epoch: std::sync::Mutex::new(None),
             lost,
-            partition: None,
+            leases: None,
         }
     }
 
-    /// A session on partition queue `queue` (number `partition`), whose
-    /// lease this daemon took at `epoch`: every batch checks that the epoch
-    /// is still the lease's.
-    pub fn leased(queue: &str, partition: u16, epoch: i64, lost: CancellationToken) -> Session {
+    /// A session on the partition queues of `leases` (queue name, epoch of
+    /// the lease this daemon took): every batch checks, under a share lock,
+    /// that each lease's epoch is still the one taken.
+    pub fn leased(mut leases: Vec<(String, i64)>, lost: CancellationToken) -> Session {
+        leases.sort();
         Session {
-            queue: queue.to_owned(),
-            epoch: std::sync::Mutex::new(Some(epoch)),
+            queue: "the partitions".to_owned(),
+            epoch: std::sync::Mutex::new(None),
             lost,
-            partition: Some(i32::from(partition)),
+            leases: Some(leases),
         }
     }
 
@@ -114,6 +116,9 @@ impl Session {
 
     /// What the next batch does at the fence.
     fn fence(&self) -> batch::Fence<'_> {
+        if let Some(leases) = &self.leases {
+            return batch::Fence::Leases(leases);
+        }
         match self.epoch() {
             None => batch::Fence::Register(&self.queue),
             Some(_) => batch::Fence::Check(&self.queue),
@@ -141,11 +146,6 @@ impl Pipeline {
     pub fn for_session(mut self, session: Session) -> Self {
         self.session = Some(Arc::new(session));
         self
-    }
-
-    /// The partition whose outbox lane this pipeline's events go to.
-    fn partition(&self) -> Option<i32> {
-        self.session.as_ref().and_then(|s| s.partition)
     }
 
     /// Whether the broker session (if any) has ended.

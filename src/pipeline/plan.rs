@@ -104,8 +104,9 @@ pub fn plan(
             continue;
         }
         state.touched = true;
-        let event = |op, fields| {
-            Event::new(
+        let event = |op, fields| Event {
+            lane: p.lane,
+            ..Event::new(
                 op,
                 &p.entity_type,
                 &p.id,

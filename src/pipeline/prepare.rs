@@ -27,6 +27,9 @@ pub struct Prepared {
     pub message_id: Option<String>,
     /// What to do.
     pub kind: PreparedKind,
+    /// The partition it came from, in partitioned mode: its events go to
+    /// that partition's outbox lane.
+    pub lane: Option<i32>,
 }
 
 /// The prepared operation.
@@ -77,6 +80,7 @@ impl Prepared {
             correlation_id,
             message_id,
             kind,
+            lane: None,
         }
     }
 

@@ -291,14 +291,21 @@ impl Pipeline {
             let (results, current) = match mode {
                 Mode::Together => {
                     let (outcomes, current) =
-                        plan_and_write(&tx, fence, self.partition(), prepared).await?;
+                        plan_and_write(&tx, fence, prepared).await?;
                     (outcomes.into_iter().map(Ok).collect(), current)
                 }
-                Mode::EachAlone => each_alone(&mut tx, fence, self.partition(), prepared).await?,
+                Mode::EachAlone => each_alone(&mut tx, fence, prepared).await?,
             };
             // A registration's epoch becomes the session's once committed.
             let mut registered = None;
-            if let Some(session) = &self.session {
+            if let Some(leases) = self.session.as_ref().and_then(|s| s.leases.as_ref()) {
+                if current.leases != *leases {
+                    return Err(Attempt::Abandoned(format!(
+                        "another daemon took over a partition (leases {:?}, this session's {leases:?})",
+                        current.leases
+                    )));
+                }
+            } else if let Some(session) = &self.session {
                 match session.epoch() {
                     None => registered = current.epoch,
                     Some(mine) if current.epoch != Some(mine) => {

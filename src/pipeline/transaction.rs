@@ -40,7 +40,6 @@ pub(super) struct Refusal {
 pub(super) async fn each_alone(
     tx: &mut deadpool_postgres::Transaction<'_>,
     fence: Option<batch::Fence<'_>>,
-    lane: Option<i32>,
     prepared: &[Prepared],
 ) -> Result<(Vec<Result<Outcome, Refusal>>, Current), StoreError> {
     let current = batch::pass_fence(tx, fence).await?;
@@ -49,7 +48,7 @@ pub(super) async fn each_alone(
         let mut probe = tx.savepoint("scramjet_probe").await?;
         for p in prepared {
             let savepoint = probe.savepoint("scramjet_message").await?;
-            match plan_and_write(&savepoint, None, lane, std::slice::from_ref(p)).await {
+            match plan_and_write(&savepoint, None, std::slice::from_ref(p)).await {
                 Ok(_) => {
                     savepoint.commit().await?;
                     refusals.push(None);
@@ -78,7 +77,7 @@ pub(super) async fn each_alone(
         let accepted: Vec<Prepared> = accepted.into_iter().cloned().collect();
         // Refused now, after the probe let these through, the refusal
         // belongs to no one message: the caller waits it out.
-        let (applied, _) = plan_and_write(tx, None, lane, &accepted).await?;
+        let (applied, _) = plan_and_write(tx, None, &accepted).await?;
         outcomes = applied.into_iter();
     }
     let results = refusals
@@ -92,13 +91,12 @@ pub(super) async fn each_alone(
 }
 
 /// Applies `prepared` inside `tx` (which the caller commits): claim message
-/// ids, lock the keys, plan, write (the events to the outbox `lane`: the
-/// partition consumed, if any). Returns the outcomes and what the locking
-/// statement read (the transaction's id, its server, the fence).
+/// ids, lock the keys, plan, write (each event to its outbox lane). Returns
+/// the outcomes and what the locking statement read (the transaction's id,
+/// its server, the fence).
 pub(super) async fn plan_and_write(
     tx: &deadpool_postgres::Transaction<'_>,
     fence: Option<batch::Fence<'_>>,
-    lane: Option<i32>,
     prepared: &[Prepared],
 ) -> Result<(Vec<Outcome>, Current), StoreError> {
     let (duplicate, current) = lock_and_find_duplicates(tx, fence, prepared).await?;
@@ -118,7 +116,7 @@ pub(super) async fn plan_and_write(
     // the outbox, whence the publisher sends them once this commits.
     futures_util::try_join!(
         batch::write(tx, &writes),
-        outbox::append(tx, &writes.events, lane),
+        outbox::append(tx, &writes.events),
     )?;
     Ok((outcomes, current))
 }
@@ -129,7 +127,7 @@ pub async fn process_in_transaction(
     tx: &deadpool_postgres::Transaction<'_>,
     prepared: &[Prepared],
 ) -> Result<Vec<Outcome>, StoreError> {
-    let (outcomes, _) = plan_and_write(tx, None, None, prepared).await?;
+    let (outcomes, _) = plan_and_write(tx, None, prepared).await?;
     Ok(outcomes)
 }
 

@@ -30,6 +30,8 @@ pub struct Current {
     /// The epoch the [`Fence`] registered or read (`None` without a fence,
     /// or when the queue has no epoch yet).
     pub epoch: Option<i64>,
+    /// The leases [`Fence::Leases`] read: (queue, epoch), in queue order.
+    pub leases: Vec<(String, i64)>,
 }
 
 /// Which server (and which history of it) a transaction ran on: the
@@ -118,6 +120,10 @@ pub(crate) enum Fence<'a> {
     /// A later batch: read the newest epoch of `queue` under a share lock,
     /// for the caller to compare with its own.
     Check(&'a str),
+    /// A batch of partitioned mode: read the epochs of these partition
+    /// queues' leases under share locks (a takeover waits for the batch),
+    /// for the caller to compare with the ones it took.
+    Leases(&'a [(String, i64)]),
 }
 
 /// SQL of the statements below, prepared once per connection (`prepare_cached`).
@@ -131,6 +137,9 @@ mod sql {
     /// batch has committed or rolled back.
     pub(super) const CHECK_EPOCH: &str =
         "SELECT epoch FROM consumer_epochs WHERE queue = $1 FOR SHARE";
+    /// In queue-name order, as the session keeps them.
+    pub(super) const CHECK_LEASES: &str = "SELECT queue, epoch FROM consumer_epochs \
+         WHERE queue = ANY($1::text[]) ORDER BY queue FOR SHARE";
     pub(super) const CLAIM: &str = "INSERT INTO inbox (message_id) SELECT unnest($1::text[]) \
          ON CONFLICT (message_id) DO NOTHING RETURNING message_id";
     /// One advisory lock per key, in the order of the lock keys, so that
@@ -213,6 +222,7 @@ pub(crate) async fn claim_and_lock(
                 None => Ok(None),
                 Some(Fence::Register(_)) => tx.prepare_cached(sql::REGISTER_EPOCH).await.map(Some),
                 Some(Fence::Check(_)) => tx.prepare_cached(sql::CHECK_EPOCH).await.map(Some),
+                Some(Fence::Leases(_)) => tx.prepare_cached(sql::CHECK_LEASES).await.map(Some),
             }
         },
         tx.prepare_cached(sql::LOCK_KEYS),
@@ -236,9 +246,13 @@ pub(crate) async fn claim_and_lock(
     let fenced = async {
         match (&fence_stmt, fence) {
             (Some(stmt), Some(Fence::Register(queue) | Fence::Check(queue))) => {
-                tx.query_opt(stmt, &[&queue]).await
+                tx.query(stmt, &[&queue]).await
             }
-            _ => Ok(None),
+            (Some(stmt), Some(Fence::Leases(leases))) => {
+                let queues: Vec<&str> = leases.iter().map(|(q, _)| q.as_str()).collect();
+                tx.query(stmt, &[&queues]).await
+            }
+            _ => Ok(Vec::new()),
         }
     };
     let (epoch, locked, claimed, rows, graves) = futures_util::try_join!(
@@ -258,9 +272,16 @@ pub(crate) async fn claim_and_lock(
             system: locked.try_get(2)?,
             timeline: locked.try_get(3)?,
         },
-        epoch: epoch.map(|row| row.try_get(0)).transpose()?,
         ..Current::default()
     };
+    match fence {
+        Some(Fence::Leases(_)) => {
+            for row in &epoch {
+                current.leases.push((row.try_get(0)?, row.try_get(1)?));
+            }
+        }
+        _ => current.epoch = epoch.first().map(|row| row.try_get(0)).transpose()?,
+    }
     for row in rows {
         current.rows.insert(
             (row.try_get(0)?, row.try_get(1)?),

@@ -33,34 +33,49 @@ const INSERT: &str = "INSERT INTO outbox \
 /// Writes `events` as one outbox row (they are published in this order).
 pub(crate) async fn insert(tx: &Transaction<'_>, events: &[Event]) -> Result<(), StoreError> {
     let stmt = tx.prepare_cached(INSERT).await?;
-    insert_row(tx, &stmt, events, None).await
+    let events: Vec<&Event> = events.iter().collect();
+    insert_refs(tx, &stmt, &events, None).await
 }
 
 /// Where a pipeline batch's events are born: appends them to the outbox as
 /// one row, inside the batch's transaction, so that an event exists exactly
 /// when its change is committed; no row when the batch has none. Joined after
 /// [`super::batch::write`], its request goes out with the batch's other
-/// statements: no round trip of its own. `lane` is the partition whose
-/// consumer wrote the batch (`None` outside partitioned mode).
-pub(crate) async fn append(
-    tx: &Transaction<'_>,
-    events: &[Event],
-    lane: Option<i32>,
-) -> Result<(), StoreError> {
+/// statements: no round trip of its own. In partitioned mode a batch may
+/// hold messages of several partitions: one row per lane, each in order.
+pub(crate) async fn append(tx: &Transaction<'_>, events: &[Event]) -> Result<(), StoreError> {
     // Prepared even when there is nothing to append, as every statement of
     // a batch is: the first batch on a connection prepares them all at once.
     let stmt = tx.prepare_cached(INSERT).await?;
     if events.is_empty() {
         return Ok(());
     }
-    insert_row(tx, &stmt, events, lane).await
+    let first = events[0].lane;
+    if events.iter().all(|e| e.lane == first) {
+        let events: Vec<&Event> = events.iter().collect();
+        return insert_refs(tx, &stmt, &events, first).await;
+    }
+    let mut lanes: Vec<Option<i32>> = events.iter().map(|e| e.lane).collect();
+    lanes.sort_unstable();
+    lanes.dedup();
+    let rows: Vec<(Option<i32>, Vec<&Event>)> = lanes
+        .into_iter()
+        .map(|lane| (lane, events.iter().filter(|e| e.lane == lane).collect()))
+        .collect();
+    // One round trip for them all: the inserts go out back to back.
+    futures_util::future::try_join_all(
+        rows.iter()
+            .map(|(lane, events)| insert_refs(tx, &stmt, events, *lane)),
+    )
+    .await?;
+    Ok(())
 }
 
-/// Runs [`INSERT`] (prepared as `stmt`) for `events`.
-async fn insert_row(
+/// Runs [`INSERT`] (prepared as `stmt`) for `events`, as one row of `lane`.
+async fn insert_refs(
     tx: &Transaction<'_>,
     stmt: &tokio_postgres::Statement,
-    events: &[Event],
+    events: &[&Event],
     lane: Option<i32>,
 ) -> Result<(), StoreError> {
     let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
@@ -73,26 +88,36 @@ async fn insert_row(
     Ok(())
 }
 
-/// An outbox lane in partitioned mode: each daemon publishes the lanes of
-/// the partitions it holds, and any daemon the unpartitioned lane.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Lane {
-    /// Rows a partition's consumer wrote.
-    Partition(u16),
-    /// Rows written outside any partition (ingest, replay, revalidate, the
-    /// API, or a daemon in single-queue mode).
+/// What a partitioned publisher's round takes from the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Lanes {
+    /// The oldest rows of the lanes of these partitions (those it holds).
+    Partitions(Vec<u16>),
+    /// The oldest row written outside any partition (ingest, replay,
+    /// revalidate, the API); any daemon publishes those.
     Unpartitioned,
 }
 
-/// The oldest row of a partition's lane, unless an older unpartitioned row
-/// waits (an event of the same entity may be in it: it goes first).
-const TAKE_PARTITION: &str = "DELETE FROM outbox \
-     WHERE seq = (SELECT min(seq) FROM outbox WHERE partition = $1) \
-       AND seq < coalesce((SELECT min(seq) FROM outbox WHERE partition IS NULL), \
-                          9223372036854775807) \
-       AND pg_try_advisory_xact_lock($2) \
-     RETURNING event_ids, routing_keys, payloads, correlation_ids, \
-       extract(epoch FROM clock_timestamp() - created_at)::float8";
+/// The oldest rows of the partitions' lanes whose publisher lock this
+/// transaction gets (a daemon handing a partition over may still be
+/// publishing it: that lane waits for the next round), up to about `$2`
+/// events, none behind an older unpartitioned row (an event of the same
+/// entity may be in it: it goes first). The locks are taken once, in the
+/// materialized first step.
+const TAKE_PARTITIONS: &str = "WITH locked AS ( \
+       SELECT p FROM unnest($1::int[]) AS p WHERE pg_try_advisory_xact_lock($3::int8 + 1 + p)), \
+     barrier AS ( \
+       SELECT coalesce(min(seq), 9223372036854775807) AS s FROM outbox WHERE partition IS NULL), \
+     oldest AS ( \
+       SELECT seq, cardinality(event_ids) AS n FROM outbox \
+       WHERE partition IN (SELECT p FROM locked) AND seq < (SELECT s FROM barrier) \
+       ORDER BY seq LIMIT 256), \
+     taken AS ( \
+       SELECT seq FROM (SELECT seq, n, sum(n) OVER (ORDER BY seq) AS upto FROM oldest) AS s \
+       WHERE upto - n < $2::int8) \
+     DELETE FROM outbox o USING taken WHERE o.seq = taken.seq \
+     RETURNING o.seq, o.event_ids, o.routing_keys, o.payloads, o.correlation_ids, \
+       extract(epoch FROM clock_timestamp() - o.created_at)::float8";
 
 /// The oldest unpartitioned row, unless an older row waits in a partition's
 /// lane. One index probe per partition, not a scan of them all.
@@ -103,41 +128,63 @@ const TAKE_UNPARTITIONED: &str = "DELETE FROM outbox \
                            FROM generate_series(0, $1 - 1) AS g) AS lanes), \
                           9223372036854775807) \
        AND pg_try_advisory_xact_lock($2) \
-     RETURNING event_ids, routing_keys, payloads, correlation_ids, \
+     RETURNING seq, event_ids, routing_keys, payloads, correlation_ids, \
        extract(epoch FROM clock_timestamp() - created_at)::float8";
 
-/// Partitioned mode: removes the oldest row of `lane` and returns its
-/// events, as [`take_oldest`] does — but only if no other publisher holds
-/// the lane (a daemon handing the partition over may still be publishing
-/// it; this one then finds nothing and looks again at its next poll), and
-/// only if no older row waits in a lane it must follow: a partition's rows
-/// follow older unpartitioned ones, and those follow older rows of every
-/// partition of `partitions`, so that one entity's events keep their order
-/// whichever lane they are in.
+/// Partitioned mode: removes rows of `lanes` and returns their events in
+/// commit order (and how long the oldest waited), as [`take_oldest`] does
+/// for the whole outbox. Each partition's rows go out in `seq` order, and
+/// never ahead of an older row of a lane they must follow: a partition's
+/// rows follow older unpartitioned ones, and those follow older rows of
+/// every partition of `partitions`, so that one entity's events keep their
+/// order whichever lane they are in. A round takes about `max_events`
+/// events at most (at least one row), which bounds its memory as one
+/// pipeline batch does.
 pub(crate) async fn take_oldest_in(
     tx: &Transaction<'_>,
-    lane: Lane,
+    lanes: &Lanes,
     partitions: u16,
+    max_events: i64,
 ) -> Result<(Vec<Pending>, f64), StoreError> {
-    let sql = match lane {
-        Lane::Partition(_) => TAKE_PARTITION,
-        Lane::Unpartitioned => TAKE_UNPARTITIONED,
+    let sql = match lanes {
+        Lanes::Partitions(_) => TAKE_PARTITIONS,
+        Lanes::Unpartitioned => TAKE_UNPARTITIONED,
     };
     let (relaxed, take) = futures_util::try_join!(
         tx.prepare_cached("SET LOCAL synchronous_commit = off"),
         tx.prepare_cached(sql),
     )?;
-    let (first, lock) = match lane {
-        Lane::Partition(p) => (i32::from(p), PUBLISHER_LOCK + 1 + i64::from(p)),
-        Lane::Unpartitioned => (i32::from(partitions), PUBLISHER_LOCK),
+    let rows = match lanes {
+        Lanes::Partitions(held) => {
+            if held.is_empty() {
+                return Ok((Vec::new(), 0.0));
+            }
+            let held: Vec<i32> = held.iter().map(|p| i32::from(*p)).collect();
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                [&held, &max_events, &PUBLISHER_LOCK];
+            let (_, rows) =
+                futures_util::try_join!(tx.execute(&relaxed, &[]), tx.query(&take, &params))?;
+            rows
+        }
+        Lanes::Unpartitioned => {
+            let count = i32::from(partitions);
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&count, &PUBLISHER_LOCK];
+            let (_, rows) =
+                futures_util::try_join!(tx.execute(&relaxed, &[]), tx.query(&take, &params))?;
+            rows
+        }
     };
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&first, &lock];
-    let (_, row) =
-        futures_util::try_join!(tx.execute(&relaxed, &[]), tx.query_opt(&take, &params))?;
-    match row {
-        Some(row) => pending_of(&row),
-        None => Ok((Vec::new(), 0.0)),
+    let mut taken = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let seq: i64 = row.try_get(0)?;
+        let (pending, waited) = pending_at(row, 1)?;
+        taken.push((seq, pending, waited));
     }
+    // RETURNING follows no order: publish in commit order.
+    taken.sort_by_key(|(seq, _, _)| *seq);
+    let waited = taken.iter().map(|(_, _, w)| *w).fold(0.0, f64::max);
+    let pending = taken.into_iter().flat_map(|(_, p, _)| p).collect();
+    Ok((pending, waited))
 }
 
 /// Takes the publisher lock for this transaction (waiting for another publisher to
@@ -172,16 +219,18 @@ pub(crate) async fn take_oldest(tx: &Transaction<'_>) -> Result<(Vec<Pending>, f
     let Some(row) = row else {
         return Ok((Vec::new(), 0.0));
     };
-    pending_of(&row)
+    pending_at(&row, 0)
 }
 
-/// The events of a removed outbox row, and how long it waited.
-fn pending_of(row: &tokio_postgres::Row) -> Result<(Vec<Pending>, f64), StoreError> {
-    let waited: f64 = row.try_get(4)?;
-    let ids: Vec<Uuid> = row.try_get(0)?;
-    let keys: Vec<String> = row.try_get(1)?;
-    let payloads: Vec<String> = row.try_get(2)?;
-    let correlations: Vec<Option<String>> = row.try_get(3)?;
+/// The events of a removed outbox row, and how long it waited: its
+/// columns event_ids, routing_keys, payloads, correlation_ids and the wait,
+/// from column `first` on.
+fn pending_at(row: &tokio_postgres::Row, first: usize) -> Result<(Vec<Pending>, f64), StoreError> {
+    let waited: f64 = row.try_get(first + 4)?;
+    let ids: Vec<Uuid> = row.try_get(first)?;
+    let keys: Vec<String> = row.try_get(first + 1)?;
+    let payloads: Vec<String> = row.try_get(first + 2)?;
+    let correlations: Vec<Option<String>> = row.try_get(first + 3)?;
     let pending = ids
         .into_iter()
         .zip(keys)
