@@ -18,7 +18,7 @@ use lapin::{
     ExchangeKind,
     options::{
         BasicPublishOptions, ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions,
-        QueueBindOptions, QueueDeclareOptions,
+        ExchangeUnbindOptions, QueueBindOptions, QueueDeclareOptions,
     },
     types::{AMQPValue, FieldTable},
 };
@@ -288,6 +288,133 @@ async fn declare_partitions(channel: &Channel, s: &AmqpSettings) -> anyhow::Resu
         }
     }
     Ok(())
+}
+
+/// Undoes what an earlier `amqp.partitions` left bound on the broker, given
+/// the partitions `known` to the database (taken once, or with outbox rows):
+/// with fewer partitions now, the queues beyond them are unbound from the
+/// partition exchange; in single-queue mode, the partition exchange is
+/// unbound from the inbound exchange. Either would otherwise keep receiving
+/// messages that no daemon consumes. A queue to retire that still holds
+/// messages stops the start, with one line: they must be drained with the
+/// setting that routed them there.
+pub(crate) async fn retire_other_layout(
+    connection: &Connection,
+    s: &AmqpSettings,
+    known: &[u16],
+) -> anyhow::Result<()> {
+    let retired: Vec<u16> = known
+        .iter()
+        .copied()
+        .filter(|p| !s.partitioned() || *p >= s.partitions)
+        .collect();
+    if retired.is_empty() {
+        return Ok(());
+    }
+    let before = known.iter().max().map_or(0, |p| p + 1);
+    let mut depths = Vec::new();
+    for &p in &retired {
+        let queue = s.partition_queue(p);
+        if let Some(n) = depth_if_any(connection, &queue).await? {
+            depths.push((queue, n));
+        }
+    }
+    if let Some((queue, n)) = depths.iter().find(|(_, n)| *n > 0) {
+        return Err(TopologyRefused(format!(
+            "the partition queue {queue} still holds {n} message(s) from amqp.partitions = \
+             {before}: let daemons with that setting drain it before starting with \
+             amqp.partitions = {} (docs/scale-out.md)",
+            s.partitions
+        ))
+        .into());
+    }
+    let channel = connection
+        .create_channel()
+        .await
+        .context("cannot open a RabbitMQ channel")?;
+    let exchange = s.partition_exchange();
+    if s.partitioned() {
+        for (queue, _) in &depths {
+            channel
+                .queue_unbind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    PARTITION_WEIGHT.into(),
+                    FieldTable::default(),
+                )
+                .await
+                .with_context(|| format!("cannot unbind queue {queue} from {exchange}"))?;
+            tracing::info!(%queue, partitions = s.partitions, "unbound a partition queue beyond amqp.partitions");
+        }
+    } else if exchange_exists(connection, &exchange).await? {
+        channel
+            .exchange_unbind(
+                exchange.as_str().into(),
+                s.inbound_exchange.as_str().into(),
+                "#".into(),
+                ExchangeUnbindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("cannot unbind exchange {exchange}"))?;
+        tracing::info!(%exchange, "single-queue mode: unbound the partition exchange of an earlier amqp.partitions");
+    }
+    let _ = channel.close(200, "bye".into()).await;
+    Ok(())
+}
+
+/// The ready messages of `queue`, or `None` when it does not exist: a
+/// passive declaration, on a channel of its own (a failed one closes it).
+async fn depth_if_any(connection: &Connection, queue: &str) -> anyhow::Result<Option<u32>> {
+    let channel = connection
+        .create_channel()
+        .await
+        .context("cannot open a RabbitMQ channel")?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let answer = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await;
+    match answer {
+        Ok(q) => {
+            let _ = channel.close(200, "bye".into()).await;
+            Ok(Some(q.message_count()))
+        }
+        Err(e) if e.to_string().contains("NOT_FOUND") => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("{}", one_line(&e.to_string())))
+            .with_context(|| format!("cannot look up queue {queue}")),
+    }
+}
+
+/// Whether `exchange` exists (a passive declaration on a channel of its own).
+async fn exchange_exists(connection: &Connection, exchange: &str) -> anyhow::Result<bool> {
+    let channel = connection
+        .create_channel()
+        .await
+        .context("cannot open a RabbitMQ channel")?;
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let answer = channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Direct,
+            passive,
+            FieldTable::default(),
+        )
+        .await;
+    match answer {
+        Ok(()) => {
+            let _ = channel.close(200, "bye".into()).await;
+            Ok(true)
+        }
+        Err(e) if e.to_string().contains("NOT_FOUND") => Ok(false),
+        Err(e) => Err(anyhow::anyhow!("{}", one_line(&e.to_string())))
+            .with_context(|| format!("cannot look up exchange {exchange}")),
+    }
 }
 
 /// The binding key of each partition queue: its weight on the hash ring.

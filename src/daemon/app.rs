@@ -84,6 +84,17 @@ impl App {
             "limits.max_event_bytes",
         )
         .await?;
+        // A change of amqp.partitions leaves bindings that would route
+        // messages nowhere consumed: undone before consuming starts.
+        let known = {
+            let client = pools
+                .background
+                .get()
+                .await
+                .context("cannot reach PostgreSQL")?;
+            store::leases::known_partitions(&client, &settings.amqp.inbound_queue).await?
+        };
+        amqp::retire_other_layout(&connection, &settings.amqp, &known).await?;
         let listener = TcpListener::bind(settings.http.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.http.listen))?;

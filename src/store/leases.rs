@@ -204,6 +204,25 @@ fn held(rows: &[tokio_postgres::Row]) -> Result<Vec<Held>, StoreError> {
         .collect()
 }
 
+/// The partitions of `group` that a daemon ever took, or whose outbox lane
+/// has rows: what a change of `amqp.partitions` must account for.
+pub(crate) async fn known_partitions(client: &Client, group: &str) -> Result<Vec<u16>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT partition FROM consumer_epochs WHERE partition_of = $1 \
+             UNION SELECT DISTINCT partition FROM outbox WHERE partition IS NOT NULL \
+             ORDER BY 1",
+            &[&group],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let p: i32 = r.try_get(0)?;
+            Ok(u16::try_from(p).unwrap_or(u16::MAX))
+        })
+        .collect()
+}
+
 /// A partition as `scramjet status` shows it.
 #[derive(Debug)]
 pub(crate) struct PartitionRow {

@@ -391,11 +391,10 @@ impl Pools {
             Some(given) if !given.is_empty() => format!("{given} {timeout}"),
             _ => timeout,
         });
-        // Partitioned, the partitions held commit side by side, and a batch
-        // transaction of a daemon that paused must not keep a takeover
-        // waiting on its lease's share lock: PostgreSQL ends it once idle
-        // for a lease's time (its batch then fails the fence on retry).
-        let (pipeline, pipeline_connections) = if settings.amqp.partitioned() {
+        // Partitioned, a batch transaction of a daemon that paused must not
+        // keep a takeover waiting on its leases' share locks: PostgreSQL ends
+        // it once idle for a lease's time (its batch then fails the fence).
+        let pipeline = if settings.amqp.partitioned() {
             let mut partitioned = config.clone();
             let idle = format!(
                 "-c idle_in_transaction_session_timeout={}",
@@ -405,14 +404,12 @@ impl Pools {
                 Some(given) if !given.is_empty() => format!("{given} {idle}"),
                 _ => idle,
             });
-            let connections =
-                PIPELINE_CONNECTIONS + usize::from(settings.amqp.partitions.min(4)) - 1;
-            (partitioned, connections)
+            partitioned
         } else {
-            (config.clone(), PIPELINE_CONNECTIONS)
+            config.clone()
         };
         Ok(Pools {
-            pipeline: build_pool(pipeline, tls.clone(), pipeline_connections)?,
+            pipeline: build_pool(pipeline, tls.clone(), PIPELINE_CONNECTIONS)?,
             publisher: build_pool(config.clone(), tls.clone(), PUBLISHER_CONNECTIONS)?,
             background: build_pool(config, tls.clone(), background)?,
             read: build_pool(read, tls, settings.http.pool_size)?,

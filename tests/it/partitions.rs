@@ -654,3 +654,137 @@ async fn a_paused_daemon_that_lost_its_leases_never_commits_its_batch_in_hand() 
         events.len()
     );
 }
+
+/// Publishes `body` straight into `queue` through the default exchange.
+async fn into_queue(channel: &Channel, queue: &str, body: &str) {
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// Starts an in-process daemon on `s`, publishes `n` keyed saves of type
+/// `t`, waits until `resources` holds them, and stops it.
+async fn run_and_save(s: &Settings, channel: &Channel, db_names: &Names, t: &str, n: usize) {
+    let (_http, shutdown, running, _) = launch(s).await;
+    for i in 0..n {
+        let id = format!("{t}-{i}");
+        channel
+            .basic_publish(
+                s.amqp.inbound_exchange.as_str().into(),
+                "person.save".into(),
+                BasicPublishOptions::default(),
+                save_body("person", &id, r#"{"name":"A"}"#).as_bytes(),
+                with_key(&format!("person/{id}")),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let db = connect_db(db_names).await.unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    let like = format!("{t}-%");
+    while count_like(&db, &like).await < n as i64 {
+        assert!(Instant::now() < deadline, "{n} saves of {t} were stored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+}
+
+async fn count_like(db: &tokio_postgres::Client, like: &str) -> i64 {
+    db.query_one("SELECT count(*) FROM resources WHERE id LIKE $1", &[&like])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn refused(s: &Settings) -> String {
+    match scramjet::daemon::App::build(s.clone()).await {
+        Ok(_) => panic!("the daemon started"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fewer_partitions_or_the_single_queue_again_leave_no_queue_bound_that_nobody_consumes() {
+    let names = Names::new();
+    let dir = tempfile::tempdir().unwrap();
+    let four = partitioned(&names, dir.path().to_owned(), 4);
+    let two = partitioned(&names, dir.path().to_owned(), 2);
+    let single = test_settings(&names, dir.path().to_owned());
+    let _cleanup = Cleanup::new(&four, &names);
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    declare_like_the_daemon(&channel, &four).await;
+    run_and_save(&four, &channel, &names, "four", 40).await;
+
+    // A message left in a partition that 2 partitions no longer have.
+    let p3 = four.amqp.partition_queue(3);
+    into_queue(&channel, &p3, &save_body("person", "left", "{}")).await;
+    let why = refused(&two).await;
+    assert!(
+        why.contains(&format!(
+            "{p3} still holds 1 message(s) from amqp.partitions = 4"
+        )),
+        "{why}"
+    );
+    channel
+        .queue_purge(p3.as_str().into(), Default::default())
+        .await
+        .unwrap();
+
+    // Drained, 2 partitions start and p2, p3 receive nothing any more.
+    run_and_save(&two, &channel, &names, "two", 40).await;
+    for p in [2, 3] {
+        assert_eq!(depth_of(&channel, &four.amqp.partition_queue(p)).await, 0);
+    }
+
+    // Back to the single queue: likewise refused while a partition holds one.
+    let p1 = four.amqp.partition_queue(1);
+    into_queue(&channel, &p1, &save_body("person", "left", "{}")).await;
+    let why = refused(&single).await;
+    assert!(
+        why.contains(&format!("{p1} still holds 1 message(s)")),
+        "{why}"
+    );
+    channel
+        .queue_purge(p1.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    run_and_save(&single, &channel, &names, "one", 40).await;
+    for p in 0..4 {
+        assert_eq!(
+            depth_of(&channel, &four.amqp.partition_queue(p)).await,
+            0,
+            "partition {p} receives nothing in single-queue mode"
+        );
+    }
+}
+
+async fn depth_of(channel: &Channel, queue: &str) -> u32 {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count()
+}
