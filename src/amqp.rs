@@ -77,7 +77,18 @@ pub(crate) async fn connect(settings: &AmqpSettings) -> anyhow::Result<Connectio
 /// Connects once and declares the topology, so the inbound queue is bound
 /// before anything is published (an unbound exchange would drop messages).
 pub(crate) async fn connect_and_declare(settings: &AmqpSettings) -> anyhow::Result<Connection> {
+    connect_retire_and_declare(settings, &[]).await
+}
+
+/// [`connect_and_declare`], first undoing what an earlier
+/// `amqp.partitions` left bound ([`retire_other_layout`], given the
+/// partitions `known` to the database): nothing is bound beside it then.
+async fn connect_retire_and_declare(
+    settings: &AmqpSettings,
+    known: &[u16],
+) -> anyhow::Result<Connection> {
     let connection = connect(settings).await?;
+    retire_other_layout(&connection, settings, known).await?;
     let channel = connection
         .create_channel()
         .await
@@ -90,18 +101,20 @@ pub(crate) async fn connect_and_declare(settings: &AmqpSettings) -> anyhow::Resu
 /// The first connection of a process: [`connect_and_declare`] with the
 /// start-up retries (`startup.*`), then [`check_message_size`] for the
 /// largest message it will publish, `bytes` (the setting `key`), since a
-/// message the broker refuses would be offered again forever.
+/// message the broker refuses would be offered again forever. A daemon
+/// passes the partitions `known` to its database, to retire what an
+/// earlier `amqp.partitions` left bound (a producer passes none).
 pub(crate) async fn connect_at_startup(
     settings: &AmqpSettings,
     startup: &StartupSettings,
-    bytes: usize,
-    key: &str,
+    (bytes, key): (usize, &str),
+    known: &[u16],
 ) -> anyhow::Result<Connection> {
     // A refused topology is returned as a success of the attempt, to stop
     // retrying at once: no second attempt would be answered otherwise.
     let connection = Retry::startup(startup)
         .run(
-            async || match connect_and_declare(settings).await {
+            async || match connect_retire_and_declare(settings, known).await {
                 Err(e) if e.downcast_ref::<TopologyRefused>().is_some() => Ok(Err(e)),
                 other => other.map(Ok),
             },
@@ -333,7 +346,7 @@ pub(crate) async fn retire_other_layout(
         .await
         .context("cannot open a RabbitMQ channel")?;
     let exchange = s.partition_exchange();
-    if s.partitioned() {
+    if s.partitioned() && exchange_exists(connection, &exchange).await? {
         for (queue, _) in &depths {
             channel
                 .queue_unbind(
@@ -347,6 +360,7 @@ pub(crate) async fn retire_other_layout(
             tracing::info!(%queue, partitions = s.partitions, "unbound a partition queue beyond amqp.partitions");
         }
     } else if exchange_exists(connection, &exchange).await? {
+        // Unbound before the single queue is bound: never both.
         channel
             .exchange_unbind(
                 exchange.as_str().into(),

@@ -77,15 +77,8 @@ impl App {
         let health = Arc::new(Health::new(&metrics));
         health.set_postgres(true);
 
-        let connection = amqp::connect_at_startup(
-            &settings.amqp,
-            &settings.startup,
-            settings.limits.max_event_bytes,
-            "limits.max_event_bytes",
-        )
-        .await?;
         // A change of amqp.partitions leaves bindings that would route
-        // messages nowhere consumed: undone before consuming starts.
+        // messages nowhere consumed: undone before the topology is declared.
         let known = {
             let client = pools
                 .background
@@ -94,7 +87,13 @@ impl App {
                 .context("cannot reach PostgreSQL")?;
             store::leases::known_partitions(&client, &settings.amqp.inbound_queue).await?
         };
-        amqp::retire_other_layout(&connection, &settings.amqp, &known).await?;
+        let connection = amqp::connect_at_startup(
+            &settings.amqp,
+            &settings.startup,
+            (settings.limits.max_event_bytes, "limits.max_event_bytes"),
+            &known,
+        )
+        .await?;
         let listener = TcpListener::bind(settings.http.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.http.listen))?;

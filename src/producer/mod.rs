@@ -114,8 +114,11 @@ impl Relay {
         let connection = amqp::connect_at_startup(
             &settings.amqp,
             &settings.startup,
-            settings.limits.max_message_bytes,
-            "limits.max_message_bytes",
+            (
+                settings.limits.max_message_bytes,
+                "limits.max_message_bytes",
+            ),
+            &[],
         )
         .await?;
         let broker = Link::open(connection).await?;

@@ -764,6 +764,28 @@ async fn fewer_partitions_or_the_single_queue_again_leave_no_queue_bound_that_no
         .queue_purge(p1.as_str().into(), Default::default())
         .await
         .unwrap();
+    // Refused before the single queue was bound: a message published now
+    // still goes to the partitions only.
+    channel
+        .basic_publish(
+            single.amqp.inbound_exchange.as_str().into(),
+            "person.save".into(),
+            BasicPublishOptions::default(),
+            save_body("person", "probe", "{}").as_bytes(),
+            with_key("person/probe"),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(depth_of(&channel, &single.amqp.inbound_queue).await, 0);
+    for p in 0..2 {
+        let q = four.amqp.partition_queue(p);
+        channel
+            .queue_purge(q.as_str().into(), Default::default())
+            .await
+            .unwrap();
+    }
     run_and_save(&single, &channel, &names, "one", 40).await;
     for p in 0..4 {
         assert_eq!(
