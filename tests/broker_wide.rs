@@ -339,3 +339,64 @@ async fn a_relay_told_to_stop_during_a_memory_alarm_stops_within_its_deadlines()
         "the row it could not publish stays in the outbox"
     );
 }
+
+/// The consistent-hash plugin disabled until dropped, then enabled again.
+struct HashPluginDisabled;
+
+impl HashPluginDisabled {
+    fn disable() -> HashPluginDisabled {
+        plugins(&["disable", "rabbitmq_consistent_hash_exchange"]);
+        HashPluginDisabled
+    }
+}
+
+impl Drop for HashPluginDisabled {
+    fn drop(&mut self) {
+        plugins(&["enable", "rabbitmq_consistent_hash_exchange"]);
+    }
+}
+
+fn plugins(args: &[&str]) {
+    let out = Command::new("rabbitmq-plugins")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("rabbitmq-plugins runs");
+    assert!(out.success(), "rabbitmq-plugins {args:?} failed");
+}
+
+#[tokio::test]
+async fn partitions_without_the_consistent_hash_plugin_fail_at_start_with_one_line() {
+    let _broker = BROKER.lock().await;
+    let names = Names::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = test_settings(&names, dir.path().to_owned());
+    s.amqp.partitions = 4;
+    let _cleanup = Cleanup::new(&s, &names);
+    let refused = {
+        let _disabled = HashPluginDisabled::disable();
+        let started = Instant::now();
+        let result = scramjet::daemon::App::build(s.clone()).await;
+        let error = match result {
+            Ok(_) => panic!("a partitioned daemon started without the plugin"),
+            Err(e) => format!("{e:#}"),
+        };
+        // No start-up retries for what retrying cannot change.
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        error
+    };
+    assert!(
+        refused.contains("amqp.partitions = 4 needs RabbitMQ's exchange type x-consistent-hash")
+            && refused.contains("rabbitmq-plugins enable rabbitmq_consistent_hash_exchange"),
+        "{refused}"
+    );
+    assert!(!refused.contains('\n'), "one line: {refused}");
+    // Enabled again, the same settings start.
+    let app = scramjet::daemon::App::build(s.clone()).await;
+    assert!(app.is_ok(), "starts once the plugin is enabled");
+}
