@@ -28,8 +28,10 @@ CREATE TABLE consumer_members (
     PRIMARY KEY (partition_of, member)
 );
 
--- The partition whose consumer wrote the row; NULL for the single queue and
--- for writers outside any partition (ingest, replay, revalidate, the API).
+-- The partition of the messages whose events the row holds (a batch gathered
+-- from several partitions writes a row per partition); NULL for the single
+-- queue and for writers outside any partition (ingest, replay, revalidate,
+-- the API).
 -- Each daemon publishes the rows of the partitions it holds, in seq order.
 ALTER TABLE outbox ADD COLUMN partition int;
 
