@@ -477,6 +477,69 @@ async fn a_message_in_a_partition_queue_with_a_missing_or_wrong_key_is_dead_lett
 
     let ids: Vec<String> = app.resources().await.into_iter().map(|r| r.1).collect();
     assert_eq!(ids, ["ok"], "no dead-lettered message changed anything");
+
+    // Operations: the ring in partition order, the status table, the metrics.
+    let exchange = app.settings.amqp.partition_exchange();
+    let ring = Command::new("rabbitmq-diagnostics")
+        .args(["consistent_hash_exchange_ring_state", &exchange])
+        .output()
+        .unwrap();
+    let ring = String::from_utf8_lossy(&ring.stdout);
+    for p in 0..2 {
+        let line = format!(
+            "Ring index: {p}, queue: '{}'",
+            app.settings.amqp.partition_queue(p)
+        );
+        assert!(ring.contains(&line), "{ring}");
+    }
+    let s = &app.settings;
+    let out = crate::cli::scramjet()
+        .arg("status")
+        .env("SCRAMJET__POSTGRES__URL", &s.postgres.url)
+        .env("SCRAMJET__AMQP__URL", &s.amqp.url)
+        .env("SCRAMJET__AMQP__INBOUND_QUEUE", &s.amqp.inbound_queue)
+        .env(
+            "SCRAMJET__AMQP__DEAD_LETTER_QUEUE",
+            &s.amqp.dead_letter_queue,
+        )
+        .env("SCRAMJET__AMQP__PARTITIONS", "2")
+        .env("SCRAMJET__LOG__LEVEL", "warn")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("partitions: 2, 1 live daemon(s)"), "{text}");
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| w.len() == 5 && (w[0] == "0" || w[0] == "1"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    for r in &rows {
+        // partition, epoch 1, 0 ready, 0 outbox rows, this daemon's name.
+        assert_eq!(&r[1..4], ["1", "0", "0"], "{text}");
+        assert!(text.contains(&format!("member {}", r[4])), "{text}");
+    }
+    // Refreshed at every lease tick (400 ms here).
+    let deadline = Instant::now() + PATIENCE;
+    let metrics = loop {
+        let (_, metrics) = app.get("/metrics").await;
+        if metrics.contains(r#"scramjet_partition_queue_depth{partition="0"} 0"#)
+            || Instant::now() > deadline
+        {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(metrics.contains("scramjet_partitions_owned 2"), "{metrics}");
+    assert!(
+        metrics.contains(r#"scramjet_partition_handovers_total{kind="taken"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"scramjet_partition_queue_depth{partition="0"} 0"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
