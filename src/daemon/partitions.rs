@@ -209,10 +209,23 @@ impl Member {
             .collect();
         if !surplus.is_empty() {
             // Its batch in hand finished and acked, its channels closed:
-            // what they had prefetched goes back to the queues.
+            // what they had prefetched goes back to the queues. The pooled
+            // connection goes back meanwhile (`/readyz` pings on its pool).
+            drop(client);
             if let Some(r) = running.take() {
                 stop(r, self.settings.partitioning.lease_ttl / 2).await;
             }
+            client = match self.background.get().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Not released: the leases expire.
+                    self.db_trouble(&StoreError::from(e));
+                    for p in &surplus {
+                        leases.remove(p);
+                    }
+                    return Ok(());
+                }
+            };
             match self.group.release(&mut client, &surplus).await {
                 Ok(released) => {
                     for (p, epoch) in released {
