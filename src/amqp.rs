@@ -567,24 +567,26 @@ impl ConfirmPublisher {
         self.connection.blocked()
     }
 
-    /// Publishes all messages back to back (confirms pipelined), then waits
-    /// for every confirm. Succeeds only if the broker acked every one.
+    /// Publishes all messages back to back, in order, then waits for every
+    /// confirm. Succeeds only if the broker acked every one.
+    ///
+    /// The publishes are handed to the connection all at once: awaiting each
+    /// `basic_publish` before the next cost a round trip to the client's I/O
+    /// thread (a wake-up there, a write, a wake-up back) per message. Order
+    /// holds: `basic_publish` registers its confirm and queues its frames
+    /// before its first await, and `try_join_all` polls the futures first in
+    /// the order given, so they are queued — and written — in that order.
     pub(crate) async fn publish_all(&self, messages: Vec<Outgoing<'_>>) -> anyhow::Result<()> {
-        let mut confirms = Vec::with_capacity(messages.len());
-        for m in messages {
-            let confirm = self
-                .channel
-                .basic_publish(
-                    m.exchange.into(),
-                    m.routing_key.into(),
-                    BasicPublishOptions::default(),
-                    m.body,
-                    m.properties,
-                )
-                .await
-                .context("publish failed")?;
-            confirms.push(confirm);
-        }
+        let publishes = messages.into_iter().map(|m| {
+            self.channel.basic_publish(
+                m.exchange.into(),
+                m.routing_key.into(),
+                BasicPublishOptions::default(),
+                m.body,
+                m.properties,
+            )
+        });
+        let confirms = try_join_all(publishes).await.context("publish failed")?;
         let results = try_join_all(confirms)
             .await
             .context("lost the broker before it confirmed")?;

@@ -98,20 +98,18 @@ impl Bench {
                             _ => break,
                         }
                     }
-                    let mut confirms = Vec::with_capacity(batch.len());
-                    for d in &batch {
-                        confirms.push(
-                            publisher
-                                .basic_publish(
-                                    output.as_str().into(),
-                                    "x".into(),
-                                    BasicPublishOptions::default(),
-                                    &d.data,
-                                    BasicProperties::default().with_delivery_mode(2),
-                                )
-                                .await?,
-                        );
-                    }
+                    // Every publish of the batch handed to the connection at
+                    // once, as the daemon's publisher does (amqp::ConfirmPublisher).
+                    let publishes = batch.iter().map(|d| {
+                        publisher.basic_publish(
+                            output.as_str().into(),
+                            "x".into(),
+                            BasicPublishOptions::default(),
+                            &d.data,
+                            BasicProperties::default().with_delivery_mode(2),
+                        )
+                    });
+                    let confirms = futures_util::future::try_join_all(publishes).await?;
                     for c in futures_util::future::try_join_all(confirms).await? {
                         ensure!(c.is_ack(), "the broker nacked");
                     }
@@ -154,6 +152,7 @@ impl Bench {
             broker_cpu: broker,
             postgres_cpu: postgres,
             rss_kib: None,
+            wal_bytes: None,
         })
     }
 }

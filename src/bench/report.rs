@@ -18,11 +18,18 @@ pub(super) struct Measure {
     pub(super) postgres_cpu: f64,
     /// Peak RSS of the daemon over the run, in KiB (daemon runs only).
     pub(super) rss_kib: Option<u64>,
+    /// WAL PostgreSQL wrote over the run, in bytes (daemon runs only).
+    pub(super) wal_bytes: Option<i64>,
 }
 
 impl Measure {
     pub(super) fn rate(&self) -> f64 {
         self.messages as f64 / self.seconds
+    }
+
+    /// µs of CPU per message, from a share of one core over the run.
+    pub(super) fn us_per_message(&self, cpu: f64) -> f64 {
+        cpu * self.seconds / self.messages as f64 * 1e6
     }
 }
 
@@ -63,12 +70,19 @@ pub(super) fn table(
     writeln!(out)?;
     writeln!(
         out,
-        "| scenario | messages | seconds | msgs/s | events | vs broker ceiling | daemon CPU | broker CPU | PostgreSQL CPU | daemon peak RSS |"
+        "| scenario | messages | seconds | msgs/s | events | vs broker ceiling | daemon CPU | broker CPU | PostgreSQL CPU | daemon µs/msg | broker µs/msg | PostgreSQL µs/msg | WAL B/msg | daemon peak RSS |"
     )?;
-    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(
+        out,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )?;
     for m in measures {
         let rss = match m.rss_kib {
             Some(kib) => format!("{:.1} MiB", kib as f64 / 1024.0),
+            None => "–".into(),
+        };
+        let wal = match m.wal_bytes {
+            Some(bytes) => format!("{:.0}", bytes as f64 / m.messages as f64),
             None => "–".into(),
         };
         let ratio = match m.ceiling {
@@ -77,7 +91,7 @@ pub(super) fn table(
         };
         writeln!(
             out,
-            "| {} | {} | {:.2} | {:.0} | {} | {ratio} | {:.0} % | {:.0} % | {:.0} % | {rss} |",
+            "| {} | {} | {:.2} | {:.0} | {} | {ratio} | {:.0} % | {:.0} % | {:.0} % | {:.0} | {:.0} | {:.0} | {wal} | {rss} |",
             m.name,
             m.messages,
             m.seconds,
@@ -85,7 +99,10 @@ pub(super) fn table(
             m.events,
             m.daemon_cpu * 100.0,
             m.broker_cpu * 100.0,
-            m.postgres_cpu * 100.0
+            m.postgres_cpu * 100.0,
+            m.us_per_message(m.daemon_cpu),
+            m.us_per_message(m.broker_cpu),
+            m.us_per_message(m.postgres_cpu),
         )?;
     }
     writeln!(out)?;
@@ -114,7 +131,7 @@ pub(super) fn table(
     )?;
     writeln!(
         out,
-        "CPU columns: CPU time used during the run / wall time (100 % = one core)."
+        "CPU columns: CPU time used during the run / wall time (100 % = one core); µs/msg: CPU time / messages. WAL: pg_current_wal_lsn() moved over the run / messages (the whole server's)."
     )?;
     Ok(out)
 }

@@ -150,6 +150,11 @@ impl Bench {
             .await?;
 
         let mut daemon = Daemon::start(&self.settings).await?;
+        let wal_before: String = self
+            .db
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await?
+            .get(0);
         let broker_before = broker_cpu_ticks();
         let postgres_before = postgres_cpu_ticks();
         let daemon_before = daemon.cpu_ticks();
@@ -171,6 +176,14 @@ impl Bench {
             broker_cpu_ticks().saturating_sub(broker_before) as f64 / clock_ticks() / seconds;
         let postgres_cpu =
             postgres_cpu_ticks().saturating_sub(postgres_before) as f64 / clock_ticks() / seconds;
+        let wal_bytes: i64 = self
+            .db
+            .query_one(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::int8",
+                &[&wal_before],
+            )
+            .await?
+            .get(0);
         let rss = daemon.peak_rss_kib();
         daemon.stop().await?;
         // Nothing more may come: an extra event means a wrong outcome.
@@ -211,6 +224,7 @@ impl Bench {
                 broker_cpu,
                 postgres_cpu,
                 rss_kib: Some(rss),
+                wal_bytes: Some(wal_bytes),
             },
             rss,
         ))

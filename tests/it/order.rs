@@ -203,3 +203,23 @@ async fn expired_message_ids_and_tombstones_are_pruned_and_fresh_ones_kept() {
         .get(0);
     assert_eq!(grave, "recent");
 }
+
+/// The publisher hands a batch's events to the connection all at once;
+/// they must still leave in the order their messages were applied — here,
+/// with one consumer and distinct ids, the order the messages were sent.
+#[tokio::test]
+async fn events_leave_in_the_order_their_messages_were_applied_also_within_a_batch() {
+    let mut app = spawn_app().await;
+    app.stop().await;
+    let ids: Vec<String> = (0..1000).map(|i| format!("o{i:04}")).collect();
+    let bodies: Vec<String> = ids
+        .iter()
+        .map(|id| save_body("person", id, r#"{"name":"A"}"#))
+        .collect();
+    // Queued before the daemon starts: it takes them in large batches.
+    app.publish_many(&bodies).await;
+    app.start().await;
+    let events = app.next_events(ids.len()).await;
+    let got: Vec<&str> = events.iter().map(|e| e.id()).collect();
+    assert_eq!(got, ids, "events in the order of their messages");
+}
