@@ -158,7 +158,7 @@ pub(crate) fn inbound_queue_arguments(s: &AmqpSettings) -> FieldTable {
 }
 
 /// Declares the exchanges and queues, idempotently: CONTRACT §1, or with
-/// `amqp.partitions` > 1 the partitioned form (see [`declare_partitions`]).
+/// `amqp.partitions` > 1 the partitioned form (see `declare_partitions`).
 pub async fn declare_topology(channel: &Channel, s: &AmqpSettings) -> anyhow::Result<()> {
     let durable_exchange = ExchangeDeclareOptions {
         durable: true,
