@@ -42,6 +42,22 @@ pub(crate) const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a publisher held back by a blocked connection looks again.
 pub(crate) const BLOCKED_POLL: Duration = Duration::from_millis(250);
 
+/// Runs `step` (opening, declaring, consuming: anything that needs the
+/// broker's replies) with [`REPLY_TIMEOUT`] on the whole, a blocked or
+/// silent broker counting as an error.
+pub(crate) async fn within_reply_timeout<T>(
+    step: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(REPLY_TIMEOUT, step)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "RabbitMQ did not answer within {} s",
+                REPLY_TIMEOUT.as_secs()
+            )
+        })?
+}
+
 /// Opens a connection (one attempt), with the password and CA file from
 /// `settings` when set.
 pub(crate) async fn connect(settings: &AmqpSettings) -> anyhow::Result<Connection> {

@@ -255,7 +255,7 @@ impl App {
         }
         let s = &self.settings.amqp;
         let first = self.first_connection.take();
-        let (connection, channel, stream) = tokio::time::timeout(REPLY_TIMEOUT, async {
+        let (connection, channel, stream) = amqp::within_reply_timeout(async {
             let connection = match first {
                 Some(c) => c,
                 None => amqp::connect(s).await?,
@@ -280,13 +280,7 @@ impl App {
                 .with_context(|| format!("cannot consume from {}", s.inbound_queue))?;
             anyhow::Ok((connection, channel, stream))
         })
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "RabbitMQ did not answer within {} s",
-                REPLY_TIMEOUT.as_secs()
-            )
-        })??;
+        .await?;
         self.health.set_amqp(true);
         self.health.recovered("consumer");
         retry.succeeded();
@@ -352,22 +346,12 @@ impl App {
         held: &tokio::sync::watch::Sender<Vec<u16>>,
         retry: &mut Retry,
     ) -> anyhow::Result<()> {
-        let s = &self.settings.amqp;
-        let first = self.first_connection.take();
-        let connection = tokio::time::timeout(REPLY_TIMEOUT, async {
-            let connection = match first {
-                Some(c) => c,
-                None => amqp::connect_and_declare(s).await?,
-            };
-            anyhow::Ok(connection)
-        })
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "RabbitMQ did not answer within {} s",
-                REPLY_TIMEOUT.as_secs()
-            )
-        })??;
+        let connection = match self.first_connection.take() {
+            Some(c) => c,
+            None => {
+                amqp::within_reply_timeout(amqp::connect_and_declare(&self.settings.amqp)).await?
+            }
+        };
         self.health.set_amqp(true);
         self.health.recovered("consumer");
         retry.succeeded();

@@ -305,7 +305,16 @@ fn prepare(
 /// hashed the header to pick the partition, so another partition may hold
 /// the same id, and processing it here could reorder that id's changes.
 fn check_key(d: &Delivery, p: &Prepared) -> Result<(), Malformed> {
-    let expected = key_of(p.entity_type.as_str(), p.id.as_str());
+    let (t, id) = (p.entity_type.as_str().as_bytes(), p.id.as_str().as_bytes());
+    // `<type>/<id>`, compared in place: the expected text is built only
+    // for a refusal.
+    let is_key = |key: &[u8]| {
+        key.len() == t.len() + 1 + id.len()
+            && key.starts_with(t)
+            && key[t.len()] == b'/'
+            && key.ends_with(id)
+    };
+    let expected = || key_of(p.entity_type.as_str(), p.id.as_str());
     let header = d
         .properties
         .headers()
@@ -317,19 +326,22 @@ fn check_key(d: &Delivery, p: &Prepared) -> Result<(), Malformed> {
         _ => None,
     };
     match found {
-        Some(key) if key == expected.as_bytes() => Ok(()),
+        Some(key) if is_key(key) => Ok(()),
         Some(key) => Err(Malformed(format!(
-            "the {KEY_HEADER} header {:?} is not this message's <type>/<id> {expected:?}: in a \
+            "the {KEY_HEADER} header {:?} is not this message's <type>/<id> {:?}: in a \
              partition queue it could race the same id in another partition",
-            String::from_utf8_lossy(key)
+            String::from_utf8_lossy(key),
+            expected()
         ))),
         None if header.is_some() => Err(Malformed(format!(
             "the {KEY_HEADER} header is not a string; in a partition queue it must be the \
-             message's <type>/<id> {expected:?}"
+             message's <type>/<id> {:?}",
+            expected()
         ))),
         None => Err(Malformed(format!(
             "no {KEY_HEADER} header: a message in a partition queue must carry {KEY_HEADER} = \
-             <type>/<id> (here {expected:?}), or it could race the same id in another partition"
+             <type>/<id> (here {:?}), or it could race the same id in another partition",
+            expected()
         ))),
     }
 }

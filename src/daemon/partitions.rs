@@ -305,7 +305,7 @@ impl Member {
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Running> {
         let prefetch = self.prefetch(leases.len());
-        let (channels, streams) = tokio::time::timeout(REPLY_TIMEOUT, async {
+        let (channels, streams) = amqp::within_reply_timeout(async {
             let mut channels = Vec::with_capacity(leases.len());
             let mut streams = Vec::with_capacity(leases.len());
             for &p in leases.keys() {
@@ -333,13 +333,7 @@ impl Member {
             }
             anyhow::Ok((channels, streams))
         })
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "RabbitMQ did not answer within {} s",
-                REPLY_TIMEOUT.as_secs()
-            )
-        })??;
+        .await?;
         let stop = shutdown.child_token();
         let lost = CancellationToken::new();
         let fenced: Vec<(String, i64)> = leases

@@ -88,10 +88,11 @@ impl Group {
         }
         self.with_lock_timeout(
             client,
-            "UPDATE consumer_epochs SET expires_at = now() + $3::int8 * interval '1 millisecond' \
-             WHERE partition_of = $1 AND owner = $2 AND partition = ANY($4::int[]) \
+            "UPDATE consumer_epochs SET expires_at = now() + $4::int8 * interval '1 millisecond' \
+             WHERE partition_of = $1 AND owner = $2 AND partition = ANY($3::int[]) \
              RETURNING partition, epoch",
             partitions,
+            Some(self.ttl_ms()),
         )
         .await
     }
@@ -155,10 +156,10 @@ impl Group {
         self.with_lock_timeout(
             client,
             "UPDATE consumer_epochs SET owner = NULL, expires_at = NULL \
-             WHERE partition_of = $1 AND owner = $2 AND partition = ANY($4::int[]) \
-               AND $3::int8 IS NOT NULL \
+             WHERE partition_of = $1 AND owner = $2 AND partition = ANY($3::int[]) \
              RETURNING partition, epoch",
             partitions,
+            None,
         )
         .await
     }
@@ -173,21 +174,24 @@ impl Group {
         Ok(())
     }
 
-    /// Runs `sql` (parameters: group, member, ttl in ms, partitions) in a
-    /// transaction with [`LOCK_TIMEOUT`]; returns the `(partition, epoch)`
-    /// rows it returns.
+    /// Runs `sql` (parameters: group, member, partitions, and the ttl in
+    /// ms when given) in a transaction with [`LOCK_TIMEOUT`]; returns the
+    /// `(partition, epoch)` rows it returns.
     async fn with_lock_timeout(
         &self,
         client: &mut Client,
         sql: &str,
         partitions: &[u16],
+        ttl_ms: Option<i64>,
     ) -> Result<Vec<Held>, StoreError> {
         let numbers: Vec<i32> = partitions.iter().map(|p| i32::from(*p)).collect();
         let tx = client.transaction().await?;
         let (limit, stmt) =
             futures_util::try_join!(tx.prepare_cached(LOCK_TIMEOUT), tx.prepare_cached(sql))?;
-        let ttl = self.ttl_ms();
-        let params: [&Param; 4] = [&self.of, &self.member, &ttl, &numbers];
+        let mut params: Vec<&Param> = vec![&self.of, &self.member, &numbers];
+        if let Some(ttl) = &ttl_ms {
+            params.push(ttl);
+        }
         let (_, rows) = futures_util::try_join!(tx.execute(&limit, &[]), tx.query(&stmt, &params))?;
         tx.commit().await?;
         held(&rows)
