@@ -144,19 +144,8 @@ impl Bench {
         drop(events);
         self.delete_queue(&format!("{}.events", self.names.prefix()))
             .await;
-        let rows: i64 = self
-            .db
-            .query_one(
-                "SELECT count(*) FROM resources WHERE type = $1",
-                &[&workload.entity_type],
-            )
-            .await?
-            .get(0);
-        ensure!(
-            rows == workload.rows,
-            "{rows} rows stored, the workload implies {}",
-            workload.rows
-        );
+        let name = format!("{} partition(s), {daemons} daemon(s)", s.amqp.partitions);
+        self.check_rows(&name, &workload).await?;
 
         let latency = self
             .offered(

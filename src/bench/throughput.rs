@@ -197,20 +197,7 @@ impl Bench {
         }
         drop(events);
 
-        // A fast but wrong run must fail loudly.
-        let rows: i64 = self
-            .db
-            .query_one(
-                "SELECT count(*) FROM resources WHERE type = $1",
-                &[&workload.entity_type],
-            )
-            .await?
-            .get(0);
-        ensure!(
-            rows == workload.rows,
-            "{name}: {rows} rows stored, the workload implies {}",
-            workload.rows
-        );
+        self.check_rows(name, workload).await?;
         self.delete_queue(&format!("{}.events", self.names.prefix()))
             .await;
         Ok((
@@ -228,6 +215,25 @@ impl Bench {
             },
             rss,
         ))
+    }
+
+    /// Fails unless `resources` holds the rows `workload` implies: a fast
+    /// but wrong run must fail loudly.
+    pub(super) async fn check_rows(&self, name: &str, workload: &Workload) -> anyhow::Result<()> {
+        let rows: i64 = self
+            .db
+            .query_one(
+                "SELECT count(*) FROM resources WHERE type = $1",
+                &[&workload.entity_type],
+            )
+            .await?
+            .get(0);
+        ensure!(
+            rows == workload.rows,
+            "{name}: {rows} rows stored, the workload implies {}",
+            workload.rows
+        );
+        Ok(())
     }
 
     /// Fills `resources` with `rows` rows of ~1 KB documents of another type.
