@@ -395,7 +395,10 @@ pub(crate) async fn retire_other_layout(
 
 /// The ready messages of `queue`, or `None` when it does not exist: a
 /// passive declaration, on a channel of its own (a failed one closes it).
-async fn depth_if_any(connection: &Connection, queue: &str) -> anyhow::Result<Option<u32>> {
+pub(crate) async fn depth_if_any(
+    connection: &Connection,
+    queue: &str,
+) -> anyhow::Result<Option<u32>> {
     let channel = connection
         .create_channel()
         .await

@@ -2,7 +2,6 @@
 //! queue depths.
 
 use anyhow::Context;
-use lapin::{options::QueueDeclareOptions, types::FieldTable};
 
 use crate::{amqp, config::Settings};
 
@@ -12,10 +11,6 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
     let counts = crate::store::read::type_counts(&pool).await?;
     let (outbox, _) = crate::store::read::backlog(&pool).await?;
     let connection = amqp::connect(&settings.amqp).await?;
-    let channel = connection
-        .create_channel()
-        .await
-        .context("cannot open a channel")?;
     let a = &settings.amqp;
     let mut queues: Vec<String> = if a.partitioned() {
         (0..a.partitions).map(|p| a.partition_queue(p)).collect()
@@ -25,20 +20,11 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
     queues.push(a.dead_letter_queue.clone());
     let mut depths = Vec::new();
     for queue in &queues {
-        // A passive declare reads the depth without creating or changing anything.
-        let depth = match channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-        {
-            Ok(q) => q.message_count().to_string(),
-            Err(_) => "missing".to_owned(),
+        // A passive declaration, each on a channel of its own: a missing
+        // queue closes its channel, and must not make the next look missing.
+        let depth = match amqp::depth_if_any(&connection, queue).await? {
+            Some(n) => n.to_string(),
+            None => "missing".to_owned(),
         };
         depths.push((queue.clone(), depth));
     }

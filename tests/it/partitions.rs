@@ -914,3 +914,44 @@ async fn depth_of(channel: &Channel, queue: &str) -> u32 {
         .unwrap()
         .message_count()
 }
+
+#[tokio::test]
+async fn status_reports_a_missing_queue_without_hiding_the_ones_after_it() {
+    let app = spawn_app_with(|s| {
+        s.amqp.partitions = 2;
+        s.partitioning.lease_ttl = Duration::from_secs(2);
+    })
+    .await;
+    let s = &app.settings;
+    // Asked about 3 partitions where 2 exist: .p2 is missing, the
+    // dead-letter queue listed after it is not.
+    let out = crate::cli::scramjet()
+        .arg("status")
+        .env("SCRAMJET__POSTGRES__URL", &s.postgres.url)
+        .env("SCRAMJET__AMQP__URL", &s.amqp.url)
+        .env("SCRAMJET__AMQP__INBOUND_QUEUE", &s.amqp.inbound_queue)
+        .env(
+            "SCRAMJET__AMQP__DEAD_LETTER_QUEUE",
+            &s.amqp.dead_letter_queue,
+        )
+        .env("SCRAMJET__AMQP__PARTITIONS", "3")
+        .env("SCRAMJET__LOG__LEVEL", "warn")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let line = |queue: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("queue {queue}:")))
+            .unwrap_or_else(|| panic!("{text}"))
+            .to_owned()
+    };
+    assert!(
+        line(&s.amqp.partition_queue(2)).ends_with("missing message(s) ready"),
+        "{text}"
+    );
+    assert!(
+        line(&s.amqp.dead_letter_queue).ends_with(": 0 message(s) ready"),
+        "{text}"
+    );
+}
