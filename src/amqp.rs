@@ -792,12 +792,12 @@ impl DeadLetters {
 }
 
 /// Cancels `lost` as soon as `connection` reports an error or closes, or
-/// `channel` is no longer open: the consumer must then not commit the batch
-/// in hand, which the broker redelivers. Returns when `lost` is cancelled
-/// (by this watch or by whoever ends the session).
+/// one of `channels` is no longer open: the consumer must then not commit
+/// the batch in hand, which the broker redelivers. Returns when `lost` is
+/// cancelled (by this watch or by whoever ends the session).
 pub(crate) async fn watch_session(
     connection: &Connection,
-    channel: &Channel,
+    channels: &[Channel],
     lost: CancellationToken,
 ) {
     let mut events = std::pin::pin!(connection.events_listener());
@@ -815,7 +815,9 @@ pub(crate) async fn watch_session(
                 Some(_) => {}
             },
             _ = tick.tick() => {
-                if !connection.status().connected() || !channel.status().connected() {
+                if !connection.status().connected()
+                    || channels.iter().any(|c| !c.status().connected())
+                {
                     lost.cancel();
                 }
             }

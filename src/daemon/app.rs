@@ -320,7 +320,7 @@ impl App {
         };
         let (consumed, ()) = tokio::join!(
             consuming,
-            amqp::watch_session(&connection, &channel, lost.clone())
+            amqp::watch_session(&connection, std::slice::from_ref(&channel), lost.clone())
         );
         self.health.set_amqp(false);
         // Closing the channel returns unacked (prefetched) deliveries to the queue.

@@ -96,7 +96,7 @@ impl Member {
         let mut leases: BTreeMap<u16, i64> = BTreeMap::new();
         let mut running: Option<Running> = None;
         let connection_lost = CancellationToken::new();
-        let watcher = watch_connection(connection, connection_lost.clone());
+        let watcher = amqp::watch_session(connection, &[], connection_lost.clone());
         tokio::pin!(watcher);
         let mut watching = true;
         let mut tick = tokio::time::interval(self.settings.partitioning.tick());
@@ -481,34 +481,6 @@ async fn stop(r: Running, within: Duration) {
     r.stop.cancel();
     if tokio::time::timeout(within, r.task).await.is_err() {
         r.lost.cancel();
-    }
-}
-
-/// Cancels `lost` when `connection` fails.
-async fn watch_connection(connection: &Connection, lost: CancellationToken) {
-    let mut events = std::pin::pin!(connection.events_listener());
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    loop {
-        tokio::select! {
-            event = events.next() => match event {
-                Some(lapin::Event::Error(e)) => {
-                    tracing::warn!(error = %amqp::one_line(&e.to_string()), "the broker connection failed");
-                    lost.cancel();
-                    return;
-                }
-                None => {
-                    lost.cancel();
-                    return;
-                }
-                Some(_) => {}
-            },
-            _ = tick.tick() => {
-                if !connection.status().connected() {
-                    lost.cancel();
-                    return;
-                }
-            }
-        }
     }
 }
 
