@@ -14,6 +14,7 @@ mod ingest;
 mod latency;
 mod memory;
 mod probes;
+mod profile;
 mod replicas;
 mod report;
 mod throughput;

@@ -11,6 +11,7 @@ use super::{
     Bench, BenchArgs,
     daemon::Daemon,
     probes::{broker_cpu_ticks, clock_ticks, postgres_cpu_ticks},
+    profile::Recording,
     report::{self, Measure, Results},
     workload::{Op, Workload, creates_and_updates, save, unchanged_of, with_deletes},
 };
@@ -158,6 +159,7 @@ impl Bench {
         let broker_before = broker_cpu_ticks();
         let postgres_before = postgres_cpu_ticks();
         let daemon_before = daemon.cpu_ticks();
+        let recording = Recording::start(name, daemon.child.id());
         let started = Instant::now();
         let mut received = 0;
         while received < expected_events {
@@ -170,6 +172,7 @@ impl Bench {
             }
         }
         let seconds = started.elapsed().as_secs_f64();
+        recording.stop();
         let daemon_cpu =
             daemon.cpu_ticks().saturating_sub(daemon_before) as f64 / clock_ticks() / seconds;
         let broker_cpu =
