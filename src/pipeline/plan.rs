@@ -49,7 +49,9 @@ impl KeyState<'_> {
 #[derive(Clone, Copy)]
 struct Row<'a> {
     hash: &'a str,
-    data: &'a Value,
+    /// `None` for a stored row whose document was left unread: the batch's
+    /// saves of the key carry its hash, so nothing compares against it.
+    data: Option<&'a Value>,
     /// The canonical text when the row comes from a message (it is written as is).
     canonical: Option<&'a str>,
     version: Option<i64>,
@@ -81,7 +83,7 @@ pub fn plan(
             order.push(key.clone());
             let now = current.rows.get(&key).map(|c| Row {
                 hash: &c.hash,
-                data: &c.data,
+                data: c.data.as_ref(),
                 canonical: None,
                 version: c.version,
             });
@@ -147,7 +149,7 @@ pub fn plan(
                 let version = p.version.or(state.known_version());
                 let new = Row {
                     hash,
-                    data,
+                    data: Some(data),
                     canonical: Some(canonical),
                     version,
                 };
@@ -175,7 +177,7 @@ pub fn plan(
                         Outcome::Unchanged
                     }
                     Some(old) => {
-                        let patch = json_patch::diff(old.data, data);
+                        let patch = patch_between(old.data, data);
                         writes.events.push(event(
                             Op::Updated,
                             EventFields {
@@ -209,7 +211,7 @@ pub fn plan(
                             Op::Deleted,
                             EventFields {
                                 previous_hash: Some(old.hash),
-                                previous: Some(old.data),
+                                previous: old.data,
                                 version: p.version,
                                 ..Default::default()
                             },
@@ -251,9 +253,11 @@ pub fn plan(
                 entity_type: key.0.clone(),
                 id: key.1.clone(),
                 hash: row.hash.to_owned(),
-                canonical: row
-                    .canonical
-                    .map_or_else(|| canonical::to_canonical(row.data), str::to_owned),
+                canonical: match (row.canonical, row.data) {
+                    (Some(text), _) => text.to_owned(),
+                    (None, Some(data)) => canonical::to_canonical(data),
+                    (None, None) => unreachable!("only a row from a message is written"),
+                },
                 version: row.version,
             });
         }
@@ -290,6 +294,24 @@ pub fn plan(
         }
     }
     (writes, outcomes)
+}
+
+/// The RFC 6902 operations from `old` to `new`. `old` is always read when a
+/// patch is due ([`crate::store::batch::Need`]); were it not, the patch
+/// replaces the whole document, which is still correct.
+fn patch_between(old: Option<&Value>, new: &Value) -> json_patch::Patch {
+    match old {
+        Some(old) => json_patch::diff(old, new),
+        None => {
+            debug_assert!(false, "a patch against a document left unread");
+            json_patch::Patch(vec![json_patch::PatchOperation::Replace(
+                json_patch::ReplaceOperation {
+                    path: json_patch::jsonptr::PointerBuf::new(),
+                    value: new.clone(),
+                },
+            )])
+        }
+    }
 }
 
 #[cfg(test)]

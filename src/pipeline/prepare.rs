@@ -9,7 +9,7 @@ use crate::{
     domain::entity::{EntityId, EntityType},
     domain::message::{Action, Inbound},
     domain::validate::{Rejection, SchemaRegistry},
-    store::batch::Key,
+    store::batch::{Key, Need},
 };
 
 /// A message made ready for the database: hashed and validated, outside any transaction.
@@ -99,4 +99,36 @@ pub(super) fn sorted_keys(prepared: &[Prepared]) -> Vec<Key> {
     keys.sort_unstable();
     keys.dedup();
     keys
+}
+
+/// For each of `keys` (as [`sorted_keys`] returns them), whether planning
+/// needs the stored document: not when the batch's messages for the key are
+/// all saves and its valid ones carry the same hash, unless the stored hash
+/// differs from that one (a patch); a delete always needs it (`previous`).
+/// Counts every message, duplicates and stale ones too: it may read more
+/// than planning uses, never less.
+pub(super) fn documents_needed<'a>(prepared: &'a [Prepared], keys: &[Key]) -> Vec<Need<'a>> {
+    let mut needs = vec![Need::Nothing; keys.len()];
+    for p in prepared {
+        let Ok(at) = keys.binary_search_by(|(t, i)| {
+            (t.as_str(), i.as_str()).cmp(&(p.entity_type.as_str(), p.id.as_str()))
+        }) else {
+            continue;
+        };
+        needs[at] = match (&p.kind, needs[at]) {
+            (_, Need::Document) | (PreparedKind::Delete, _) => Need::Document,
+            (
+                PreparedKind::Save {
+                    errors: Some(_), ..
+                },
+                need,
+            ) => need,
+            (PreparedKind::Save { hash, .. }, Need::Nothing) => Need::UnlessHashIs(hash),
+            (PreparedKind::Save { hash, .. }, Need::UnlessHashIs(h)) if h == hash => {
+                Need::UnlessHashIs(h)
+            }
+            (PreparedKind::Save { .. }, Need::UnlessHashIs(_)) => Need::Document,
+        };
+    }
+    needs
 }

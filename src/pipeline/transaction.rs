@@ -6,7 +6,7 @@ use std::{collections::HashMap, panic::AssertUnwindSafe};
 
 use super::{
     plan::plan,
-    prepare::{Prepared, sorted_keys},
+    prepare::{Prepared, documents_needed, sorted_keys},
 };
 use crate::{
     domain::event,
@@ -146,7 +146,8 @@ async fn lock_and_find_duplicates(
     }
     let ids: Vec<&str> = first_seen.keys().copied().collect();
     let keys = sorted_keys(prepared);
-    let (fresh, current) = batch::claim_and_lock(tx, fence, &ids, &keys).await?;
+    let needs = documents_needed(prepared, &keys);
+    let (fresh, current) = batch::claim_and_lock(tx, fence, &ids, &keys, &needs).await?;
     let duplicate = prepared
         .iter()
         .enumerate()

@@ -51,8 +51,9 @@ pub struct ServerId {
 pub struct Stored {
     /// Canonical hash of `data`.
     pub hash: String,
-    /// The stored document, exactly as it was sent (numbers included).
-    pub data: Value,
+    /// The stored document, exactly as it was sent (numbers included);
+    /// `None` when the batch did not need it (see [`Need`]).
+    pub data: Option<Value>,
     /// The stored version, if any.
     pub version: Option<i64>,
 }
@@ -111,6 +112,31 @@ pub struct Writes {
     pub events: Vec<Event>,
 }
 
+/// Whether a batch needs a locked row's stored document, or only its hash
+/// and version: an unchanged save needs no more, and reading and decoding
+/// the document is most of what locking a large row costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Need<'a> {
+    /// The document (a delete's `previous`, a patch against it).
+    Document,
+    /// Nothing but the hash and version (only rejected saves touch the key).
+    Nothing,
+    /// The document only if the stored hash is not this one.
+    UnlessHashIs(&'a str),
+}
+
+impl<'a> Need<'a> {
+    /// As a statement parameter: `NULL` reads the document, `''` never (no
+    /// hash is empty), a hash unless the stored one is equal.
+    fn as_param(self) -> Option<&'a str> {
+        match self {
+            Need::Document => None,
+            Need::Nothing => Some(""),
+            Need::UnlessHashIs(hash) => Some(hash),
+        }
+    }
+}
+
 /// What a batch transaction does to prove that its consumer session is
 /// still the one the broker delivers the queue to (see `consumer_epochs`).
 #[derive(Debug, Clone, Copy)]
@@ -151,9 +177,12 @@ mod sql {
            substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) FROM ( \
            SELECT DISTINCT hashtextextended(t || chr(31) || i, 5930) AS k \
            FROM unnest($1::text[], $2::text[]) AS u(t, i) ORDER BY k) AS s";
-    pub(super) const LOCK_ROWS: &str = "SELECT r.type, r.id, r.hash, r.data, r.version, r.canonical \
+    /// `$3` says, per key, when the document is left unread ([`super::Need`]).
+    pub(super) const LOCK_ROWS: &str = "SELECT r.type, r.id, r.hash, \
+           CASE WHEN k.skip = '' OR r.hash = k.skip THEN NULL ELSE r.data END, r.version, \
+           CASE WHEN k.skip = '' OR r.hash = k.skip THEN NULL ELSE r.canonical END \
          FROM resources r \
-         JOIN unnest($1::text[], $2::text[]) AS k(type, id) \
+         JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(type, id, skip) \
            ON r.type = k.type AND r.id = k.id \
          ORDER BY r.type, r.id \
          FOR UPDATE OF r";
@@ -203,7 +232,8 @@ mod sql {
 
 /// Passes `fence` (when given), records `message_ids` as processed and
 /// returns those that were not already, then reads and locks (`FOR UPDATE`)
-/// the `resources` rows and tombstones of `keys` — up to five statements in
+/// the `resources` rows and tombstones of `keys` (each row's document only
+/// where `needs`, one per key, says so) — up to five statements in
 /// one round trip, the fence first (so that it never waits while holding a
 /// key lock), then an advisory lock per key.
 ///
@@ -215,7 +245,9 @@ pub(crate) async fn claim_and_lock(
     fence: Option<Fence<'_>>,
     message_ids: &[&str],
     keys: &[Key],
+    needs: &[Need<'_>],
 ) -> Result<(HashSet<String>, Current), StoreError> {
+    debug_assert_eq!(keys.len(), needs.len(), "one need per key");
     let (fence_stmt, lock_keys, claim, lock_rows, lock_graves) = futures_util::try_join!(
         async {
             match fence {
@@ -236,6 +268,8 @@ pub(crate) async fn claim_and_lock(
     // come first, so the rows are read after every concurrent writer of these
     // keys has committed.
     let params: [&Param<'_>; 2] = [&types, &ids];
+    let skips: Vec<Option<&str>> = needs.iter().map(|n| n.as_param()).collect();
+    let row_params: [&Param<'_>; 3] = [&types, &ids, &skips];
     let claimed = async {
         if message_ids.is_empty() {
             Ok(Vec::new())
@@ -259,7 +293,7 @@ pub(crate) async fn claim_and_lock(
         fenced,
         tx.query_one(&lock_keys, &params),
         claimed,
-        tx.query(&lock_rows, &params),
+        tx.query(&lock_rows, &row_params),
         tx.query(&lock_graves, &params),
     )?;
     let fresh = claimed
@@ -287,7 +321,7 @@ pub(crate) async fn claim_and_lock(
             (row.try_get(0)?, row.try_get(1)?),
             Stored {
                 hash: row.try_get(2)?,
-                data: super::exact_data(row.try_get(3)?, row.try_get(5)?)?,
+                data: super::exact_data(row.try_get::<_, Option<Value>>(3)?, row.try_get(5)?)?,
                 version: row.try_get(4)?,
             },
         );
@@ -307,7 +341,7 @@ pub(crate) async fn pass_fence(
     tx: &Transaction<'_>,
     fence: Option<Fence<'_>>,
 ) -> Result<Current, StoreError> {
-    claim_and_lock(tx, fence, &[], &[])
+    claim_and_lock(tx, fence, &[], &[], &[])
         .await
         .map(|(_, current)| current)
 }
