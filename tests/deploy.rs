@@ -61,6 +61,7 @@ const METRICS: &[&str] = &[
     "scramjet_reconnects_total",
     "scramjet_outages_total",
     "scramjet_events_reduced_total",
+    "scramjet_outbox_rows_published_total",
     "scramjet_relay_messages_total",
     "scramjet_relay_delay_seconds",
     "scramjet_relay_pending",

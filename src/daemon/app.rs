@@ -156,7 +156,8 @@ impl App {
 
         // The outbox publisher outlives sessions: it has its own connection,
         // so a blocked or lost one never stops consuming (see `amqp`).
-        let notify = Wake::default();
+        // Holds up to two batches' events for the publisher (see `Wake`).
+        let notify = Wake::holding(2 * self.settings.pipeline.max_batch_bytes);
         let (slot, dead_letters) = amqp::dead_letter_link();
         let (held, held_now) = tokio::sync::watch::channel(Vec::new());
         let lanes = self
@@ -297,7 +298,8 @@ impl App {
             self.pools.pipeline.clone(),
             self.health.clone(),
             self.metrics.clone(),
-        );
+        )
+        .handing_over(notify.clone());
         if s.single_active_consumer {
             // Competing consumers (no single active one) would fence each
             // other out; they keep no per-id order anyway.

@@ -345,6 +345,7 @@ impl Member {
             self.health.clone(),
             self.metrics.clone(),
         )
+        .handing_over(self.publisher_wake.clone())
         .for_session(Session::leased(fenced, lost.clone()));
         let consumer = Consumer {
             settings: self.settings.clone(),

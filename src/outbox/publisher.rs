@@ -317,14 +317,35 @@ impl Publisher {
     ) -> Result<usize, PublishError> {
         let tx = client.transaction().await.map_err(StoreError::from)?;
         let taken = std::time::Instant::now();
-        let (pending, waited) = match lane {
-            None => outbox::take_oldest(&tx).await?,
+        // What the pipeline handed over: those rows' events are not read back.
+        let handed = self.notify.handed();
+        let held: Vec<i64> = handed.iter().map(|(seq, _)| *seq).collect();
+        let (rows, waited) = match lane {
+            None => {
+                let (row, waited) = outbox::take_oldest(&tx, &held).await?;
+                (row.into_iter().collect::<Vec<_>>(), waited)
+            }
             Some((lanes, partitions)) => {
-                outbox::take_oldest_in(&tx, lanes, partitions, self.max_round_events).await?
+                outbox::take_oldest_in(&tx, lanes, partitions, self.max_round_events, &held).await?
             }
         };
-        if pending.is_empty() {
+        if rows.is_empty() {
             return Ok(0);
+        }
+        let mut pending: Vec<Pending<'_>> = Vec::new();
+        for row in &rows {
+            match &row.events {
+                Some(read) => pending.extend(read.iter().map(Pending::from)),
+                None => {
+                    let at = held.binary_search(&row.seq).map_err(|_| {
+                        PublishError::Broker(anyhow::anyhow!(
+                            "outbox row {} was left unread but is not held",
+                            row.seq
+                        ))
+                    })?;
+                    pending.extend(handed[at].1.iter().map(Pending::from));
+                }
+            }
         }
         let bodies: Vec<std::borrow::Cow<'_, str>> =
             pending.iter().map(|p| self.bounded(p)).collect();
@@ -336,12 +357,12 @@ impl Publisher {
                     .with_delivery_mode(2)
                     .with_content_type("application/json".into())
                     .with_message_id(p.event_id.to_string().into());
-                if let Some(c) = &p.correlation_id {
-                    properties = properties.with_correlation_id(c.as_str().into());
+                if let Some(c) = p.correlation_id {
+                    properties = properties.with_correlation_id(c.into());
                 }
                 Outgoing {
                     exchange: &self.amqp.changes_exchange,
-                    routing_key: &p.routing_key,
+                    routing_key: p.routing_key,
                     body: body.as_bytes(),
                     properties,
                 }
@@ -366,7 +387,23 @@ impl Publisher {
             }
         }
         tx.commit().await.map_err(StoreError::from)?;
+        let published: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        // The whole outbox is taken in `seq` order: held rows older than
+        // this round's were published by another daemon sharing the database.
+        self.notify
+            .forget(&published, lane.is_none().then(|| published[0]));
         self.health.set_postgres(true);
+        for row in &rows {
+            let source = if row.events.is_some() {
+                "read"
+            } else {
+                "handed"
+            };
+            self.metrics
+                .outbox_rows_published
+                .with_label_values(&[source])
+                .inc();
+        }
         for p in &pending {
             let op = p.routing_key.rsplit('.').next().unwrap_or_default();
             self.metrics.events_published.with_label_values(&[op]).inc();
@@ -382,11 +419,11 @@ impl Publisher {
     /// `max_event_bytes`. Done here rather than when the event is built, so
     /// it holds for every event in the outbox whoever wrote it (the daemon,
     /// `ingest`, `replay`, an older version).
-    fn bounded<'a>(&self, p: &'a outbox::Pending) -> std::borrow::Cow<'a, str> {
+    fn bounded<'a>(&self, p: &Pending<'a>) -> std::borrow::Cow<'a, str> {
         if p.payload.len() <= self.max_event_bytes {
-            return p.payload.as_str().into();
+            return p.payload.into();
         }
-        let reduced = crate::domain::event::reduce(&p.payload, self.max_event_bytes);
+        let reduced = crate::domain::event::reduce(p.payload, self.max_event_bytes);
         let op = p.routing_key.rsplit('.').next().unwrap_or_default();
         self.metrics.events_reduced.with_label_values(&[op]).inc();
         tracing::warn!(
@@ -397,5 +434,36 @@ impl Publisher {
             "event over limits.max_event_bytes; published in its reduced form"
         );
         reduced.into()
+    }
+}
+
+/// An event to publish, read back from the outbox or handed over by the
+/// pipeline that committed it.
+struct Pending<'a> {
+    event_id: uuid::Uuid,
+    routing_key: &'a str,
+    payload: &'a str,
+    correlation_id: Option<&'a str>,
+}
+
+impl<'a> From<&'a outbox::Pending> for Pending<'a> {
+    fn from(p: &'a outbox::Pending) -> Self {
+        Pending {
+            event_id: p.event_id,
+            routing_key: &p.routing_key,
+            payload: &p.payload,
+            correlation_id: p.correlation_id.as_deref(),
+        }
+    }
+}
+
+impl<'a> From<&'a crate::domain::event::Event> for Pending<'a> {
+    fn from(e: &'a crate::domain::event::Event) -> Self {
+        Pending {
+            event_id: e.event_id,
+            routing_key: &e.routing_key,
+            payload: &e.payload,
+            correlation_id: e.correlation_id.as_deref(),
+        }
     }
 }

@@ -62,6 +62,9 @@ pub struct Pipeline {
     metrics: crate::telemetry::metrics::Metrics,
     /// The broker session whose deliveries this pipeline commits, if any.
     session: Option<Arc<Session>>,
+    /// The outbox publisher of this process, handed the events of each
+    /// committed batch so that it need not read them back.
+    publisher: Option<crate::outbox::Wake>,
 }
 
 /// A consumer's broker session, as the pipeline needs to know it: a batch
@@ -138,7 +141,15 @@ impl Pipeline {
             health,
             metrics,
             session: None,
+            publisher: None,
         }
+    }
+
+    /// Hands the events of every committed batch to the publisher that
+    /// `wake` rings ([`crate::outbox::Wake::hand_over`]).
+    pub(crate) fn handing_over(mut self, wake: crate::outbox::Wake) -> Self {
+        self.publisher = Some(wake);
+        self
     }
 
     /// The pipeline of a consumer's broker `session`: its batches pass the

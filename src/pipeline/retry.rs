@@ -288,11 +288,11 @@ impl Pipeline {
         let fence = self.session.as_deref().map(Session::fence);
         let result = async {
             let mut tx = client.transaction().await?;
-            let (results, current) = match mode {
+            let (results, current, rows) = match mode {
                 Mode::Together => {
-                    let (outcomes, current) =
+                    let (outcomes, current, rows) =
                         plan_and_write(&tx, fence, prepared).await?;
-                    (outcomes.into_iter().map(Ok).collect(), current)
+                    (outcomes.into_iter().map(Ok).collect(), current, rows)
                 }
                 Mode::EachAlone => each_alone(&mut tx, fence, prepared).await?,
             };
@@ -345,6 +345,11 @@ impl Pipeline {
             }
             if let (Some(session), Some(epoch)) = (&self.session, registered) {
                 session.registered(Some(epoch));
+            }
+            if let Some(publisher) = &self.publisher
+                && !rows.is_empty()
+            {
+                publisher.hand_over(rows);
             }
             Ok((results, written))
         }

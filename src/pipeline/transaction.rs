@@ -41,7 +41,7 @@ pub(super) async fn each_alone(
     tx: &mut deadpool_postgres::Transaction<'_>,
     fence: Option<batch::Fence<'_>>,
     prepared: &[Prepared],
-) -> Result<(Vec<Result<Outcome, Refusal>>, Current), StoreError> {
+) -> Result<(Vec<Result<Outcome, Refusal>>, Current, Rows), StoreError> {
     let current = batch::pass_fence(tx, fence).await?;
     let mut refusals: Vec<Option<Refusal>> = Vec::with_capacity(prepared.len());
     {
@@ -72,13 +72,15 @@ pub(super) async fn each_alone(
         .map(|(p, _)| p)
         .collect();
     let mut outcomes = Vec::new().into_iter();
+    let mut rows = Vec::new();
     if !accepted.is_empty() {
         // Cloned: a refused batch is the rare path.
         let accepted: Vec<Prepared> = accepted.into_iter().cloned().collect();
         // Refused now, after the probe let these through, the refusal
         // belongs to no one message: the caller waits it out.
-        let (applied, _) = plan_and_write(tx, None, &accepted).await?;
+        let (applied, _, written) = plan_and_write(tx, None, &accepted).await?;
         outcomes = applied.into_iter();
+        rows = written;
     }
     let results = refusals
         .into_iter()
@@ -87,18 +89,22 @@ pub(super) async fn each_alone(
             None => Ok(outcomes.next().expect("one outcome per accepted message")),
         })
         .collect();
-    Ok((results, current))
+    Ok((results, current, rows))
 }
+
+/// The outbox rows a transaction wrote: each row's `seq` and its events, in
+/// order, for the publisher once the transaction has committed.
+pub(super) type Rows = Vec<(i64, Vec<event::Event>)>;
 
 /// Applies `prepared` inside `tx` (which the caller commits): claim message
 /// ids, lock the keys, plan, write (each event to its outbox lane). Returns
-/// the outcomes and what the locking statement read (the transaction's id,
-/// its server, the fence).
+/// the outcomes, what the locking statement read (the transaction's id,
+/// its server, the fence), and the outbox rows written.
 pub(super) async fn plan_and_write(
     tx: &deadpool_postgres::Transaction<'_>,
     fence: Option<batch::Fence<'_>>,
     prepared: &[Prepared],
-) -> Result<(Vec<Outcome>, Current), StoreError> {
+) -> Result<(Vec<Outcome>, Current, Rows), StoreError> {
     let (duplicate, current) = lock_and_find_duplicates(tx, fence, prepared).await?;
     // A bug in planning (patch computation, say) must not take the daemon
     // down: report it like a refused batch, so the messages are retried
@@ -114,11 +120,23 @@ pub(super) async fn plan_and_write(
     // Two steps, one round trip, one transaction: the net writes to
     // resources, staging and tombstones, then the batch's events appended to
     // the outbox, whence the publisher sends them once this commits.
-    futures_util::try_join!(
+    let (_, seqs) = futures_util::try_join!(
         batch::write(tx, &writes),
         outbox::append(tx, &writes.events),
     )?;
-    Ok((outcomes, current))
+    let mut events = writes.events;
+    let rows = match seqs.as_slice() {
+        [(seq, _)] => vec![(*seq, events)],
+        lanes => lanes
+            .iter()
+            .map(|(seq, lane)| {
+                let (of_lane, rest) = events.drain(..).partition(|e| e.lane == *lane);
+                events = rest;
+                (*seq, of_lane)
+            })
+            .collect(),
+    };
+    Ok((outcomes, current, rows))
 }
 
 /// Applies `prepared` inside `tx`, for callers that lock more rows in the
@@ -127,7 +145,7 @@ pub async fn process_in_transaction(
     tx: &deadpool_postgres::Transaction<'_>,
     prepared: &[Prepared],
 ) -> Result<Vec<Outcome>, StoreError> {
-    let (outcomes, _) = plan_and_write(tx, None, prepared).await?;
+    let (outcomes, _, _) = plan_and_write(tx, None, prepared).await?;
     Ok(outcomes)
 }
 

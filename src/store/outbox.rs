@@ -26,15 +26,27 @@ pub(crate) struct Pending {
     pub correlation_id: Option<String>,
 }
 
+/// A row taken from the outbox: its `seq`, and its events in order — `None`
+/// when the taker held them already (handed over by the pipeline that
+/// committed them) and so left them unread.
+#[derive(Debug)]
+pub(crate) struct Taken {
+    /// The row's `seq` (commit order).
+    pub seq: i64,
+    /// Its events, unless left unread.
+    pub events: Option<Vec<Pending>>,
+}
+
 /// One outbox row: the events of one batch, in order.
 const INSERT: &str = "INSERT INTO outbox \
-     (event_ids, routing_keys, payloads, correlation_ids, partition) VALUES ($1, $2, $3, $4, $5)";
+     (event_ids, routing_keys, payloads, correlation_ids, partition) VALUES ($1, $2, $3, $4, $5) \
+     RETURNING seq";
 
 /// Writes `events` as one outbox row (they are published in this order).
 pub(crate) async fn insert(tx: &Transaction<'_>, events: &[Event]) -> Result<(), StoreError> {
     let stmt = tx.prepare_cached(INSERT).await?;
     let events: Vec<&Event> = events.iter().collect();
-    insert_refs(tx, &stmt, &events, None).await
+    insert_refs(tx, &stmt, &events, None).await.map(drop)
 }
 
 /// Where a pipeline batch's events are born: appends them to the outbox as
@@ -43,17 +55,22 @@ pub(crate) async fn insert(tx: &Transaction<'_>, events: &[Event]) -> Result<(),
 /// [`super::batch::write`], its request goes out with the batch's other
 /// statements: no round trip of its own. In partitioned mode a batch may
 /// hold messages of several partitions: one row per lane, each in order.
-pub(crate) async fn append(tx: &Transaction<'_>, events: &[Event]) -> Result<(), StoreError> {
+/// Returns each row's `seq` and lane, in lane order.
+pub(crate) async fn append(
+    tx: &Transaction<'_>,
+    events: &[Event],
+) -> Result<Vec<(i64, Option<i32>)>, StoreError> {
     // Prepared even when there is nothing to append, as every statement of
     // a batch is: the first batch on a connection prepares them all at once.
     let stmt = tx.prepare_cached(INSERT).await?;
     if events.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let first = events[0].lane;
     if events.iter().all(|e| e.lane == first) {
         let events: Vec<&Event> = events.iter().collect();
-        return insert_refs(tx, &stmt, &events, first).await;
+        let seq = insert_refs(tx, &stmt, &events, first).await?;
+        return Ok(vec![(seq, first)]);
     }
     let mut lanes: Vec<Option<i32>> = events.iter().map(|e| e.lane).collect();
     lanes.sort_unstable();
@@ -63,29 +80,34 @@ pub(crate) async fn append(tx: &Transaction<'_>, events: &[Event]) -> Result<(),
         .map(|lane| (lane, events.iter().filter(|e| e.lane == lane).collect()))
         .collect();
     // One round trip for them all: the inserts go out back to back.
-    futures_util::future::try_join_all(
+    let seqs = futures_util::future::try_join_all(
         rows.iter()
             .map(|(lane, events)| insert_refs(tx, &stmt, events, *lane)),
     )
     .await?;
-    Ok(())
+    Ok(seqs
+        .into_iter()
+        .zip(rows.iter().map(|(lane, _)| *lane))
+        .collect())
 }
 
-/// Runs [`INSERT`] (prepared as `stmt`) for `events`, as one row of `lane`.
+/// Runs [`INSERT`] (prepared as `stmt`) for `events`, as one row of `lane`;
+/// returns the row's `seq`.
 async fn insert_refs(
     tx: &Transaction<'_>,
     stmt: &tokio_postgres::Statement,
     events: &[&Event],
     lane: Option<i32>,
-) -> Result<(), StoreError> {
+) -> Result<i64, StoreError> {
     let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
     let keys: Vec<&str> = events.iter().map(|e| e.routing_key.as_str()).collect();
     let payloads: Vec<&str> = events.iter().map(|e| e.payload.as_str()).collect();
     let correlations: Vec<Option<&str>> =
         events.iter().map(|e| e.correlation_id.as_deref()).collect();
-    tx.execute(stmt, &[&ids, &keys, &payloads, &correlations, &lane])
+    let row = tx
+        .query_one(stmt, &[&ids, &keys, &payloads, &correlations, &lane])
         .await?;
-    Ok(())
+    Ok(row.try_get(0)?)
 }
 
 /// What a partitioned publisher's round takes from the outbox.
@@ -116,7 +138,11 @@ const TAKE_PARTITIONS: &str = "WITH locked AS ( \
        SELECT seq FROM (SELECT seq, n, sum(n) OVER (ORDER BY seq) AS upto FROM oldest) AS s \
        WHERE upto - n < $2::int8) \
      DELETE FROM outbox o USING taken WHERE o.seq = taken.seq \
-     RETURNING o.seq, o.event_ids, o.routing_keys, o.payloads, o.correlation_ids, \
+     RETURNING o.seq, o.seq = ANY($4::int8[]), \
+       CASE WHEN o.seq = ANY($4::int8[]) THEN NULL ELSE o.event_ids END, \
+       CASE WHEN o.seq = ANY($4::int8[]) THEN NULL ELSE o.routing_keys END, \
+       CASE WHEN o.seq = ANY($4::int8[]) THEN NULL ELSE o.payloads END, \
+       CASE WHEN o.seq = ANY($4::int8[]) THEN NULL ELSE o.correlation_ids END, \
        extract(epoch FROM clock_timestamp() - o.created_at)::float8";
 
 /// The oldest unpartitioned row, unless an older row waits in a partition's
@@ -128,24 +154,25 @@ const TAKE_UNPARTITIONED: &str = "DELETE FROM outbox \
                            FROM generate_series(0, $1 - 1) AS g) AS lanes), \
                           9223372036854775807) \
        AND pg_try_advisory_xact_lock($2) \
-     RETURNING seq, event_ids, routing_keys, payloads, correlation_ids, \
+     RETURNING seq, false, event_ids, routing_keys, payloads, correlation_ids, \
        extract(epoch FROM clock_timestamp() - created_at)::float8";
 
-/// Partitioned mode: removes rows of `lanes` and returns their events in
-/// commit order (and how long the oldest waited), as [`take_oldest`] does
-/// for the whole outbox. Each partition's rows go out in `seq` order, and
-/// never ahead of an older row of a lane they must follow: a partition's
-/// rows follow older unpartitioned ones, and those follow older rows of
-/// every partition of `partitions`, so that one entity's events keep their
-/// order whichever lane they are in. A round takes about `max_events`
-/// events at most (at least one row), which bounds its memory as one
-/// pipeline batch does.
+/// Partitioned mode: removes rows of `lanes` and returns them in commit
+/// order (and how long the oldest waited), as [`take_oldest`] does for the
+/// whole outbox, leaving unread the events of rows whose `seq` is in
+/// `held`. Each partition's rows go out in `seq` order, and never ahead of
+/// an older row of a lane they must follow: a partition's rows follow older
+/// unpartitioned ones, and those follow older rows of every partition of
+/// `partitions`, so that one entity's events keep their order whichever
+/// lane they are in. A round takes about `max_events` events at most (at
+/// least one row), which bounds its memory as one pipeline batch does.
 pub(crate) async fn take_oldest_in(
     tx: &Transaction<'_>,
     lanes: &Lanes,
     partitions: u16,
     max_events: i64,
-) -> Result<(Vec<Pending>, f64), StoreError> {
+    held: &[i64],
+) -> Result<(Vec<Taken>, f64), StoreError> {
     let sql = match lanes {
         Lanes::Partitions(_) => TAKE_PARTITIONS,
         Lanes::Unpartitioned => TAKE_UNPARTITIONED,
@@ -155,13 +182,13 @@ pub(crate) async fn take_oldest_in(
         tx.prepare_cached(sql),
     )?;
     let rows = match lanes {
-        Lanes::Partitions(held) => {
-            if held.is_empty() {
+        Lanes::Partitions(ours) => {
+            if ours.is_empty() {
                 return Ok((Vec::new(), 0.0));
             }
-            let held: Vec<i32> = held.iter().map(|p| i32::from(*p)).collect();
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-                [&held, &max_events, &PUBLISHER_LOCK];
+            let ours: Vec<i32> = ours.iter().map(|p| i32::from(*p)).collect();
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                [&ours, &max_events, &PUBLISHER_LOCK, &held];
             let (_, rows) =
                 futures_util::try_join!(tx.execute(&relaxed, &[]), tx.query(&take, &params))?;
             rows
@@ -175,23 +202,23 @@ pub(crate) async fn take_oldest_in(
         }
     };
     let mut taken = Vec::with_capacity(rows.len());
+    let mut waited: f64 = 0.0;
     for row in &rows {
-        let seq: i64 = row.try_get(0)?;
-        let (pending, waited) = pending_at(row, 1)?;
-        taken.push((seq, pending, waited));
+        let (t, w) = taken_at(row)?;
+        waited = waited.max(w);
+        taken.push(t);
     }
     // RETURNING follows no order: publish in commit order.
-    taken.sort_by_key(|(seq, _, _)| *seq);
-    let waited = taken.iter().map(|(_, _, w)| *w).fold(0.0, f64::max);
-    let pending = taken.into_iter().flat_map(|(_, p, _)| p).collect();
-    Ok((pending, waited))
+    taken.sort_by_key(|t| t.seq);
+    Ok((taken, waited))
 }
 
 /// Takes the publisher lock for this transaction (waiting for another publisher to
-/// finish) and removes the oldest outbox row, returning its events in order
-/// (none when the outbox is empty). The caller commits only after the broker
-/// confirmed them all; a rollback puts them back. One row at a time keeps
-/// the publisher's memory bounded by one pipeline batch.
+/// finish) and removes the oldest outbox row, returning it (none when the
+/// outbox is empty) — its events unread if its `seq` is in `held`. The
+/// caller commits only after the broker confirmed them all; a rollback
+/// puts them back. One row at a time keeps the publisher's memory bounded
+/// by one pipeline batch.
 ///
 /// The transaction commits without waiting for the WAL flush: if PostgreSQL
 /// loses such a commit in a crash, the events come back and are published
@@ -199,38 +226,52 @@ pub(crate) async fn take_oldest_in(
 /// saves a disk flush per round.
 ///
 /// Also returns how long the row waited in the outbox, in seconds.
-pub(crate) async fn take_oldest(tx: &Transaction<'_>) -> Result<(Vec<Pending>, f64), StoreError> {
+pub(crate) async fn take_oldest(
+    tx: &Transaction<'_>,
+    held: &[i64],
+) -> Result<(Option<Taken>, f64), StoreError> {
     let (relaxed, lock, take) = futures_util::try_join!(
         tx.prepare_cached("SET LOCAL synchronous_commit = off"),
         tx.prepare_cached("SELECT pg_advisory_xact_lock($1)"),
         tx.prepare_cached(
             "DELETE FROM outbox WHERE seq = (SELECT min(seq) FROM outbox) \
-             RETURNING event_ids, routing_keys, payloads, correlation_ids, \
+             RETURNING seq, seq = ANY($1::int8[]), \
+               CASE WHEN seq = ANY($1::int8[]) THEN NULL ELSE event_ids END, \
+               CASE WHEN seq = ANY($1::int8[]) THEN NULL ELSE routing_keys END, \
+               CASE WHEN seq = ANY($1::int8[]) THEN NULL ELSE payloads END, \
+               CASE WHEN seq = ANY($1::int8[]) THEN NULL ELSE correlation_ids END, \
                extract(epoch FROM clock_timestamp() - created_at)::float8",
         ),
     )?;
     let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&PUBLISHER_LOCK];
+    let take_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&held];
     // One round trip: the three go out in order.
     let (_, _, row) = futures_util::try_join!(
         tx.execute(&relaxed, &[]),
         tx.execute(&lock, &lock_params),
-        tx.query_opt(&take, &[]),
+        tx.query_opt(&take, &take_params),
     )?;
     let Some(row) = row else {
-        return Ok((Vec::new(), 0.0));
+        return Ok((None, 0.0));
     };
-    pending_at(&row, 0)
+    let (taken, waited) = taken_at(&row)?;
+    Ok((Some(taken), waited))
 }
 
-/// The events of a removed outbox row, and how long it waited: its
-/// columns event_ids, routing_keys, payloads, correlation_ids and the wait,
-/// from column `first` on.
-fn pending_at(row: &tokio_postgres::Row, first: usize) -> Result<(Vec<Pending>, f64), StoreError> {
-    let waited: f64 = row.try_get(first + 4)?;
-    let ids: Vec<Uuid> = row.try_get(first)?;
-    let keys: Vec<String> = row.try_get(first + 1)?;
-    let payloads: Vec<String> = row.try_get(first + 2)?;
-    let correlations: Vec<Option<String>> = row.try_get(first + 3)?;
+/// A removed outbox row, and how long it waited: its columns seq, whether
+/// its events were left unread, event_ids, routing_keys, payloads,
+/// correlation_ids and the wait.
+fn taken_at(row: &tokio_postgres::Row) -> Result<(Taken, f64), StoreError> {
+    let seq: i64 = row.try_get(0)?;
+    let unread: bool = row.try_get(1)?;
+    let waited: f64 = row.try_get(6)?;
+    if unread {
+        return Ok((Taken { seq, events: None }, waited));
+    }
+    let ids: Vec<Uuid> = row.try_get(2)?;
+    let keys: Vec<String> = row.try_get(3)?;
+    let payloads: Vec<String> = row.try_get(4)?;
+    let correlations: Vec<Option<String>> = row.try_get(5)?;
     let pending = ids
         .into_iter()
         .zip(keys)
@@ -245,5 +286,11 @@ fn pending_at(row: &tokio_postgres::Row, first: usize) -> Result<(Vec<Pending>, 
             },
         )
         .collect();
-    Ok((pending, waited))
+    Ok((
+        Taken {
+            seq,
+            events: Some(pending),
+        },
+        waited,
+    ))
 }

@@ -98,6 +98,11 @@ pub struct Metrics {
     pub events_published: IntCounterVec,
     /// Events over `limits.max_event_bytes`, published in their reduced form, by op.
     pub events_reduced: IntCounterVec,
+    /// Outbox rows published, by where their events came from: `handed`
+    /// (by the pipeline that committed them, in memory) or `read` (back
+    /// from the table: rows of an earlier run, another writer, or past the
+    /// hand-off's bound).
+    pub outbox_rows_published: IntCounterVec,
     /// Messages per batch.
     pub batch_size: Histogram,
     /// Seconds from gathering a batch to acking it.
@@ -154,6 +159,11 @@ impl Metrics {
                 "scramjet_events_reduced_total",
                 "Change events over limits.max_event_bytes, published in their reduced form, by op.",
                 &["op"],
+            ),
+            outbox_rows_published: r.counters(
+                "scramjet_outbox_rows_published_total",
+                "Outbox rows published, by where their events came from: handed (in memory, by the batch that committed them) or read (back from the table).",
+                &["source"],
             ),
             batch_size: r.histogram(
                 "scramjet_batch_size",
