@@ -11,7 +11,7 @@ use super::{
     Bench, BenchArgs,
     daemon::Daemon,
     probes::{broker_cpu_ticks, clock_ticks, postgres_cpu_ticks},
-    profile::Recording,
+    profile::{self, Recording},
     report::{self, Measure, Results},
     workload::{Op, Workload, creates_and_updates, save, unchanged_of, with_deletes},
 };
@@ -179,14 +179,17 @@ impl Bench {
             broker_cpu_ticks().saturating_sub(broker_before) as f64 / clock_ticks() / seconds;
         let postgres_cpu =
             postgres_cpu_ticks().saturating_sub(postgres_before) as f64 / clock_ticks() / seconds;
-        let wal_bytes: i64 = self
+        let wal = self
             .db
             .query_one(
-                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::int8",
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::int8, \
+                   pg_current_wal_lsn()::text",
                 &[&wal_before],
             )
-            .await?
-            .get(0);
+            .await?;
+        let wal_bytes: i64 = wal.get(0);
+        profile::print_wal_breakdown(&self.db, name, &wal_before, wal.get(1), workload.ops.len())
+            .await;
         let rss = daemon.peak_rss_kib();
         daemon.stop().await?;
         // Nothing more may come: an extra event means a wrong outcome.
