@@ -38,6 +38,16 @@ pub fn object_to_canonical(map: &Map<String, Value>) -> String {
     out
 }
 
+/// Appends the canonical text of `value` to `out`.
+pub fn push_value(out: &mut String, value: &Value) {
+    write_value(out, value);
+}
+
+/// Appends `s` as a canonical JSON string (quoted and escaped) to `out`.
+pub fn push_string(out: &mut String, s: &str) {
+    write_string(out, s);
+}
+
 /// Lowercase hex SHA-256 of canonical text.
 pub fn hash(canonical: &str) -> String {
     hex::encode(Sha256::digest(canonical.as_bytes()))

@@ -105,12 +105,12 @@ impl Event {
         push_opt_string(&mut out, fields.previous_hash);
         out.push_str(",\"previous\":");
         match fields.previous {
-            Some(v) => out.push_str(&canonical::to_canonical(v)),
+            Some(v) => canonical::push_value(&mut out, v),
             None => out.push_str("null"),
         }
         out.push_str(",\"patch\":");
         match fields.patch {
-            Some(p) => out.push_str(&patch_to_string(p)),
+            Some(p) => push_patch(&mut out, p),
             None => out.push_str("null"),
         }
         out.push_str(",\"errors\":");
@@ -170,14 +170,46 @@ pub fn reduce(payload: &str, max_bytes: usize) -> String {
     canonical::to_canonical(&Value::Object(fields))
 }
 
-fn patch_to_string(patch: &json_patch::Patch) -> String {
-    // Serialize through a Value so numbers inside `value`s keep their literal text.
-    let value = serde_json::to_value(patch).expect("a patch serializes");
-    canonical::to_canonical(&value)
+/// Appends the canonical text of `patch` (RFC 6902 operations, members in
+/// canonical order: `from`, `op`, `path`, `value`), written in place rather
+/// than through a copy of the patch as a `Value`; numbers inside `value`s
+/// keep their literal text.
+fn push_patch(out: &mut String, patch: &json_patch::Patch) {
+    use json_patch::PatchOperation as P;
+    out.push('[');
+    for (i, operation) in patch.0.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let (op, from, path, value) = match operation {
+            P::Add(o) => ("add", None, &o.path, Some(&o.value)),
+            P::Remove(o) => ("remove", None, &o.path, None),
+            P::Replace(o) => ("replace", None, &o.path, Some(&o.value)),
+            P::Move(o) => ("move", Some(&o.from), &o.path, None),
+            P::Copy(o) => ("copy", Some(&o.from), &o.path, None),
+            P::Test(o) => ("test", None, &o.path, Some(&o.value)),
+        };
+        out.push('{');
+        if let Some(from) = from {
+            out.push_str("\"from\":");
+            push_string(out, from.as_str());
+            out.push(',');
+        }
+        out.push_str("\"op\":\"");
+        out.push_str(op);
+        out.push_str("\",\"path\":");
+        push_string(out, path.as_str());
+        if let Some(value) = value {
+            out.push_str(",\"value\":");
+            canonical::push_value(out, value);
+        }
+        out.push('}');
+    }
+    out.push(']');
 }
 
 fn push_string(out: &mut String, s: &str) {
-    out.push_str(&canonical::to_canonical(&Value::String(s.to_owned())));
+    canonical::push_string(out, s);
 }
 
 fn push_opt_string(out: &mut String, s: Option<&str>) {
@@ -301,6 +333,32 @@ mod tests {
         let reduced: Value = serde_json::from_str(&reduce(&e.payload, 1000)).unwrap();
         assert!(reduced["errors"].is_null());
         assert_eq!(reduced["errors_total"], 7);
+    }
+
+    #[test]
+    fn a_patch_is_written_as_its_canonical_serialization() {
+        let before: Value = serde_json::from_str(
+            r#"{"a":1,"b":[1,2,{"x":"q\"\u0001"}],"c":{"d":1.50,"e":12345678901234567890123},"gone":true,"k/~":"v"}"#,
+        )
+        .unwrap();
+        let after: Value = serde_json::from_str(
+            r#"{"a":2,"b":[1,{"x":"é"}],"c":{"d":1.5e+400,"f":null},"k/~":["w"],"new":{"z":1,"y":[]}}"#,
+        )
+        .unwrap();
+        let mut patch = json_patch::diff(&before, &after);
+        // Operations diff never makes, built by hand.
+        let more: json_patch::Patch = serde_json::from_str(
+            r#"[{"op":"move","from":"/a","path":"/m"},{"op":"copy","from":"/b/0","path":"/c2"},{"op":"test","path":"/n","value":-0.0}]"#,
+        )
+        .unwrap();
+        patch.0.extend(more.0);
+        let through_value = canonical::to_canonical(&serde_json::to_value(&patch).unwrap());
+        let mut written = String::new();
+        push_patch(&mut written, &patch);
+        assert_eq!(written, through_value);
+        let mut empty = String::new();
+        push_patch(&mut empty, &json_patch::Patch(vec![]));
+        assert_eq!(empty, "[]");
     }
 
     #[test]
