@@ -368,7 +368,7 @@ fn a_delete_or_a_second_hash_needs_the_document() {
     let PreparedKind::Save { hash, .. } = &a.kind else {
         unreachable!()
     };
-    assert_eq!(need(&[rejected.clone()], &keys), Need::Nothing);
+    assert_eq!(need(std::slice::from_ref(&rejected), &keys), Need::Nothing);
     assert_eq!(
         need(&[a.clone(), rejected.clone(), a.clone()], &keys),
         Need::UnlessHashIs(hash)
