@@ -769,3 +769,13 @@ impl Drop for SourceDb {
         .expect("the source database is dropped");
     }
 }
+
+/// Runs `command` to completion off the test's runtime thread. A
+/// `#[tokio::test]` runs the in-process daemon on that one thread: a
+/// blocking wait there stops its tasks, its lease heartbeats among them
+/// (a slow `rabbitmq-diagnostics` let 2 s leases expire).
+pub async fn output_of(mut command: std::process::Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || command.output().expect("the command runs"))
+        .await
+        .expect("the command's thread does not panic")
+}

@@ -525,10 +525,9 @@ async fn a_message_in_a_partition_queue_with_a_missing_or_wrong_key_is_dead_lett
 
     // Operations: the ring in partition order, the status table, the metrics.
     let exchange = app.settings.amqp.partition_exchange();
-    let ring = Command::new("rabbitmq-diagnostics")
-        .args(["consistent_hash_exchange_ring_state", &exchange])
-        .output()
-        .unwrap();
+    let mut ring = Command::new("rabbitmq-diagnostics");
+    ring.args(["consistent_hash_exchange_ring_state", &exchange]);
+    let ring = output_of(ring).await;
     let ring = String::from_utf8_lossy(&ring.stdout);
     for p in 0..2 {
         let line = format!(
@@ -538,7 +537,8 @@ async fn a_message_in_a_partition_queue_with_a_missing_or_wrong_key_is_dead_lett
         assert!(ring.contains(&line), "{ring}");
     }
     let s = &app.settings;
-    let out = crate::cli::scramjet()
+    let mut status = crate::cli::scramjet();
+    status
         .arg("status")
         .env("SCRAMJET__POSTGRES__URL", &s.postgres.url)
         .env("SCRAMJET__AMQP__URL", &s.amqp.url)
@@ -548,9 +548,8 @@ async fn a_message_in_a_partition_queue_with_a_missing_or_wrong_key_is_dead_lett
             &s.amqp.dead_letter_queue,
         )
         .env("SCRAMJET__AMQP__PARTITIONS", "2")
-        .env("SCRAMJET__LOG__LEVEL", "warn")
-        .output()
-        .unwrap();
+        .env("SCRAMJET__LOG__LEVEL", "warn");
+    let out = output_of(status).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("partitions: 2, 1 live daemon(s)"), "{text}");
@@ -925,7 +924,8 @@ async fn status_reports_a_missing_queue_without_hiding_the_ones_after_it() {
     let s = &app.settings;
     // Asked about 3 partitions where 2 exist: .p2 is missing, the
     // dead-letter queue listed after it is not.
-    let out = crate::cli::scramjet()
+    let mut status = crate::cli::scramjet();
+    status
         .arg("status")
         .env("SCRAMJET__POSTGRES__URL", &s.postgres.url)
         .env("SCRAMJET__AMQP__URL", &s.amqp.url)
@@ -935,9 +935,8 @@ async fn status_reports_a_missing_queue_without_hiding_the_ones_after_it() {
             &s.amqp.dead_letter_queue,
         )
         .env("SCRAMJET__AMQP__PARTITIONS", "3")
-        .env("SCRAMJET__LOG__LEVEL", "warn")
-        .output()
-        .unwrap();
+        .env("SCRAMJET__LOG__LEVEL", "warn");
+    let out = output_of(status).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     let line = |queue: &str| {
