@@ -49,13 +49,6 @@ fn payload_bytes(events: &[Event]) -> usize {
     events.iter().map(|e| e.payload.len()).sum()
 }
 
-impl Default for Wake {
-    /// With the bound of two batches at the default `pipeline.max_batch_bytes`.
-    fn default() -> Self {
-        Wake::holding(8 << 20)
-    }
-}
-
 impl Wake {
     /// A wake-up whose hand-off holds at most `bound` bytes of payloads:
     /// past it the oldest rows are let go, and read back from the table.
