@@ -249,12 +249,18 @@ impl Pipeline {
                 None => std::future::pending().await,
             }
         };
+        // Biased, the session's end first: a lost lease cancels both it and
+        // `shutdown` at once, and the abandoned batch must be told either way.
         tokio::select! {
-            _ = shutdown.cancelled() => Err(Interrupted),
+            biased;
             _ = lost => {
-                tracing::warn!("the broker session ended while the batch waited; abandoning it (the broker redelivers it)");
+                tracing::warn!(
+                    "batch abandoned, not committed; the broker redelivers it (the session \
+                     ended while the batch waited: its broker connection or a partition lease was lost)"
+                );
                 Err(Interrupted)
             }
+            _ = shutdown.cancelled() => Err(Interrupted),
             _ = tokio::time::sleep(delay) => Ok(()),
         }
     }

@@ -25,6 +25,12 @@ const WARM_UP: usize = 2_000;
 const ROUNDS: usize = 2;
 /// Clients sending slow list requests at once.
 const READERS: usize = 20;
+/// Least rate of saves with the readers, against alone. Measured on a
+/// 2-core machine: bounded as [`limit_reads`] says, 0.92–1.02 quiet and
+/// 0.63 under the rest of the suite's parallel load; unbounded (a pool of
+/// 20, no limit, a 5 s timeout), 0.08. The floor sits between the two, far
+/// from both, so that it tells a missing bound and not the machine's noise.
+const MIN_RATIO: f64 = 0.4;
 /// A filter that matches nothing, so that each request reads every row of `big`.
 const SLOW_LIST: &str = "/v1/resources/big?limit=10&where=name%20%3D%20%22nobody%22";
 
@@ -224,8 +230,8 @@ async fn slow_list_requests_leave_the_stream_of_saves_at_speed() {
         "no list request ran"
     );
     assert!(
-        ratio >= 0.8,
-        "the stream slowed from {alone_best:.0} to {busy_best:.0} saves/s ({ratio:.2} < 0.8)"
+        ratio >= MIN_RATIO,
+        "the stream slowed from {alone_best:.0} to {busy_best:.0} saves/s ({ratio:.2} < {MIN_RATIO})"
     );
 }
 
