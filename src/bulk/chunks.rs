@@ -8,7 +8,7 @@ use super::{
 use crate::{
     domain::outcome::Outcome,
     pipeline::{self, Prepared, PreparedKind},
-    store::StoreError,
+    store::{self, StoreError},
 };
 
 /// One chunk from the reader thread: prepared records (with their lines)
@@ -73,7 +73,7 @@ impl Scramjet {
     /// outcomes, and no change.
     async fn try_chunk(&self, prepared: &[Prepared]) -> anyhow::Result<Vec<Outcome>> {
         let mut client = self.pool.get().await.map_err(StoreError::from)?;
-        let tx = client.transaction().await.map_err(StoreError::from)?;
+        let tx = store::begin(&mut client).await.map_err(StoreError::from)?;
         let outcomes = pipeline::process_in_transaction(&tx, prepared).await?;
         tx.rollback().await.map_err(StoreError::from)?;
         Ok(outcomes)

@@ -14,7 +14,7 @@ use crate::{
     domain::message::{Action, Inbound},
     domain::outcome::Outcome,
     pipeline::{self, Prepared},
-    store::{StoreError, sync},
+    store::{self, StoreError, sync},
 };
 
 impl Scramjet {
@@ -154,10 +154,10 @@ impl Scramjet {
         let mut after = String::new();
         let mut done = 0u64;
         loop {
-            let (ids, outcomes) = self
+            let (page, outcomes) = self
                 .delete_page(client, entity_type, options, began, &after)
                 .await?;
-            let Some(last) = ids.last() else { break };
+            let Some(last) = page.last() else { break };
             after = last.clone();
             for outcome in outcomes {
                 if outcome == Outcome::Deleted {
@@ -169,10 +169,13 @@ impl Scramjet {
         Ok(DeleteStep::Done(done))
     }
 
-    /// One page of the delete step in one transaction: lock the rows, then
-    /// delete them through the pipeline (events, tombstones). Retried when
-    /// the database fails for a moment or a deadlock with the daemon is
-    /// broken.
+    /// One page of the delete step in one transaction: the page's ids, their
+    /// keys' advisory locks (before any row's lock, in the order every
+    /// writer takes them, so that the step never holds a row a daemon batch
+    /// waits for while it waits for that batch's key), those still to
+    /// delete, deleted through the pipeline (events, tombstones). Returns
+    /// the page's ids, for the next page to start after, and the outcomes.
+    /// Retried when the database fails for a moment.
     async fn delete_page(
         &self,
         client: &mut deadpool_postgres::Client,
@@ -183,15 +186,24 @@ impl Scramjet {
     ) -> anyhow::Result<(Vec<String>, Vec<Outcome>)> {
         let (scope, limit) = (options.scope.as_ref(), options.chunk as i64);
         retry_transient("the delete step", async || {
-            let tx = client.transaction().await?;
-            let ids = sync::lock_unseen_page(&tx, entity_type, scope, began, after, limit).await?;
+            let tx = store::begin(client).await?;
+            let page = sync::unseen_page(&tx, entity_type, scope, began, after, limit).await?;
+            if page.is_empty() {
+                return Ok((page, Vec::new()));
+            }
+            let keys: Vec<(String, String)> = page
+                .iter()
+                .map(|id| (entity_type.as_str().to_owned(), id.clone()))
+                .collect();
+            store::batch::lock_keys(&tx, &keys).await?;
+            let ids = sync::still_unseen(&tx, entity_type, scope, began, &page).await?;
             let prepared: Vec<Prepared> = ids
                 .iter()
                 .map(|id| self.prepare_delete(entity_type, &EntityId::stored(id.clone())))
                 .collect();
             let outcomes = pipeline::process_in_transaction(&tx, &prepared).await?;
             tx.commit().await?;
-            Ok((ids, outcomes))
+            Ok((page, outcomes))
         })
         .await
     }

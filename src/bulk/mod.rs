@@ -5,7 +5,7 @@
 //! daemon.
 //!
 //! Every record goes through the daemon's own [`Pipeline`]: the same
-//! validation, canonical hash, row locks, `version` rule, staging rows for
+//! validation, canonical hash, key locks, `version` rule, staging rows for
 //! rejected records, and events written to the outbox in the same
 //! transaction. A running daemon's relay publishes those events (within
 //! its poll interval, 1 s), in commit order with its own.
@@ -13,7 +13,8 @@
 //! # Running beside the daemon
 //!
 //! Records and daemon messages for the same id are applied under the same
-//! row locks (taken in key order, so they cannot deadlock), one transaction
+//! advisory key locks (taken in key order, before any row lock, so they
+//! cannot deadlock), one transaction
 //! after the other: whichever commits last wins, and with versions
 //! (`version_field`) the higher version wins whatever the order, exactly as
 //! for messages (CONTRACT §4). A full-set sync deletes only resources that

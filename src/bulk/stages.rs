@@ -102,7 +102,7 @@ impl Scramjet {
         loop {
             let page = retry_transient("a stage page", async || {
                 let mut client = self.pool.get().await?;
-                let tx = client.transaction().await?;
+                let tx = store::begin(&mut client).await?;
                 let limit = DEFAULT_CHUNK as i64;
                 let ids =
                     store::stage::page_ids(&tx, entity_type, state, filter, &after, limit).await?;

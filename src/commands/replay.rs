@@ -2,7 +2,8 @@
 //! resources of a type, so that a new downstream consumer can bootstrap.
 //!
 //! Snapshots go through the outbox, a page per transaction that reads its
-//! rows `FOR SHARE`: the outbox publisher of the running daemon publishes them in commit
+//! rows under their keys' advisory locks, as every writer of `resources`
+//! takes them: the outbox publisher of the running daemon publishes them in commit
 //! order with the live changes, so a consumer never sees a snapshot older
 //! than a change it already received. Pages are small transactions, so the
 //! live pipeline is never held up for long; `--rate` throttles further, and
@@ -114,7 +115,7 @@ pub async fn replay(settings: &Settings, req: &ReplayRequest) -> anyhow::Result<
     let mut total = 0u64;
     loop {
         let mut client = pool.get().await.context("cannot reach PostgreSQL")?;
-        let tx = client.transaction().await.context("cannot begin")?;
+        let tx = store::begin(&mut client).await.context("cannot begin")?;
         let page = store::read::PageOf {
             entity_type: &req.entity_type,
             after: after.as_deref(),
@@ -122,8 +123,8 @@ pub async fn replay(settings: &Settings, req: &ReplayRequest) -> anyhow::Result<
             filter: req.filter.as_ref(),
             limit: req.page,
         };
-        let rows = store::read::lock_resources_page(&tx, &page).await?;
-        if rows.is_empty() {
+        let (last, rows) = store::read::lock_resources_page(&tx, &page).await?;
+        if last.is_none() {
             break;
         }
         let occurred_at = event::now_rfc3339();
@@ -151,7 +152,7 @@ pub async fn replay(settings: &Settings, req: &ReplayRequest) -> anyhow::Result<
         store::outbox::insert(&tx, &events).await?;
         tx.commit().await.context("cannot commit")?;
         total += rows.len() as u64;
-        after = rows.last().map(|r| r.id.clone());
+        after = last;
         println!(
             "replayed {total} snapshot(s) of {}; resume with --after {}",
             req.entity_type,

@@ -120,7 +120,7 @@ async fn page(
     after: Option<&(String, String)>,
 ) -> Result<Option<((String, String), Summary)>, StoreError> {
     let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
+    let tx = store::begin(&mut client).await?;
     let rows = store::read::lock_rejected(&tx, entity_type, after, filter, PAGE).await?;
     let Some(last) = rows.last().map(|r| (r.entity_type.clone(), r.id.clone())) else {
         return Ok(None);

@@ -15,7 +15,7 @@ use super::{
 use crate::{
     domain::outcome::Outcome,
     store::{
-        Cause, StoreError,
+        self, Cause, StoreError,
         batch::{self, TransactionStatus},
     },
 };
@@ -293,7 +293,7 @@ impl Pipeline {
         let mut client = self.pool.get().await?;
         let fence = self.session.as_deref().map(Session::fence);
         let result = async {
-            let mut tx = client.transaction().await?;
+            let mut tx = store::begin(&mut client).await?;
             let (results, current, rows) = match mode {
                 Mode::Together => {
                     let (outcomes, current, rows) =

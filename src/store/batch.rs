@@ -170,8 +170,12 @@ mod sql {
          ON CONFLICT (message_id) DO NOTHING RETURNING message_id";
     /// One advisory lock per key, in the order of the lock keys, so that
     /// two transactions with overlapping keys queue instead of deadlocking.
-    /// Row locks alone do not cover a key with no row yet: two writers could
-    /// both plan a `created` and the second would overwrite the first.
+    /// Row locks alone would not cover a key with no row yet: two writers
+    /// could both plan a `created` and the second would overwrite the first.
+    /// Every writer of `resources` and `tombstones` takes these first, so
+    /// they are the only locks a key needs: the rows below are read without
+    /// one (each statement of the transaction reads what committed before
+    /// it began, and no other writer of these keys can commit meanwhile).
     pub(super) const LOCK_KEYS: &str = "SELECT count(pg_advisory_xact_lock(k)), txid_current(), \
            (SELECT system_identifier FROM pg_control_system()), \
            substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) FROM ( \
@@ -184,14 +188,12 @@ mod sql {
          FROM resources r \
          JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(type, id, skip) \
            ON r.type = k.type AND r.id = k.id \
-         ORDER BY r.type, r.id \
-         FOR UPDATE OF r";
+         ORDER BY r.type, r.id";
     pub(super) const LOCK_TOMBSTONES: &str = "SELECT t.type, t.id, t.version \
          FROM tombstones t \
          JOIN unnest($1::text[], $2::text[]) AS k(type, id) \
            ON t.type = k.type AND t.id = k.id \
-         ORDER BY t.type, t.id \
-         FOR UPDATE OF t";
+         ORDER BY t.type, t.id";
     pub(super) const DELETE_RESOURCES: &str = "DELETE FROM resources r \
          USING unnest($1::text[], $2::text[]) AS k(type, id) \
          WHERE r.type = k.type AND r.id = k.id";
@@ -231,15 +233,17 @@ mod sql {
 }
 
 /// Passes `fence` (when given), records `message_ids` as processed and
-/// returns those that were not already, then reads and locks (`FOR UPDATE`)
-/// the `resources` rows and tombstones of `keys` (each row's document only
-/// where `needs`, one per key, says so) — up to five statements in
-/// one round trip, the fence first (so that it never waits while holding a
-/// key lock), then an advisory lock per key.
+/// returns those that were not already, then takes the advisory lock of
+/// each of `keys` and reads their `resources` rows and tombstones (each
+/// row's document only where `needs`, one per key, says so) — up to five
+/// statements in one round trip, the fence first (so that it never waits
+/// while holding a key lock).
 ///
 /// A concurrent transaction claiming the same message id makes this wait for
-/// it, so an id is claimed exactly once. Rows are locked in key order so that
-/// two transactions locking overlapping keys cannot deadlock.
+/// it, so an id is claimed exactly once. The key locks are taken in one
+/// order by every writer, so two transactions with overlapping keys cannot
+/// deadlock; the rows need no lock of their own (a row lock taken here was
+/// 53 bytes of WAL per message, all of an unchanged save's).
 pub(crate) async fn claim_and_lock(
     tx: &Transaction<'_>,
     fence: Option<Fence<'_>>,

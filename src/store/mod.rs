@@ -344,6 +344,21 @@ pub(crate) async fn connect_migrated(settings: &Settings) -> anyhow::Result<Pool
     }
 }
 
+/// Begins a transaction of a writer of `resources` at READ COMMITTED,
+/// whatever the server's or the database's `default_transaction_isolation`:
+/// the writers lock a key with an advisory lock, then read its rows in a
+/// later statement, and only under READ COMMITTED does that statement see
+/// what another writer of the key committed while this one waited.
+pub(crate) async fn begin(
+    client: &mut deadpool_postgres::Client,
+) -> Result<deadpool_postgres::Transaction<'_>, tokio_postgres::Error> {
+    client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+        .start()
+        .await
+}
+
 /// The daemon's connections, in pools that cannot take from each other: what
 /// the read API does (a slow filter, many clients) never makes the pipeline,
 /// the outbox publisher, the gauges or `/readyz` wait for a connection.

@@ -109,46 +109,85 @@ pub(crate) async fn resources_page(
     page: &PageOf<'_>,
 ) -> Result<Vec<Resource>, StoreError> {
     let client = pool.get().await?;
-    page_on(&client, page, "").await
+    page_on(&client, page).await
 }
 
-/// Like [`resources_page`] inside `tx`, the rows locked `FOR SHARE` so that
-/// no change to them commits before the transaction does.
+/// Like [`resources_page`] inside `tx`, under the advisory lock of each
+/// key of the page, taken before the rows are read, as every writer of
+/// `resources` takes them: no change to these rows commits before the
+/// transaction does, and none of those writers can deadlock with it.
+/// Returns the page's last id (where the next page starts, even when every
+/// row of it changed while the locks were awaited; `None` past the end) and
+/// the rows still matching, as they are under the locks.
 pub(crate) async fn lock_resources_page(
     tx: &deadpool_postgres::Transaction<'_>,
     page: &PageOf<'_>,
-) -> Result<Vec<Resource>, StoreError> {
-    page_on(tx, page, " FOR SHARE OF r").await
+) -> Result<(Option<String>, Vec<Resource>), StoreError> {
+    let ids: Vec<String> = page_rows(tx, page, "r.id", None)
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+    let Some(last) = ids.last().cloned() else {
+        return Ok((None, Vec::new()));
+    };
+    let keys: Vec<(String, String)> = ids
+        .iter()
+        .map(|id| (page.entity_type.to_owned(), id.clone()))
+        .collect();
+    super::batch::lock_keys(tx, &keys).await?;
+    let rows = page_rows(tx, page, RESOURCE_COLUMNS, Some(ids)).await?;
+    Ok((
+        Some(last),
+        rows.iter().map(resource).collect::<Result<_, _>>()?,
+    ))
 }
+
+/// The columns [`resource`] reads, in its order.
+const RESOURCE_COLUMNS: &str =
+    "r.type, r.id, r.hash, r.data, r.version, r.created_at, r.updated_at, r.canonical";
 
 /// The statement behind [`resources_page`] and [`lock_resources_page`].
 async fn page_on(
     client: &impl GenericClient,
     page: &PageOf<'_>,
-    lock: &str,
 ) -> Result<Vec<Resource>, StoreError> {
+    page_rows(client, page, RESOURCE_COLUMNS, None)
+        .await?
+        .iter()
+        .map(resource)
+        .collect()
+}
+
+/// `columns` of the rows of `page`, in id order; only those of `only`'s
+/// ids when given.
+async fn page_rows(
+    client: &impl GenericClient,
+    page: &PageOf<'_>,
+    columns: &str,
+    only: Option<Vec<String>>,
+) -> Result<Vec<tokio_postgres::Row>, StoreError> {
     let mut params = SqlParams::new();
     let t = params.push(page.entity_type.to_owned());
     let a = params.push(page.after.map(str::to_owned));
     let u = params.push(page.updated_since);
     let l = params.push(page.limit);
+    // Only when given, so that the read API's statement stays as it was.
+    let only = only.map_or_else(String::new, |ids| {
+        format!(" AND r.id = ANY({}::text[])", params.push(ids))
+    });
     let matching = page
         .filter
         .map_or_else(|| "true".to_owned(), |f| f.to_sql("r", &mut params));
     let sql = format!(
-        "SELECT r.type, r.id, r.hash, r.data, r.version, r.created_at, r.updated_at, \
-           r.canonical \
+        "SELECT {columns} \
          FROM resources r \
          WHERE r.type = {t} AND ({a}::text IS NULL OR r.id > {a}) \
            AND ({u}::timestamptz IS NULL OR r.updated_at >= {u}) \
-           AND {matching} \
-         ORDER BY r.id LIMIT {l}{lock}"
+           AND {matching}{only} \
+         ORDER BY r.id LIMIT {l}"
     );
-    query(client, &sql, &params, page.filter.is_some())
-        .await?
-        .iter()
-        .map(resource)
-        .collect()
+    query(client, &sql, &params, page.filter.is_some()).await
 }
 
 /// Runs a statement that may embed a filter. Without one its text is fixed

@@ -144,11 +144,11 @@ pub(crate) async fn count_unseen(
         .try_get(0)?)
 }
 
-/// Locks (`FOR UPDATE`) and returns up to `limit` ids to delete, in id
-/// order after `after`. The condition is checked again on rows changed
-/// while this waited for their lock, so a row updated meanwhile is skipped
-/// (and a page may come back short: only an empty one ends the step).
-pub(crate) async fn lock_unseen_page(
+/// Up to `limit` ids to delete, in id order after `after`. Not locked:
+/// the caller takes their keys' advisory locks, as every writer of
+/// `resources` does first, then keeps those [`still_unseen`] (a row may
+/// have been written while the step waited for its key).
+pub(crate) async fn unseen_page(
     tx: &Transaction<'_>,
     entity_type: &str,
     filter: Option<&Filter>,
@@ -162,9 +162,37 @@ pub(crate) async fn lock_unseen_page(
     let limit = params.push(limit);
     let sql = format!(
         "SELECT r.id FROM resources r WHERE {condition} AND r.id > {after} \
-         ORDER BY r.id LIMIT {limit} FOR UPDATE OF r"
+         ORDER BY r.id LIMIT {limit}"
     );
-    tx.query(&sql, &params.as_refs())
+    ids(tx, &sql, &params).await
+}
+
+/// Those of `ids` still to delete, in id order: read under their keys'
+/// advisory locks, a statement that began after they were granted sees
+/// every write that committed before, and no other can commit meanwhile.
+pub(crate) async fn still_unseen(
+    tx: &Transaction<'_>,
+    entity_type: &str,
+    filter: Option<&Filter>,
+    began: &Began,
+    ids_of_page: &[String],
+) -> Result<Vec<String>, StoreError> {
+    let mut params = SqlParams::new();
+    let condition = unseen(entity_type, filter, began, &mut params);
+    let page = params.push(ids_of_page.to_vec());
+    let sql = format!(
+        "SELECT r.id FROM resources r WHERE {condition} AND r.id = ANY({page}::text[]) \
+         ORDER BY r.id"
+    );
+    ids(tx, &sql, &params).await
+}
+
+async fn ids(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &SqlParams,
+) -> Result<Vec<String>, StoreError> {
+    tx.query(sql, &params.as_refs())
         .await?
         .iter()
         .map(|r| r.try_get(0).map_err(StoreError::from))

@@ -542,6 +542,105 @@ async fn a_full_set_sync_spares_a_save_that_began_before_it_and_committed_after(
     assert_eq!(names["x"], "new");
 }
 
+/// The delete step takes its keys' advisory locks before any row's lock,
+/// in the order every writer takes them. Holding the rows of a page while
+/// it waited for a key, it deadlocked with a daemon batch that held that key
+/// and then wrote the row (PostgreSQL broke it after `deadlock_timeout`).
+#[tokio::test]
+async fn the_delete_step_holds_no_row_while_it_waits_for_a_key() {
+    let mut app = spawn_app().await;
+    for id in ["a", "b", "keep"] {
+        app.save("person", id, r#"{"name":"old"}"#).await;
+    }
+    assert_eq!(app.next_events(3).await.len(), 3);
+
+    // A daemon batch holds the key of a.
+    hold_key_lock(&app, "a", false).await;
+    let scramjet = Scramjet::connect(&app.settings).await.unwrap();
+    let options = IngestOptions {
+        full_set: true,
+        max_delete_ratio: 1.0,
+        ..IngestOptions::new("person")
+    };
+    let feed = ndjson(&[person("keep", "old")]);
+    let syncing = scramjet.ingest(std::io::Cursor::new(feed), Format::Ndjson, &options, |_| {});
+    let meanwhile = async {
+        wait_for_lock_waiters(&app, 1).await;
+        // The batch now writes the row of a, as a save does.
+        let locked = app
+            .db
+            .query(
+                "SELECT id FROM resources WHERE type = 'person' AND id IN ('a', 'b') \
+                 FOR UPDATE NOWAIT",
+                &[],
+            )
+            .await;
+        assert!(
+            locked.is_ok(),
+            "the delete step holds no row lock while it waits for a key: {locked:?}"
+        );
+        app.db
+            .execute(
+                "UPDATE resources SET data = '{\"name\":\"new\"}', hash = 'by-the-batch' \
+                 WHERE type = 'person' AND id = 'a'",
+                &[],
+            )
+            .await
+            .unwrap();
+        hold_key_lock(&app, "a", true).await;
+    };
+    let (summary, ()) = tokio::join!(syncing, meanwhile);
+    let summary = summary.unwrap();
+
+    assert_eq!(summary.deletes, Some(DeleteStep::Done(1)), "{summary}");
+    let names = names_by_id(&app).await;
+    assert_eq!(
+        names.keys().collect::<Vec<_>>(),
+        ["a", "keep"],
+        "b is gone; a, written while the step waited for its key, stays"
+    );
+    assert_eq!(names["a"], "new");
+}
+
+/// A batch reads its keys' rows in a statement after the one that took
+/// their advisory locks; that read must see what the writer it waited for
+/// committed, whatever isolation level the database defaults to (under
+/// REPEATABLE READ it would read the transaction's first snapshot, from
+/// before the wait, and take the save below for an unchanged one).
+#[tokio::test]
+async fn a_batch_that_waited_for_its_key_sees_what_the_writer_before_it_committed() {
+    let mut app = spawn_app().await;
+    app.save("person", "a", r#"{"name":"A"}"#).await;
+    assert_eq!(app.next_event().await.op(), "created");
+    let db = app.names.database.clone();
+    let admin = connect_admin().await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{db}\" SET default_transaction_isolation = 'repeatable read'"
+        ))
+        .await
+        .unwrap();
+    crate::outages::end_daemon_sessions(&admin, &db).await;
+
+    // Another writer holds the key; the daemon's batch of a save of A waits.
+    hold_key_lock(&app, "a", false).await;
+    app.save("person", "a", r#"{"name":"A"}"#).await;
+    wait_for_lock_waiters(&app, 1).await;
+    app.db
+        .execute(
+            "UPDATE resources SET data = '{\"name\":\"B\"}', hash = 'by-the-other-writer' \
+             WHERE type = 'person' AND id = 'a'",
+            &[],
+        )
+        .await
+        .unwrap();
+    hold_key_lock(&app, "a", true).await;
+
+    let e = app.next_event().await;
+    assert_eq!((e.op(), e.id()), ("updated", "a"), "{}", e.raw);
+    assert_eq!(names_by_id(&app).await["a"], "A", "the later save wins");
+}
+
 #[tokio::test]
 async fn a_full_set_with_a_scope_deletes_only_inside_it() {
     let mut app = spawn_app().await;

@@ -65,7 +65,7 @@ fn as_user(url: &str, userinfo: &str) -> String {
 /// Ends every session the daemon has on `database` (its connections carry
 /// `application_name` scramjet), terminating again until none is left: a
 /// connection being set up at that moment can survive one round.
-async fn end_daemon_sessions(admin: &tokio_postgres::Client, database: &str) {
+pub(crate) async fn end_daemon_sessions(admin: &tokio_postgres::Client, database: &str) {
     for _ in 0..400 {
         let left: i64 = admin
             .query_one(
