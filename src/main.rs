@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use scramjet::{
     bench,
     commands::{
@@ -12,9 +12,18 @@ use scramjet::{
     telemetry,
 };
 
+/// `scramjet --version`: the version and the git commit built from
+/// (`build.rs`; `unknown` when built without either).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("SCRAMJET_GIT_COMMIT"),
+    ")"
+);
+
 /// Keeps a validated cache of JSON entities and publishes exactly what changed.
 #[derive(Debug, Parser)]
-#[command(name = "scramjet", version, about)]
+#[command(name = "scramjet", version = VERSION, about)]
 struct Cli {
     /// Configuration file (TOML). Default: config/default.toml when present.
     /// Environment variables SCRAMJET__<SECTION>__<KEY> override it.
@@ -55,10 +64,53 @@ enum Command {
     Delete(delete::DeleteArgs),
     /// Print change events as they are published, one line each.
     Tail(tail::TailArgs),
+    /// Print a completion script for a shell: `scramjet completions bash >
+    /// /etc/bash_completion.d/scramjet` (zsh: into a directory of `$fpath`
+    /// as `_scramjet`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `scramjet man > scramjet.1`, then
+    /// `man ./scramjet.1`; with --dir, write it and one page per command
+    /// (`scramjet-ingest.1`, …) there.
+    Man {
+        /// Write every page into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // These need neither settings nor a runtime: a broken configuration
+    // must not keep a shell from its completions.
+    match cli.command {
+        Command::Completions { shell } => {
+            let mut out = std::io::stdout().lock();
+            clap_complete::generate(shell, &mut Cli::command(), "scramjet", &mut out);
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { dir: None } => {
+            // As `generate_to` builds it: no page for clap's `help`.
+            let page = clap_mangen::Man::new(Cli::command().disable_help_subcommand(true));
+            return printed(page.render(&mut std::io::stdout().lock()));
+        }
+        Command::Man { dir: Some(dir) } => {
+            return match clap_mangen::generate_to(Cli::command(), &dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!(
+                        "scramjet: cannot write the manual pages to {}: {e}",
+                        dir.display()
+                    );
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -82,6 +134,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// The exit status of printing to stdout: a reader that went away (`| head`)
+/// is no failure.
+fn printed(result: std::io::Result<()>) -> ExitCode {
+    match result {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            eprintln!("scramjet: cannot write to stdout: {e}");
+            ExitCode::FAILURE
+        }
+        _ => ExitCode::SUCCESS,
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
     telemetry::init(&settings.log)?;
@@ -97,5 +161,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ingest(args) => ingest::run(&settings, args).await,
         Command::Delete(args) => delete::run(&settings, args).await,
         Command::Tail(args) => tail::run(&settings, &args).await,
+        Command::Completions { .. } | Command::Man { .. } => {
+            unreachable!("handled before the runtime")
+        }
     }
 }

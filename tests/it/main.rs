@@ -5,6 +5,7 @@ mod api;
 mod bounds;
 mod bulk;
 mod cli;
+mod conventions;
 mod events;
 mod exact;
 mod faults;
