@@ -16,6 +16,7 @@ pub(super) const MAX_PARTITIONS: u16 = 256;
 impl Settings {
     /// Rejects values that deserialize but cannot work.
     pub fn check(&self) -> anyhow::Result<()> {
+        self.events.check()?;
         anyhow::ensure!(
             (1..=MAX_KEYS_PER_TRANSACTION).contains(&self.pipeline.batch_size),
             "invalid configuration: pipeline.batch_size must be from 1 to {MAX_KEYS_PER_TRANSACTION}"

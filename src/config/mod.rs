@@ -7,6 +7,7 @@
 
 mod amqp;
 mod check;
+mod events;
 mod http;
 mod limits;
 mod partitioning;
@@ -20,6 +21,7 @@ use anyhow::Context;
 use serde::Deserialize;
 
 pub use amqp::{AmqpSettings, QueueType};
+pub use events::{EventFormat, EventSettings};
 pub use http::HttpSettings;
 pub use limits::{
     LimitSettings, MAX_EVENT_BYTES, MAX_KEYS_PER_TRANSACTION, MIN_EVENT_BYTES, PipelineSettings,
@@ -62,6 +64,8 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     /// How daemons share partition queues (`amqp.partitions` > 1).
     pub partitioning: PartitioningSettings,
+    /// The form of the change events.
+    pub events: EventSettings,
 }
 
 impl Settings {
@@ -185,6 +189,9 @@ mod tests {
         assert_eq!(s.http.pool_size, d.http.pool_size);
         assert_eq!(s.http.max_concurrent_queries, d.http.max_concurrent_queries);
         assert_eq!(s.http.statement_timeout, d.http.statement_timeout);
+        assert_eq!(s.events.format, d.events.format);
+        assert_eq!(s.events.source, d.events.source);
+        assert_eq!(s.events.type_prefix, d.events.type_prefix);
     }
 
     #[test]

@@ -176,6 +176,7 @@ impl App {
             health: self.health.clone(),
             metrics: self.metrics.clone(),
             max_event_bytes: self.settings.limits.max_event_bytes,
+            cloudevents: crate::outbox::cloudevents::CloudEvents::from_settings(&self.settings),
             max_round_events: self.settings.batch_size() as i64,
             lanes,
         };

@@ -30,6 +30,7 @@ use crate::{
     config::Settings,
     domain::entity::{KEY_HEADER, key_of},
     domain::message::{self, Malformed},
+    domain::trace::TraceContext,
     domain::validate::{SchemaRegistry, Schemas},
     outbox::Wake,
     pipeline::{Interrupted, Pipeline, Prepared, Results},
@@ -272,6 +273,18 @@ impl Counts {
     }
 }
 
+/// The W3C trace context of a delivery's `traceparent` and `tracestate`
+/// headers (strings; anything else, or an invalid `traceparent`, is none).
+fn trace_context(properties: &BasicProperties) -> Option<TraceContext> {
+    let headers = properties.headers().as_ref()?.inner();
+    let text = |name: &str| match headers.get(name)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
+    };
+    TraceContext::parse(text("traceparent"), text("tracestate"))
+}
+
 /// Decodes and prepares one delivery, or says why it is malformed.
 fn prepare(
     d: &Delivery,
@@ -284,12 +297,14 @@ fn prepare(
         message::decode(&d.data, limits).map(|inbound| {
             let property =
                 |p: &Option<lapin::types::ShortString>| p.as_ref().map(|s| s.as_str().to_owned());
-            Prepared::new(
+            let mut prepared = Prepared::new(
                 inbound,
                 property(d.properties.correlation_id()),
                 property(d.properties.message_id()),
                 schemas,
-            )
+            );
+            prepared.trace = trace_context(&d.properties);
+            prepared
         })
     }))
     .unwrap_or_else(|panic| {
@@ -361,7 +376,7 @@ fn tally(batch: &[Delivery], decoded: &mut Decoded, results: Results) -> Counts 
     for ((p, &i), result) in prepared.iter().zip(positions.iter()).zip(results) {
         match result {
             Ok(outcome) => {
-                tracing::debug!(delivery_tag = batch[i].delivery_tag, r#type = %p.entity_type, id = %p.id, correlation_id = ?p.correlation_id, %outcome, "processed");
+                tracing::debug!(delivery_tag = batch[i].delivery_tag, r#type = %p.entity_type, id = %p.id, correlation_id = ?p.correlation_id, trace_id = p.trace.as_ref().map(|t| t.trace_id()), %outcome, "processed");
                 counts.wrote_events |= outcome.has_event();
                 *counts.per_label.entry(outcome.as_str()).or_default() += 1;
             }

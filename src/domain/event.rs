@@ -49,6 +49,9 @@ pub struct Event {
     pub routing_key: String,
     /// Copied from the inbound message's AMQP `correlation_id`.
     pub correlation_id: Option<String>,
+    /// Copied from the inbound message's `traceparent` and `tracestate`
+    /// headers; published as the same headers.
+    pub trace: Option<super::trace::TraceContext>,
     /// The JSON body.
     pub payload: String,
     /// The outbox lane it goes to: the partition of the message that
@@ -135,6 +138,7 @@ impl Event {
             event_id,
             routing_key: format!("{entity_type}.{}", op.as_str()),
             correlation_id,
+            trace: None,
             payload: out,
             lane: None,
         }

@@ -6,4 +6,5 @@ pub mod entity;
 pub mod event;
 pub mod message;
 pub mod outcome;
+pub mod trace;
 pub mod validate;

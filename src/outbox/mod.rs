@@ -6,6 +6,7 @@
 //! a crash or another daemon left), sends the events to the changes exchange,
 //! and deletes only what the broker confirmed.
 
+pub(crate) mod cloudevents;
 pub(crate) mod publisher;
 
 pub(crate) use publisher::Publisher;

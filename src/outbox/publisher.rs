@@ -22,7 +22,7 @@ use crate::{
         self, CONFIRM_TIMEOUT, ConfirmPublisher, DeadLetterSlot, Link, Outgoing, REPLY_TIMEOUT,
     },
     config::AmqpSettings,
-    outbox::Wake,
+    outbox::{Wake, cloudevents::CloudEvents},
     store::{StoreError, outbox},
     support::{backoff::Backoff, retry::Retry},
     telemetry::health::Health,
@@ -110,6 +110,8 @@ pub(crate) struct Publisher {
     pub metrics: Metrics,
     /// Events longer than this are published reduced (`limits.max_event_bytes`).
     pub max_event_bytes: usize,
+    /// `events.format = "cloudevents"`: how events are wrapped; `None`, the §5 body.
+    pub cloudevents: Option<CloudEvents>,
     /// In partitioned mode, the most events a round takes from the lanes of
     /// the partitions held (`pipeline.batch_size`: one batch's worth).
     pub max_round_events: i64,
@@ -347,18 +349,21 @@ impl Publisher {
                 }
             }
         }
-        let bodies: Vec<std::borrow::Cow<'_, str>> =
-            pending.iter().map(|p| self.bounded(p)).collect();
+        let (bodies, shapes): (Vec<_>, Vec<_>) = pending.iter().map(|p| self.shaped(p)).unzip();
         let messages = pending
             .iter()
             .zip(&bodies)
-            .map(|(p, body)| {
+            .zip(shapes)
+            .map(|((p, body), (content_type, headers))| {
                 let mut properties = BasicProperties::default()
                     .with_delivery_mode(2)
-                    .with_content_type("application/json".into())
+                    .with_content_type(content_type.into())
                     .with_message_id(p.event_id.to_string().into());
                 if let Some(c) = p.correlation_id {
                     properties = properties.with_correlation_id(c.into());
+                }
+                if let Some(headers) = with_trace(headers, p.trace) {
+                    properties = properties.with_headers(headers);
                 }
                 Outgoing {
                     exchange: &self.amqp.changes_exchange,
@@ -415,15 +420,51 @@ impl Publisher {
         Ok(pending.len())
     }
 
-    /// The body to publish: the event, or its reduced form when it is over
-    /// `max_event_bytes`. Done here rather than when the event is built, so
-    /// it holds for every event in the outbox whoever wrote it (the daemon,
-    /// `ingest`, `replay`, an older version).
-    fn bounded<'a>(&self, p: &Pending<'a>) -> std::borrow::Cow<'a, str> {
-        if p.payload.len() <= self.max_event_bytes {
+    /// The body to publish, its `content_type` and its headers: the §5 body,
+    /// or with `events.format = "cloudevents"` that body wrapped as a
+    /// CloudEvent (with `ce-*` headers); either way within
+    /// `limits.max_event_bytes`, the envelope included.
+    fn shaped<'a>(
+        &self,
+        p: &Pending<'a>,
+    ) -> (
+        std::borrow::Cow<'a, str>,
+        (&'static str, Option<lapin::types::FieldTable>),
+    ) {
+        let attributes = self
+            .cloudevents
+            .as_ref()
+            .and_then(|ce| ce.attributes(&p.event_id.to_string(), p.payload));
+        match attributes {
+            Some(a) => {
+                let room = self.max_event_bytes.saturating_sub(a.overhead());
+                let body = a.wrap(&self.bounded(p, room));
+                (
+                    body.into(),
+                    (crate::outbox::cloudevents::CONTENT_TYPE, Some(a.headers())),
+                )
+            }
+            None => {
+                if self.cloudevents.is_some() {
+                    tracing::warn!(event_id = %p.event_id, "an outbox event lacks op, type, id or occurred_at; published as it is, not as a CloudEvent");
+                }
+                (
+                    self.bounded(p, self.max_event_bytes),
+                    ("application/json", None),
+                )
+            }
+        }
+    }
+
+    /// The event, or its reduced form when it is over `max_bytes`. Done
+    /// here rather than when the event is built, so it holds for every event
+    /// in the outbox whoever wrote it (the daemon, `ingest`, `replay`, an
+    /// older version).
+    fn bounded<'a>(&self, p: &Pending<'a>, max_bytes: usize) -> std::borrow::Cow<'a, str> {
+        if p.payload.len() <= max_bytes {
             return p.payload.into();
         }
-        let reduced = crate::domain::event::reduce(p.payload, self.max_event_bytes);
+        let reduced = crate::domain::event::reduce(p.payload, max_bytes);
         let op = p.routing_key.rsplit('.').next().unwrap_or_default();
         self.metrics.events_reduced.with_label_values(&[op]).inc();
         tracing::warn!(
@@ -444,6 +485,30 @@ struct Pending<'a> {
     routing_key: &'a str,
     payload: &'a str,
     correlation_id: Option<&'a str>,
+    trace: Option<&'a crate::domain::trace::TraceContext>,
+}
+
+/// `headers` with the event's `traceparent` and `tracestate`, if it has them.
+fn with_trace(
+    headers: Option<lapin::types::FieldTable>,
+    trace: Option<&crate::domain::trace::TraceContext>,
+) -> Option<lapin::types::FieldTable> {
+    use lapin::types::{AMQPValue, LongString};
+    let Some(trace) = trace else {
+        return headers;
+    };
+    let mut headers = headers.unwrap_or_default();
+    headers.insert(
+        "traceparent".into(),
+        AMQPValue::LongString(LongString::from(trace.traceparent.as_str())),
+    );
+    if let Some(state) = &trace.tracestate {
+        headers.insert(
+            "tracestate".into(),
+            AMQPValue::LongString(LongString::from(state.as_str())),
+        );
+    }
+    Some(headers)
 }
 
 impl<'a> From<&'a outbox::Pending> for Pending<'a> {
@@ -453,6 +518,7 @@ impl<'a> From<&'a outbox::Pending> for Pending<'a> {
             routing_key: &p.routing_key,
             payload: &p.payload,
             correlation_id: p.correlation_id.as_deref(),
+            trace: p.trace.as_ref(),
         }
     }
 }
@@ -464,6 +530,7 @@ impl<'a> From<&'a crate::domain::event::Event> for Pending<'a> {
             routing_key: &e.routing_key,
             payload: &e.payload,
             correlation_id: e.correlation_id.as_deref(),
+            trace: e.trace.as_ref(),
         }
     }
 }

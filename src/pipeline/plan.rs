@@ -108,6 +108,7 @@ pub fn plan(
         state.touched = true;
         let event = |op, fields| Event {
             lane: p.lane,
+            trace: p.trace.clone(),
             ..Event::new(
                 op,
                 &p.entity_type,

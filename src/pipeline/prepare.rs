@@ -25,6 +25,8 @@ pub struct Prepared {
     pub correlation_id: Option<String>,
     /// The inbound AMQP `message_id`, for duplicate detection.
     pub message_id: Option<String>,
+    /// The inbound message's W3C trace context, copied onto its events.
+    pub trace: Option<crate::domain::trace::TraceContext>,
     /// What to do.
     pub kind: PreparedKind,
     /// The partition it came from, in partitioned mode: its events go to
@@ -79,6 +81,7 @@ impl Prepared {
             version: inbound.version,
             correlation_id,
             message_id,
+            trace: None,
             kind,
             lane: None,
         }

@@ -6,7 +6,7 @@ use deadpool_postgres::Transaction;
 use uuid::Uuid;
 
 use super::StoreError;
-use crate::domain::event::Event;
+use crate::domain::{event::Event, trace::TraceContext};
 
 /// Arbitrary constant naming the transaction-scoped advisory lock that lets
 /// only one publisher (of however many daemons share the database) publish at a
@@ -24,6 +24,8 @@ pub(crate) struct Pending {
     pub payload: String,
     /// Copied from the inbound message.
     pub correlation_id: Option<String>,
+    /// Copied from the inbound message.
+    pub trace: Option<TraceContext>,
 }
 
 /// A row taken from the outbox: its `seq`, and its events in order — `None`
@@ -39,7 +41,8 @@ pub(crate) struct Taken {
 
 /// One outbox row: the events of one batch, in order.
 const INSERT: &str = "INSERT INTO outbox \
-     (event_ids, routing_keys, payloads, correlation_ids, partition) VALUES ($1, $2, $3, $4, $5) \
+     (event_ids, routing_keys, payloads, correlation_ids, partition, traceparents, tracestates) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7) \
      RETURNING seq";
 
 /// Writes `events` as one outbox row (they are published in this order).
@@ -104,8 +107,33 @@ async fn insert_refs(
     let payloads: Vec<&str> = events.iter().map(|e| e.payload.as_str()).collect();
     let correlations: Vec<Option<&str>> =
         events.iter().map(|e| e.correlation_id.as_deref()).collect();
+    // NULL arrays for a row without trace context.
+    let traced = events.iter().any(|e| e.trace.is_some());
+    let parents: Option<Vec<Option<&str>>> = traced.then(|| {
+        events
+            .iter()
+            .map(|e| e.trace.as_ref().map(|t| t.traceparent.as_str()))
+            .collect()
+    });
+    let states: Option<Vec<Option<&str>>> = traced.then(|| {
+        events
+            .iter()
+            .map(|e| e.trace.as_ref().and_then(|t| t.tracestate.as_deref()))
+            .collect()
+    });
     let row = tx
-        .query_one(stmt, &[&ids, &keys, &payloads, &correlations, &lane])
+        .query_one(
+            stmt,
+            &[
+                &ids,
+                &keys,
+                &payloads,
+                &correlations,
+                &lane,
+                &parents,
+                &states,
+            ],
+        )
         .await?;
     Ok(row.try_get(0)?)
 }
@@ -143,7 +171,9 @@ const TAKE_PARTITIONS: &str = "WITH locked AS ( \
        CASE WHEN o.seq = ANY($4::int8[]) THEN NULL ELSE o.routing_keys END, \
        CASE WHEN o.seq = ANY($4::int8[]) THEN NULL ELSE o.payloads END, \
        CASE WHEN o.seq = ANY($4::int8[]) THEN NULL ELSE o.correlation_ids END, \
-       extract(epoch FROM clock_timestamp() - o.created_at)::float8";
+       extract(epoch FROM clock_timestamp() - o.created_at)::float8, \
+       CASE WHEN o.seq = ANY($4::int8[]) THEN NULL ELSE o.traceparents END, \
+       CASE WHEN o.seq = ANY($4::int8[]) THEN NULL ELSE o.tracestates END";
 
 /// The oldest unpartitioned row, unless an older row waits in a partition's
 /// lane. One index probe per partition, not a scan of them all.
@@ -155,7 +185,7 @@ const TAKE_UNPARTITIONED: &str = "DELETE FROM outbox \
                           9223372036854775807) \
        AND pg_try_advisory_xact_lock($2) \
      RETURNING seq, false, event_ids, routing_keys, payloads, correlation_ids, \
-       extract(epoch FROM clock_timestamp() - created_at)::float8";
+       extract(epoch FROM clock_timestamp() - created_at)::float8, traceparents, tracestates";
 
 /// Partitioned mode: removes rows of `lanes` and returns them in commit
 /// order (and how long the oldest waited), as [`take_oldest`] does for the
@@ -240,7 +270,9 @@ pub(crate) async fn take_oldest(
                CASE WHEN seq = ANY($1::int8[]) THEN NULL ELSE routing_keys END, \
                CASE WHEN seq = ANY($1::int8[]) THEN NULL ELSE payloads END, \
                CASE WHEN seq = ANY($1::int8[]) THEN NULL ELSE correlation_ids END, \
-               extract(epoch FROM clock_timestamp() - created_at)::float8",
+               extract(epoch FROM clock_timestamp() - created_at)::float8, \
+               CASE WHEN seq = ANY($1::int8[]) THEN NULL ELSE traceparents END, \
+               CASE WHEN seq = ANY($1::int8[]) THEN NULL ELSE tracestates END",
         ),
     )?;
     let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&PUBLISHER_LOCK];
@@ -260,7 +292,8 @@ pub(crate) async fn take_oldest(
 
 /// A removed outbox row, and how long it waited: its columns seq, whether
 /// its events were left unread, event_ids, routing_keys, payloads,
-/// correlation_ids and the wait.
+/// correlation_ids, the wait, traceparents and tracestates (both NULL for
+/// a row without trace context).
 fn taken_at(row: &tokio_postgres::Row) -> Result<(Taken, f64), StoreError> {
     let seq: i64 = row.try_get(0)?;
     let unread: bool = row.try_get(1)?;
@@ -272,17 +305,29 @@ fn taken_at(row: &tokio_postgres::Row) -> Result<(Taken, f64), StoreError> {
     let keys: Vec<String> = row.try_get(3)?;
     let payloads: Vec<String> = row.try_get(4)?;
     let correlations: Vec<Option<String>> = row.try_get(5)?;
+    let parents: Option<Vec<Option<String>>> = row.try_get(7)?;
+    let states: Option<Vec<Option<String>>> = row.try_get(8)?;
+    let (parents, mut states) = (parents.unwrap_or_default(), states.unwrap_or_default());
     let pending = ids
         .into_iter()
         .zip(keys)
         .zip(payloads)
         .zip(correlations)
+        .enumerate()
         .map(
-            |(((event_id, routing_key), payload), correlation_id)| Pending {
+            |(i, (((event_id, routing_key), payload), correlation_id))| Pending {
                 event_id,
                 routing_key,
                 payload,
                 correlation_id,
+                trace: parents
+                    .get(i)
+                    .cloned()
+                    .flatten()
+                    .map(|traceparent| TraceContext {
+                        traceparent,
+                        tracestate: states.get_mut(i).and_then(Option::take),
+                    }),
             },
         )
         .collect();

@@ -170,7 +170,7 @@ async fn a_configured_bearer_token_guards_everything_but_the_health_checks() {
 }
 
 /// The value of one sample in the Prometheus text format.
-fn sample(text: &str, series: &str) -> Option<f64> {
+pub(crate) fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
@@ -228,7 +228,7 @@ async fn metrics_move_when_messages_flow() {
 
 /// Polls `/metrics` until `series` reads `value` (or the patience runs out)
 /// and returns the last text.
-async fn metrics_when(app: &TestApp, series: &str, value: f64) -> String {
+pub(crate) async fn metrics_when(app: &TestApp, series: &str, value: f64) -> String {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let (_, text) = app.get("/metrics").await;

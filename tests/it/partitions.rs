@@ -30,7 +30,7 @@ fn partitioned(names: &Names, schemas: PathBuf, partitions: u16) -> Settings {
 }
 
 /// A `scramjet run` process whose JSON log goes to a file.
-struct Daemon {
+pub(crate) struct Daemon {
     name: &'static str,
     log: PathBuf,
     port: u16,
@@ -38,7 +38,7 @@ struct Daemon {
 }
 
 impl Daemon {
-    async fn start(
+    pub(crate) async fn start(
         name: &'static str,
         s: &Settings,
         dir: &std::path::Path,
@@ -142,7 +142,7 @@ impl Daemon {
             .unwrap();
     }
 
-    async fn terminate(&mut self) -> std::process::ExitStatus {
+    pub(crate) async fn terminate(&mut self) -> std::process::ExitStatus {
         self.signal("-TERM");
         let mut child = self.child.take().unwrap();
         tokio::time::timeout(PATIENCE, tokio::task::spawn_blocking(move || child.wait()))
@@ -157,7 +157,7 @@ impl Daemon {
     }
 
     /// The JSON log lines whose message is `message`.
-    fn lines(&self, message: &str) -> Vec<Value> {
+    pub(crate) fn lines(&self, message: &str) -> Vec<Value> {
         self.log_text()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
