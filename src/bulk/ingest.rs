@@ -191,11 +191,7 @@ impl Scramjet {
             if page.is_empty() {
                 return Ok((page, Vec::new()));
             }
-            let keys: Vec<(String, String)> = page
-                .iter()
-                .map(|id| (entity_type.as_str().to_owned(), id.clone()))
-                .collect();
-            store::batch::lock_keys(&tx, &keys).await?;
+            store::batch::lock_keys(&tx, entity_type, &page).await?;
             let ids = sync::still_unseen(&tx, entity_type, scope, began, &page).await?;
             let prepared: Vec<Prepared> = ids
                 .iter()

@@ -109,11 +109,7 @@ impl Scramjet {
                 let Some(last) = ids.last().cloned() else {
                     return Ok(None);
                 };
-                let keys: Vec<(String, String)> = ids
-                    .iter()
-                    .map(|id| (entity_type.as_str().to_owned(), id.clone()))
-                    .collect();
-                store::batch::lock_keys(&tx, &keys).await?;
+                store::batch::lock_keys(&tx, entity_type, &ids).await?;
                 let rows = store::stage::lock(&tx, entity_type, &ids, state).await?;
                 let mut page = Summary::default();
                 let prepared = rows

@@ -350,12 +350,17 @@ pub(crate) async fn pass_fence(
         .map(|(_, current)| current)
 }
 
-/// Takes the advisory lock of every key in `keys` (as every batch does
-/// first), for callers that lock other rows of these keys before applying
-/// a batch: locking in the same order as the pipeline cannot deadlock.
-pub(crate) async fn lock_keys(tx: &Transaction<'_>, keys: &[Key]) -> Result<(), StoreError> {
+/// Takes the advisory lock of (`entity_type`, id) for each of `ids` (as
+/// every batch does first), for callers that read or lock rows of these
+/// keys before applying a batch: locking in the same order as the pipeline
+/// cannot deadlock.
+pub(crate) async fn lock_keys(
+    tx: &Transaction<'_>,
+    entity_type: &str,
+    ids: &[String],
+) -> Result<(), StoreError> {
     let stmt = tx.prepare_cached(sql::LOCK_KEYS).await?;
-    let (types, ids) = split_keys(keys);
+    let types = vec![entity_type; ids.len()];
     tx.query_one(&stmt, &[&types, &ids]).await?;
     Ok(())
 }

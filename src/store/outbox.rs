@@ -307,29 +307,26 @@ fn taken_at(row: &tokio_postgres::Row) -> Result<(Taken, f64), StoreError> {
     let correlations: Vec<Option<String>> = row.try_get(5)?;
     let parents: Option<Vec<Option<String>>> = row.try_get(7)?;
     let states: Option<Vec<Option<String>>> = row.try_get(8)?;
-    let (parents, mut states) = (parents.unwrap_or_default(), states.unwrap_or_default());
+    let mut parents = parents.unwrap_or_default().into_iter();
+    let mut states = states.unwrap_or_default().into_iter();
     let pending = ids
         .into_iter()
         .zip(keys)
         .zip(payloads)
         .zip(correlations)
-        .enumerate()
-        .map(
-            |(i, (((event_id, routing_key), payload), correlation_id))| Pending {
+        .map(|(((event_id, routing_key), payload), correlation_id)| {
+            let tracestate = states.next().flatten();
+            Pending {
                 event_id,
                 routing_key,
                 payload,
                 correlation_id,
-                trace: parents
-                    .get(i)
-                    .cloned()
-                    .flatten()
-                    .map(|traceparent| TraceContext {
-                        traceparent,
-                        tracestate: states.get_mut(i).and_then(Option::take),
-                    }),
-            },
-        )
+                trace: parents.next().flatten().map(|traceparent| TraceContext {
+                    traceparent,
+                    tracestate,
+                }),
+            }
+        })
         .collect();
     Ok((
         Taken {

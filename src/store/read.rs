@@ -131,11 +131,7 @@ pub(crate) async fn lock_resources_page(
     let Some(last) = ids.last().cloned() else {
         return Ok((None, Vec::new()));
     };
-    let keys: Vec<(String, String)> = ids
-        .iter()
-        .map(|id| (page.entity_type.to_owned(), id.clone()))
-        .collect();
-    super::batch::lock_keys(tx, &keys).await?;
+    super::batch::lock_keys(tx, page.entity_type, &ids).await?;
     let rows = page_rows(tx, page, RESOURCE_COLUMNS, Some(ids)).await?;
     Ok((
         Some(last),

@@ -465,6 +465,19 @@ async fn hold_key_lock(app: &TestApp, id: &str, unlock: bool) {
         .unwrap();
 }
 
+/// Rewrites the row of (person, `id`) with `{"name": name}` and a hash of
+/// its own, as another writer holding the key's lock would.
+async fn write_name_under_the_key(app: &TestApp, id: &str, name: &str) {
+    app.db
+        .execute(
+            "UPDATE resources SET data = jsonb_build_object('name', $2::text), \
+               hash = 'by-another-writer' WHERE type = 'person' AND id = $1",
+            &[&id, &name],
+        )
+        .await
+        .unwrap();
+}
+
 /// Waits until `n` transactions of the test's database wait for an advisory lock.
 async fn wait_for_lock_waiters(app: &TestApp, n: i64) {
     let deadline = std::time::Instant::now() + PATIENCE;
@@ -579,14 +592,7 @@ async fn the_delete_step_holds_no_row_while_it_waits_for_a_key() {
             locked.is_ok(),
             "the delete step holds no row lock while it waits for a key: {locked:?}"
         );
-        app.db
-            .execute(
-                "UPDATE resources SET data = '{\"name\":\"new\"}', hash = 'by-the-batch' \
-                 WHERE type = 'person' AND id = 'a'",
-                &[],
-            )
-            .await
-            .unwrap();
+        write_name_under_the_key(&app, "a", "new").await;
         hold_key_lock(&app, "a", true).await;
     };
     let (summary, ()) = tokio::join!(syncing, meanwhile);
@@ -626,14 +632,7 @@ async fn a_batch_that_waited_for_its_key_sees_what_the_writer_before_it_committe
     hold_key_lock(&app, "a", false).await;
     app.save("person", "a", r#"{"name":"A"}"#).await;
     wait_for_lock_waiters(&app, 1).await;
-    app.db
-        .execute(
-            "UPDATE resources SET data = '{\"name\":\"B\"}', hash = 'by-the-other-writer' \
-             WHERE type = 'person' AND id = 'a'",
-            &[],
-        )
-        .await
-        .unwrap();
+    write_name_under_the_key(&app, "a", "B").await;
     hold_key_lock(&app, "a", true).await;
 
     let e = app.next_event().await;

@@ -4,7 +4,7 @@
 
 use cloudevents::{AttributesReader, Data, Event};
 use lapin::types::AMQPValue;
-use scramjet::{commands::replay::ReplayRequest, config::EventFormat};
+use scramjet::config::EventFormat;
 use serde_json::Value;
 
 use crate::helpers::*;
@@ -97,20 +97,7 @@ async fn every_op_is_a_cloudevent_that_the_sdk_reads_with_the_body_as_data() {
     let data = check(&app.next_event().await, "deleted", "c", &source);
     assert_eq!(data["previous"]["name"], "Cy");
 
-    let replayed = scramjet::commands::replay::replay(
-        &app.settings,
-        &ReplayRequest {
-            entity_type: "person".into(),
-            since: None,
-            filter: None,
-            routing_prefix: String::new(),
-            after: None,
-            page: 100,
-            rate: 0,
-        },
-    )
-    .await
-    .unwrap();
+    let replayed = replay_all(&app.settings, "person").await;
     assert_eq!(replayed, 1);
     let data = check(&app.next_event().await, "snapshot", "a", &source);
     assert_eq!(data["data"]["name"], "Ada Lovelace");

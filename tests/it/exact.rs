@@ -4,7 +4,7 @@
 //! rewrite; an unchanged save with a higher version raises only the
 //! version; revalidation keeps a staged save's version.
 
-use scramjet::{commands::replay::ReplayRequest, domain::canonical};
+use scramjet::domain::canonical;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
@@ -46,20 +46,7 @@ async fn events_and_the_api_built_from_stored_rows_hash_to_their_hashes() {
     assert_eq!(hash_of(&parse(&body)["items"][0]["data"]), hash, "{body}");
 
     // A snapshot carries it too.
-    let replayed = scramjet::commands::replay::replay(
-        &app.settings,
-        &ReplayRequest {
-            entity_type: "person".into(),
-            since: None,
-            filter: None,
-            routing_prefix: String::new(),
-            after: None,
-            page: 100,
-            rate: 0,
-        },
-    )
-    .await
-    .unwrap();
+    let replayed = replay_all(&app.settings, "person").await;
     assert_eq!(replayed, 1);
     let snapshot = app.next_event().await;
     assert_eq!(snapshot.op(), "snapshot");

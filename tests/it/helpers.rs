@@ -779,3 +779,22 @@ pub async fn output_of(mut command: std::process::Command) -> std::process::Outp
         .await
         .expect("the command's thread does not panic")
 }
+
+/// Writes `snapshot` events of every resource of `entity_type` to the
+/// outbox, as `scramjet replay --type` does; returns how many.
+pub async fn replay_all(settings: &Settings, entity_type: &str) -> u64 {
+    scramjet::commands::replay::replay(
+        settings,
+        &scramjet::commands::replay::ReplayRequest {
+            entity_type: entity_type.into(),
+            since: None,
+            filter: None,
+            routing_prefix: String::new(),
+            after: None,
+            page: 100,
+            rate: 0,
+        },
+    )
+    .await
+    .unwrap()
+}
