@@ -107,6 +107,12 @@ impl ReadApi {
                     ),
                 )
             }
+            // The query's own input (a value PostgreSQL cannot take): the
+            // request is at fault, not the database.
+            StoreError::Refused { detail, .. } => {
+                tracing::info!(reason = %detail, "read API query refused by the database");
+                ApiError::bad_request(format!("the database refused the request's input: {detail}"))
+            }
             other => other.into(),
         }
     }

@@ -250,11 +250,20 @@ fn page<T>(mut rows: Vec<T>, limit: i64, id: impl Fn(&T) -> &String) -> (Vec<T>,
 /// `StagingQuery`, so that an unknown or malformed parameter gets the API's
 /// own JSON error naming it; [`RESOURCES_PARAMS`] and [`STAGING_PARAMS`]
 /// are checked against the documented parameters by a unit test.
-fn reject_unknown(params: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {
-    match params.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(k) => Err(ApiError::bad_request(format!(
+///
+/// A value with a NUL character is refused here too: PostgreSQL stores none
+/// (not in text, not in jsonb), so no id or value can match it, and the
+/// database would refuse the query.
+fn check_params(params: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {
+    if let Some(k) = params.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(ApiError::bad_request(format!(
             "unknown parameter {k:?}; known: {}",
             known.join(", ")
+        )));
+    }
+    match params.iter().find(|(_, v)| v.contains('\0')) {
+        Some((k, _)) => Err(ApiError::bad_request(format!(
+            "parameter {k:?} contains a NUL character, which no stored id or value can contain"
         ))),
         None => Ok(()),
     }
@@ -284,7 +293,7 @@ pub(super) async fn resources(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<ResourcePage>, ApiError> {
     let entity_type = parse_type(entity_type)?;
-    reject_unknown(&params, RESOURCES_PARAMS)?;
+    check_params(&params, RESOURCES_PARAMS)?;
     let (limit, after) = paging(&params)?;
     let updated_since = match params.get("updated_since") {
         None => None,
@@ -337,7 +346,7 @@ pub(super) async fn staging(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<RejectedPage>, ApiError> {
     let entity_type = parse_type(entity_type)?;
-    reject_unknown(&params, STAGING_PARAMS)?;
+    check_params(&params, STAGING_PARAMS)?;
     match params.get("invalid").map(String::as_str) {
         None | Some("true") => {}
         Some(_) => {
@@ -389,4 +398,19 @@ pub(super) async fn types(State(state): State<HttpState>) -> Result<Json<TypeCou
         })
         .collect();
     Ok(Json(TypeCounts { items }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn documented<P: IntoParams>() -> Vec<String> {
+        P::into_params(|| None).into_iter().map(|p| p.name).collect()
+    }
+
+    #[test]
+    fn the_parameters_read_are_the_parameters_documented() {
+        assert_eq!(documented::<ResourcesQuery>(), RESOURCES_PARAMS);
+        assert_eq!(documented::<StagingQuery>(), STAGING_PARAMS);
+    }
 }

@@ -280,3 +280,23 @@ async fn committed_events_are_published_from_memory_and_rows_of_an_earlier_run_f
     assert_eq!(sample(&text, read), Some(1.0), "{text}");
     assert!(app.wait_outbox_empty().await);
 }
+
+/// Found by schemathesis (tests/openapi): a cursor with a NUL byte reached
+/// PostgreSQL, which refuses NUL in text, and the refusal was answered 503
+/// "the database is not available", as if the database were down. The
+/// request's own input is at fault: 400, saying why.
+#[tokio::test]
+async fn input_the_database_refuses_is_a_bad_request_not_an_outage() {
+    let app = spawn_app().await;
+    for path in [
+        "/v1/resources/person?after=a%00b",
+        "/v1/staging/person?after=%00",
+        "/v1/resources/person?where=name%20%3D%20%22a%00b%22",
+    ] {
+        let (status, body) = app.get(path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        let error = parse(&body)["error"].as_str().unwrap().to_owned();
+        assert!(error.contains("NUL"), "{path}: {error}");
+    }
+    assert_eq!(app.wait_ready().await, 200);
+}
