@@ -170,6 +170,10 @@ async function main() {
     assert.ok(!(await page.locator(testid('token-panel')).isVisible()), 'the token form stays after the right token');
     const stored = await page.evaluate(() => sessionStorage.getItem('scramjet.console.token'));
     assert.equal(stored, token, 'the token is not kept in sessionStorage');
+    step('a reload keeps the token of the tab');
+    await page.reload();
+    await row.waitFor({ state: 'visible' });
+    assert.ok(!(await page.locator(testid('token-panel')).isVisible()), 'the token form is back after a reload');
     const rejectedBefore = Number(await row.locator(testid('type-rejected')).textContent());
     assert.ok(rejectedBefore >= 1, `type ${type} shows ${rejectedBefore} rejected records`);
 
@@ -262,6 +266,7 @@ async function main() {
   } finally {
     if (browser) await browser.close().catch(() => {});
     if (proxy) {
+      if (proxy.outside.length) console.error(`console test: requests outside ${PREFIX}: ${proxy.outside.join(', ')}`);
       proxy.server.closeAllConnections();
       await new Promise((r) => proxy.server.close(r));
     }
