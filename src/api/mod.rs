@@ -9,35 +9,37 @@
 //! after `http.statement_timeout`: one request more is answered 503 with
 //! `Retry-After` at once, never queued, so slow reads cannot pile up.
 
+mod console;
 pub mod filter;
+mod openapi;
+mod read;
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use axum::{
-    Json, Router,
-    extract::{Path, Query, Request, State},
+    Extension, Json, Router,
+    extract::{Request, State},
     http::{HeaderMap, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
 };
 use deadpool_postgres::Pool;
+use serde::Serialize;
 use serde_json::{Value, json};
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+pub(crate) use console::Console;
 
 use crate::{
     config::HttpSettings,
-    domain::entity::{EntityId, EntityType},
-    store::{self, StoreError, read},
+    store::{self, StoreError},
     telemetry::health::{Connectivity, Health},
     telemetry::metrics::{Metrics, ProducerMetrics},
 };
-
-/// Page size when `limit` is not given, and the largest allowed.
-const DEFAULT_LIMIT: i64 = 100;
-const MAX_LIMIT: i64 = 1000;
 
 /// Seconds a client refused by the concurrency limit is told to wait: a
 /// permit frees as soon as any query ends, so a short pause is enough.
@@ -57,6 +59,8 @@ pub(crate) struct HttpState {
     pub metrics: Metrics,
     /// Required bearer token, if configured.
     pub bearer_token: Option<Arc<str>>,
+    /// What the console's endpoints need (revalidation, the live feed).
+    pub console: Console,
 }
 
 /// What the read API (`/v1/...`) runs on.
@@ -123,37 +127,51 @@ pub(crate) async fn serve(
     }
 }
 
-/// The daemon's router.
+/// The daemon's router, and its OpenAPI description at `/openapi.json`.
 pub(crate) fn router(state: HttpState) -> Router {
-    let read_api = Router::new()
-        .route("/v1/types", get(types))
-        .route("/v1/resources/{type}", get(resources))
-        .route("/v1/resources/{type}/{id}", get(resource))
-        .route("/v1/staging/{type}", get(staging))
+    let (router, spec) = documented_routes(&state).split_for_parts();
+    let spec: Arc<str> = spec.to_json().expect("the spec serializes").into();
+    router
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(Extension(openapi::Spec(spec)))
+        .with_state(state)
+}
+
+/// Every route with its OpenAPI operation: `routes!` takes each path from
+/// the handler's `#[utoipa::path]`, so what is served is what is described.
+fn documented_routes(state: &HttpState) -> OpenApiRouter<HttpState> {
+    let read_api = OpenApiRouter::new()
+        .routes(routes!(read::types))
+        .routes(routes!(read::resources))
+        .routes(routes!(read::resource))
+        .routes(routes!(read::staging))
+        .routes(routes!(console::revalidate))
         .route_layer(middleware::from_fn_with_state(state.clone(), limit_queries));
     // The token is checked before the limit, so that a request without one
     // never takes a permit.
-    let protected = Router::new()
-        .route("/metrics", get(metrics))
+    let protected = OpenApiRouter::new()
+        .routes(routes!(metrics))
+        .routes(routes!(console::status))
+        .routes(routes!(console::events_stream))
         .merge(read_api)
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+    OpenApiRouter::with_openapi(<openapi::ApiDoc as utoipa::OpenApi>::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(openapi::openapi_json))
+        .routes(routes!(console::page))
         .merge(protected)
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
-        .with_state(state)
 }
 
 /// An error as JSON: `{"error": "..."}` with a status.
 #[derive(Debug)]
-struct ApiError {
+pub(crate) struct ApiError {
     status: StatusCode,
     message: String,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             message: message.into(),
@@ -167,8 +185,21 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({"error": self.message}))).into_response()
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
     }
+}
+
+/// The body of every error.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ErrorBody {
+    /// What went wrong, for a person to read.
+    error: String,
 }
 
 impl From<StoreError> for ApiError {
@@ -198,21 +229,22 @@ async fn authorize(
 /// a burst of slow requests build a queue no one can see.
 async fn limit_queries(State(state): State<HttpState>, request: Request, next: Next) -> Response {
     let Ok(_permit) = state.read.permits.clone().try_acquire_owned() else {
-        let mut response = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "the read API is serving its limit of {} queries at once \
-                 (http.max_concurrent_queries); retry later",
-                state.read.max_concurrent
-            ),
-        )
-        .into_response();
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, RETRY_AFTER_SECS.into());
-        return response;
+        return busy(format!(
+            "the read API is serving its limit of {} queries at once \
+             (http.max_concurrent_queries); retry later",
+            state.read.max_concurrent
+        ));
     };
     next.run(request).await
+}
+
+/// 503 with `Retry-After`: a limit is reached, and one of its permits frees soon.
+fn busy(message: String) -> Response {
+    let mut response = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message).into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, RETRY_AFTER_SECS.into());
+    response
 }
 
 /// A 401 response when `expected` is set and the request does not carry it.
@@ -276,7 +308,7 @@ async fn producer_metrics(State(state): State<ProducerHttpState>, headers: Heade
     exposition(state.metrics.render())
 }
 
-/// `/readyz`'s answer: `body`, with 200 when `ready`, else 503.
+/// The relay's `/readyz` answer: `body`, with 200 when `ready`, else 503.
 fn readiness(ready: bool, body: Value) -> (StatusCode, Json<Value>) {
     let status = if ready {
         StatusCode::OK
@@ -317,214 +349,113 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.ct_eq(b).into()
 }
 
+/// `/healthz`'s body.
+#[derive(Debug, Serialize, ToSchema)]
+struct Liveness {
+    /// Always `ok`.
+    #[schema(pattern = "^ok$")]
+    status: &'static str,
+}
+
 /// 200 while the process runs.
-async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    responses((status = 200, description = "The process runs", body = Liveness)),
+)]
+async fn healthz() -> Json<Liveness> {
+    Json(Liveness { status: "ok" })
+}
+
+/// An outage a worker is waiting out.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct OutageBody {
+    /// The worker waiting: `pipeline`, `publisher`, `consumer`, …
+    worker: &'static str,
+    /// The service at fault: `postgres` or `rabbitmq`.
+    service: &'static str,
+    /// A short, stable reason (docs/operations.md), e.g. `read_only`.
+    reason: String,
+    /// The service's own words.
+    detail: String,
+    /// When it began (RFC 3339).
+    #[schema(format = DateTime)]
+    since: String,
+}
+
+/// `/readyz`'s body.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Readiness {
+    /// `postgres` and `rabbitmq`, and no outage.
+    ready: bool,
+    /// PostgreSQL answered a ping within 2 s.
+    postgres: bool,
+    /// A RabbitMQ session is up.
+    rabbitmq: bool,
+    /// The outages workers are waiting out.
+    outages: Vec<OutageBody>,
+}
+
+/// Pings PostgreSQL and reads the workers' state.
+async fn readiness_now(state: &HttpState) -> Readiness {
+    let postgres = store::ping(&state.pool, Duration::from_secs(2)).await;
+    let rabbitmq = state.health.amqp();
+    let outages: Vec<OutageBody> = state
+        .health
+        .outages()
+        .into_iter()
+        .map(|(worker, o)| OutageBody {
+            worker,
+            service: o.service,
+            reason: o.reason,
+            detail: o.detail,
+            since: o.since,
+        })
+        .collect();
+    Readiness {
+        ready: postgres && rabbitmq && outages.is_empty(),
+        postgres,
+        rabbitmq,
+        outages,
+    }
 }
 
 /// 200 when PostgreSQL answers, a RabbitMQ session is up, and no worker is
 /// waiting out an outage (a read-only database, a revoked privilege, …,
 /// which a ping cannot see); 503 otherwise, with the outages and why.
-async fn readyz(State(state): State<HttpState>) -> (StatusCode, Json<Value>) {
-    let postgres = store::ping(&state.pool, Duration::from_secs(2)).await;
-    let rabbitmq = state.health.amqp();
-    let outages: Vec<Value> = state
-        .health
-        .outages()
-        .into_iter()
-        .map(|(worker, o)| {
-            json!({
-                "worker": worker,
-                "service": o.service,
-                "reason": o.reason,
-                "detail": o.detail,
-                "since": o.since,
-            })
-        })
-        .collect();
-    let ready = postgres && rabbitmq && outages.is_empty();
-    readiness(
-        ready,
-        json!({
-            "ready": ready,
-            "postgres": postgres,
-            "rabbitmq": rabbitmq,
-            "outages": outages,
-        }),
-    )
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Ready: both services connected, no outage", body = Readiness),
+        (status = 503, description = "Not ready: which service is not, and the outages being waited out", body = Readiness),
+    ),
+)]
+async fn readyz(State(state): State<HttpState>) -> (StatusCode, Json<Readiness>) {
+    let readiness = readiness_now(&state).await;
+    let status = if readiness.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(readiness))
 }
 
 /// `/metrics` (the token was checked by [`authorize`]).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    responses(
+        (status = 200, description = "Prometheus text format, version 0.0.4", content_type = "text/plain", body = String),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn metrics(State(state): State<HttpState>) -> Response {
     exposition(state.metrics.render())
-}
-
-fn timestamp(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).expect("a stored timestamp formats")
-}
-
-fn resource_json(r: read::Resource) -> Value {
-    json!({
-        "type": r.entity_type,
-        "id": r.id,
-        "hash": r.hash,
-        "data": r.data,
-        "version": r.version,
-        "created_at": timestamp(r.created_at),
-        "updated_at": timestamp(r.updated_at),
-    })
-}
-
-/// The `{type}` of a path, parsed.
-fn parse_type(name: String) -> Result<EntityType, ApiError> {
-    EntityType::parse(name).map_err(|m| ApiError::bad_request(m.0))
-}
-
-/// `GET /v1/resources/{type}/{id}`: one resource or 404.
-async fn resource(
-    State(state): State<HttpState>,
-    Path((entity_type, id)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
-    let entity_type = parse_type(entity_type)?;
-    let id = EntityId::parse(id).map_err(|m| ApiError::bad_request(m.0))?;
-    let found = read::resource_by_id(&state.read.pool, &entity_type, &id)
-        .await
-        .map_err(|e| state.read.error(e))?;
-    match found {
-        Some(r) => Ok(Json(resource_json(r))),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no {entity_type} with this id"),
-        )),
-    }
-}
-
-/// `limit` and `after` from a query string.
-fn paging(params: &HashMap<String, String>) -> Result<(i64, Option<String>), ApiError> {
-    let limit = match params.get("limit") {
-        None => DEFAULT_LIMIT,
-        Some(text) => match text.parse::<i64>() {
-            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-            _ => {
-                return Err(ApiError::bad_request(format!(
-                    "limit must be an integer from 1 to {MAX_LIMIT}"
-                )));
-            }
-        },
-    };
-    let after = params.get("after").cloned();
-    Ok((limit, after))
-}
-
-/// `rows` (read with `limit + 1`) cut to `limit`, and the cursor of the
-/// next page: the last id kept when a row follows, else `None` — so the
-/// last page says it is the last.
-fn page<T>(mut rows: Vec<T>, limit: i64, id: impl Fn(&T) -> &String) -> (Vec<T>, Option<String>) {
-    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    if rows.len() <= limit {
-        return (rows, None);
-    }
-    rows.truncate(limit);
-    let next = rows.last().map(|r| id(r).clone());
-    (rows, next)
-}
-
-fn reject_unknown(params: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {
-    match params.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(k) => Err(ApiError::bad_request(format!(
-            "unknown parameter {k:?}; known: {}",
-            known.join(", ")
-        ))),
-        None => Ok(()),
-    }
-}
-
-/// `GET /v1/resources/{type}?updated_since=…&where=…&after=…&limit=…`: a page
-/// of resources in id order; `next` is the cursor for the following page.
-async fn resources(
-    State(state): State<HttpState>,
-    Path(entity_type): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
-    let entity_type = parse_type(entity_type)?;
-    reject_unknown(&params, &["updated_since", "where", "after", "limit"])?;
-    let (limit, after) = paging(&params)?;
-    let updated_since = match params.get("updated_since") {
-        None => None,
-        Some(text) => Some(OffsetDateTime::parse(text, &Rfc3339).map_err(|_| {
-            ApiError::bad_request(
-                "updated_since must be an RFC 3339 timestamp, e.g. 2026-11-23T10:00:00Z",
-            )
-        })?),
-    };
-    let filter = params
-        .get("where")
-        .map(|text| filter::parse(text).map_err(|e| ApiError::bad_request(format!("where: {e}"))))
-        .transpose()?;
-    let page_of = read::PageOf {
-        entity_type: &entity_type,
-        after: after.as_deref(),
-        updated_since,
-        filter: filter.as_ref(),
-        limit: limit + 1,
-    };
-    let rows = read::resources_page(&state.read.pool, &page_of)
-        .await
-        .map_err(|e| state.read.error(e))?;
-    let (rows, next) = page(rows, limit, |r| &r.id);
-    let items: Vec<Value> = rows.into_iter().map(resource_json).collect();
-    Ok(Json(json!({"items": items, "next": next})))
-}
-
-/// `GET /v1/staging/{type}?invalid=true&after=…&limit=…`: rejected records
-/// with their validation errors.
-async fn staging(
-    State(state): State<HttpState>,
-    Path(entity_type): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
-    let entity_type = parse_type(entity_type)?;
-    reject_unknown(&params, &["invalid", "after", "limit"])?;
-    match params.get("invalid").map(String::as_str) {
-        None | Some("true") => {}
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "only invalid=true is supported: valid records do not stay in staging",
-            ));
-        }
-    }
-    let (limit, after) = paging(&params)?;
-    let rows = read::rejected_page(&state.read.pool, &entity_type, after.as_deref(), limit + 1)
-        .await
-        .map_err(|e| state.read.error(e))?;
-    let (rows, next) = page(rows, limit, |r| &r.id);
-    let items: Vec<Value> = rows
-        .into_iter()
-        .map(|r| {
-            json!({
-                "type": entity_type,
-                "id": r.id,
-                "data": r.data,
-                "errors": r.errors,
-                "received_at": timestamp(r.received_at),
-            })
-        })
-        .collect();
-    Ok(Json(json!({"items": items, "next": next})))
-}
-
-/// `GET /v1/types`: counts per type.
-async fn types(State(state): State<HttpState>) -> Result<Json<Value>, ApiError> {
-    let counts = read::type_counts(&state.read.pool)
-        .await
-        .map_err(|e| state.read.error(e))?;
-    let items: Vec<Value> = counts
-        .into_iter()
-        .map(|c| {
-            json!({"type": c.entity_type, "resources": c.resources, "staging_invalid": c.staging_invalid})
-        })
-        .collect();
-    Ok(Json(json!({"items": items})))
 }
 
 #[cfg(test)]

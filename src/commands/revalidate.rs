@@ -47,22 +47,24 @@ pub async fn run(settings: &Settings, args: RevalidateArgs) -> anyhow::Result<()
 }
 
 /// What a run did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Summary {
     /// Rejected rows looked at.
     pub checked: u64,
-    /// Rows that now pass, by what trajecting them did.
+    /// Rows that now pass and became new resources.
     pub created: u64,
-    /// …
+    /// Rows that now pass and changed an existing resource.
     pub updated: u64,
-    /// …
+    /// Rows that now pass but changed nothing (the resource already had
+    /// that data, or a newer version).
     pub unchanged: u64,
     /// Rows that still fail; they stay in staging as they were.
     pub still_invalid: u64,
 }
 
 /// Revalidates the rejected rows of `entity_type` (all types when `None`)
-/// whose `id` and `data` match `filter` (all when `None`).
+/// whose `id` and `data` match `filter` (all when `None`), against the
+/// schemas in `validation.schema_dir`, printing its progress.
 pub async fn revalidate(
     settings: &Settings,
     entity_type: Option<&str>,
@@ -70,41 +72,66 @@ pub async fn revalidate(
 ) -> anyhow::Result<Summary> {
     let schemas = crate::bulk::load_schemas(settings)?;
     let pool = store::connect(settings).await?;
-    let mut summary = Summary::default();
-    let mut after: Option<(String, String)> = None;
-    let mut retry = Retry::new(Backoff::starting_at(
+    let retry = Retry::new(Backoff::starting_at(
         Duration::from_millis(200),
         Duration::from_secs(5),
     ));
+    let summary = revalidate_on(&pool, &schemas, entity_type, filter, retry, |summary| {
+        println!(
+            "checked {}: {} now valid, {} still invalid",
+            summary.checked,
+            summary.created + summary.updated + summary.unchanged,
+            summary.still_invalid
+        )
+    })
+    .await
+    .context("revalidation failed")?;
+    println!(
+        "done: {} rejected row(s) checked; created {}, updated {}, unchanged {}; {} still invalid",
+        summary.checked, summary.created, summary.updated, summary.unchanged, summary.still_invalid
+    );
+    Ok(summary)
+}
+
+/// Revalidates as [`revalidate`] does, on `pool` with `schemas`, one page
+/// per transaction; `on_page` gets the totals after each page. A page the
+/// database could not take (an outage, a deadlock with the pipeline) is
+/// tried again as `retry` allows; once it gives up, the error is returned,
+/// and the pages already committed stay committed.
+pub(crate) async fn revalidate_on(
+    pool: &deadpool_postgres::Pool,
+    schemas: &SchemaRegistry,
+    entity_type: Option<&str>,
+    filter: Option<&Filter>,
+    mut retry: Retry,
+    mut on_page: impl FnMut(&Summary),
+) -> Result<Summary, StoreError> {
+    let mut summary = Summary::default();
+    let mut after: Option<(String, String)> = None;
     loop {
         let page = loop {
-            match page(&pool, &schemas, entity_type, filter, after.as_ref()).await {
+            match page(pool, schemas, entity_type, filter, after.as_ref()).await {
                 Err(e @ StoreError::Unavailable { .. }) => {
-                    retry
+                    let again = retry
                         .failed(|pause| tracing::warn!(error = %e, retry_in_ms = pause.retry_in_ms(), "revalidation page failed; retrying"))
                         .await;
+                    if !again {
+                        return Err(e);
+                    }
                 }
-                other => break other.context("revalidation failed")?,
+                other => break other?,
             }
         };
+        retry.succeeded();
         let Some((last, s)) = page else { break };
         summary.checked += s.checked;
         summary.created += s.created;
         summary.updated += s.updated;
         summary.unchanged += s.unchanged;
         summary.still_invalid += s.still_invalid;
-        println!(
-            "checked {}: {} now valid, {} still invalid",
-            summary.checked,
-            summary.created + summary.updated + summary.unchanged,
-            summary.still_invalid
-        );
+        on_page(&summary);
         after = Some(last);
     }
-    println!(
-        "done: {} rejected row(s) checked; created {}, updated {}, unchanged {}; {} still invalid",
-        summary.checked, summary.created, summary.updated, summary.unchanged, summary.still_invalid
-    );
     Ok(summary)
 }
 

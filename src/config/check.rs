@@ -61,6 +61,10 @@ impl Settings {
             "invalid configuration: http.statement_timeout must be at least 1ms"
         );
         anyhow::ensure!(
+            self.http.max_event_streams >= 1,
+            "invalid configuration: http.max_event_streams must be at least 1"
+        );
+        anyhow::ensure!(
             (1..=message::MAX_DEPTH).contains(&self.limits.max_depth),
             "invalid configuration: limits.max_depth must be from 1 to {}",
             message::MAX_DEPTH

@@ -32,6 +32,9 @@ pub struct HttpSettings {
     /// (the request is then answered 503), e.g. "5s".
     #[serde(with = "humantime_serde")]
     pub statement_timeout: Duration,
+    /// Live feeds (`GET /v1/events/stream`) served at once; one more is
+    /// answered 503 with `Retry-After`.
+    pub max_event_streams: usize,
 }
 
 impl HttpSettings {
@@ -79,6 +82,7 @@ impl Default for HttpSettings {
             pool_size: 4,
             max_concurrent_queries: None,
             statement_timeout: Duration::from_secs(5),
+            max_event_streams: 16,
         }
     }
 }

@@ -132,12 +132,25 @@ impl App {
     /// even with the broker blocked.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let tasks = TaskTracker::new();
+        // Holds up to two batches' events for the publisher (see `Wake`).
+        let notify = Wake::holding(2 * self.settings.pipeline.max_batch_bytes);
+        let feed = crate::outbox::feed::Feed::default();
         let router = api::router(api::HttpState {
             pool: self.pools.background.clone(),
             read: api::ReadApi::new(self.pools.read.clone(), &self.settings.http),
             health: self.health.clone(),
             metrics: self.metrics.clone(),
             bearer_token: self.bearer_token.clone(),
+            console: api::Console {
+                schemas: self.schemas.clone(),
+                wake: notify.clone(),
+                feed: feed.clone(),
+                streams: Arc::new(tokio::sync::Semaphore::new(
+                    self.settings.http.max_event_streams,
+                )),
+                max_streams: self.settings.http.max_event_streams,
+                stop: shutdown.clone(),
+            },
         });
         let listener = self.listener.take().expect("run is called once");
         tasks.spawn(api::serve(listener, router, shutdown.clone()));
@@ -156,8 +169,6 @@ impl App {
 
         // The outbox publisher outlives sessions: it has its own connection,
         // so a blocked or lost one never stops consuming (see `amqp`).
-        // Holds up to two batches' events for the publisher (see `Wake`).
-        let notify = Wake::holding(2 * self.settings.pipeline.max_batch_bytes);
         let (slot, dead_letters) = amqp::dead_letter_link();
         let (held, held_now) = tokio::sync::watch::channel(Vec::new());
         let lanes = self
@@ -179,6 +190,7 @@ impl App {
             cloudevents: crate::outbox::cloudevents::CloudEvents::from_settings(&self.settings),
             max_round_events: self.settings.batch_size() as i64,
             lanes,
+            feed: feed.clone(),
         };
         let publisher_stop = CancellationToken::new();
         let publisher_task =
@@ -321,9 +333,10 @@ impl App {
             lost.cancel();
             consumed
         };
-        let (consumed, ()) = tokio::join!(
+        let (consumed, (), ()) = tokio::join!(
             consuming,
-            amqp::watch_session(&connection, std::slice::from_ref(&channel), lost.clone())
+            amqp::watch_session(&connection, std::slice::from_ref(&channel), lost.clone()),
+            refresh_depth(&connection, &s.inbound_queue, &self.metrics, &lost),
         );
         self.health.set_amqp(false);
         // Closing the channel returns unacked (prefetched) deliveries to the queue.
@@ -393,6 +406,27 @@ fn member_name() -> String {
         .unwrap_or_else(|| "scramjet".into());
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     format!("{host}/{}/{}", std::process::id(), &suffix[..8])
+}
+
+/// Keeps `scramjet_inbound_queue_depth` current (every [`GAUGE_INTERVAL`])
+/// until the session is `lost`: a passive declaration on a channel of its own.
+async fn refresh_depth(
+    connection: &Connection,
+    queue: &str,
+    metrics: &Metrics,
+    lost: &CancellationToken,
+) {
+    loop {
+        match tokio::time::timeout(REPLY_TIMEOUT, amqp::depth_if_any(connection, queue)).await {
+            Ok(Ok(depth)) => metrics.inbound_depth.set(depth.map_or(0, i64::from)),
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot read the inbound queue's depth"),
+            Err(_) => tracing::debug!("the inbound queue's depth took too long to read"),
+        }
+        tokio::select! {
+            _ = lost.cancelled() => return,
+            _ = tokio::time::sleep(GAUGE_INTERVAL) => {}
+        }
+    }
 }
 
 /// How often the backlog gauges (outbox rows, rejected rows per type) are refreshed.

@@ -393,10 +393,12 @@ impl Member {
     async fn refresh_depths(&self, connection: &Connection, leases: &BTreeMap<u16, i64>) {
         self.metrics.partition_depth.reset();
         if leases.is_empty() {
+            self.metrics.inbound_depth.set(0);
             return;
         }
         let probe = async {
             let channel = connection.create_channel().await?;
+            let mut total = 0;
             for p in leases.keys() {
                 let queue = self.settings.amqp.partition_queue(*p);
                 let declared = channel
@@ -413,7 +415,9 @@ impl Member {
                     .partition_depth
                     .with_label_values(&[&p.to_string()])
                     .set(i64::from(declared.message_count()));
+                total += i64::from(declared.message_count());
             }
+            self.metrics.inbound_depth.set(total);
             let _ = channel.close(200, "bye".into()).await;
             lapin::Result::Ok(())
         };

@@ -7,6 +7,7 @@
 //! and deletes only what the broker confirmed.
 
 pub(crate) mod cloudevents;
+pub(crate) mod feed;
 pub(crate) mod publisher;
 
 pub(crate) use publisher::Publisher;

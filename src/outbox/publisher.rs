@@ -118,6 +118,8 @@ pub(crate) struct Publisher {
     /// In partitioned mode, the lanes to publish: `None` publishes the
     /// whole outbox in order, as in single-queue mode.
     pub lanes: Option<Lanes>,
+    /// Confirmed events go here too, for whoever watches (the console).
+    pub feed: super::feed::Feed,
 }
 
 /// The outbox lanes a daemon publishes in partitioned mode: those of the
@@ -413,6 +415,8 @@ impl Publisher {
             let op = p.routing_key.rsplit('.').next().unwrap_or_default();
             self.metrics.events_published.with_label_values(&[op]).inc();
         }
+        self.feed
+            .offer(pending.iter().map(|p| (p.event_id, p.payload)));
         self.metrics
             .event_delay
             .observe(waited + taken.elapsed().as_secs_f64());

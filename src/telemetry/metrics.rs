@@ -126,6 +126,9 @@ pub struct Metrics {
     pub partition_handovers: IntCounterVec,
     /// Ready messages in each partition queue this daemon holds.
     pub partition_depth: IntGaugeVec,
+    /// Ready messages in the inbound queue (partitioned mode: in the
+    /// partition queues this daemon holds).
+    pub inbound_depth: IntGauge,
 }
 
 impl Default for Metrics {
@@ -209,6 +212,10 @@ impl Metrics {
                 "scramjet_partition_queue_depth",
                 "Ready messages in each partition queue this daemon holds.",
                 "partition",
+            ),
+            inbound_depth: r.gauge(
+                "scramjet_inbound_queue_depth",
+                "Ready messages in the inbound queue (amqp.partitions > 1: in the partition queues this daemon holds).",
             ),
             registry: r,
         }
