@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Makes sure this machine can run the browser test of the console
+# (tests/browser/run.sh):
+#
+#   Chromium   /usr/bin/chromium, Debian's package "chromium" (Playwright's own
+#              browser downloads are not used: the test drives this one)
+#   Node.js    node and npm (Debian's packages "nodejs" and "npm" if missing)
+#   npm deps   tests/browser/node_modules from package-lock.json (npm ci)
+#
+# Installs what is missing with apt-get (as root or through sudo). Idempotent;
+# prints nothing when all is well. Meant for development machines and CI.
+set -euo pipefail
+
+say() { echo "browser-deps: $*" >&2; }
+die() { say "$*"; exit 1; }
+
+cd "$(dirname "$0")/.."
+browser_dir=tests/browser
+
+if [ "$(id -u)" -eq 0 ]; then
+    as_root() { "$@"; }
+else
+    as_root() {
+        command -v sudo >/dev/null || die "need root or sudo to install $*"
+        sudo "$@"
+    }
+fi
+
+apt_updated=""
+apt_install() {
+    command -v apt-get >/dev/null || die "$* not installed and no apt-get to install it; install it by hand"
+    say "installing $*"
+    # A fresh machine (or a container image) may have no package lists yet:
+    # update once first, and again if the install still finds no candidate.
+    if [ -z "$apt_updated" ]; then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+        apt_updated=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null \
+        || die "apt-get install $* failed"
+}
+
+ensure_chromium() {
+    if [ ! -x /usr/bin/chromium ]; then
+        # Without recommends, but with a font: text in screenshots must render.
+        apt_install chromium fonts-dejavu-core
+        [ -x /usr/bin/chromium ] || die "chromium installed, but /usr/bin/chromium is missing"
+    fi
+}
+
+ensure_node() {
+    local missing=()
+    command -v node >/dev/null || missing+=(nodejs)
+    command -v npm >/dev/null || missing+=(npm)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        apt_install "${missing[@]}"
+    fi
+    command -v node >/dev/null || die "node is still missing"
+    command -v npm >/dev/null || die "npm is still missing"
+    local major
+    major=$(node -p 'process.versions.node.split(".")[0]')
+    [ "$major" -ge 20 ] || die "Node.js $(node --version) is too old: playwright-core needs 20 or later"
+}
+
+# npm ci wipes and reinstalls node_modules; skip it while node_modules was
+# installed from this very package-lock.json (a stamp of its checksum).
+ensure_node_modules() {
+    local stamp="$browser_dir/node_modules/.scramjet-lock.sha256"
+    local want
+    want=$(sha256sum "$browser_dir/package-lock.json" | cut -d' ' -f1)
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
+        && [ -f "$browser_dir/node_modules/playwright-core/package.json" ]; then
+        return 0
+    fi
+    say "npm ci in $browser_dir"
+    (cd "$browser_dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null) \
+        || die "npm ci failed in $browser_dir"
+    echo "$want" >"$stamp"
+}
+
+ensure_chromium
+ensure_node
+ensure_node_modules
