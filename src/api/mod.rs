@@ -111,7 +111,9 @@ impl ReadApi {
             // request is at fault, not the database.
             StoreError::Refused { detail, .. } => {
                 tracing::info!(reason = %detail, "read API query refused by the database");
-                ApiError::bad_request(format!("the database refused the request's input: {detail}"))
+                ApiError::bad_request(format!(
+                    "the database refused the request's input: {detail}"
+                ))
             }
             other => other.into(),
         }
@@ -166,6 +168,8 @@ fn documented_routes(state: &HttpState) -> OpenApiRouter<HttpState> {
         .routes(routes!(readyz))
         .routes(routes!(openapi::openapi_json))
         .routes(routes!(console::page))
+        // The same page where a proxy or a person adds a slash.
+        .route("/ui/", get(console::page))
         .merge(protected)
 }
 

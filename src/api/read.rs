@@ -405,7 +405,10 @@ mod tests {
     use super::*;
 
     fn documented<P: IntoParams>() -> Vec<String> {
-        P::into_params(|| None).into_iter().map(|p| p.name).collect()
+        P::into_params(|| None)
+            .into_iter()
+            .map(|p| p.name)
+            .collect()
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod bounds;
 mod bulk;
 mod cli;
 mod cloudevents;
+mod console;
 mod conventions;
 mod events;
 mod exact;
