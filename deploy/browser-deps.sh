@@ -4,7 +4,8 @@
 #
 #   Chromium   /usr/bin/chromium, Debian's package "chromium" (Playwright's own
 #              browser downloads are not used: the test drives this one)
-#   Node.js    node and npm (Debian's packages "nodejs" and "npm" if missing)
+#   Node.js    node and npm (Debian's packages "nodejs" and "npm" if missing;
+#              20 or later from the npm registry where that node is older)
 #   npm deps   tests/browser/node_modules from package-lock.json (npm ci)
 #
 # Installs what is missing with apt-get (as root or through sudo). Idempotent;
@@ -48,6 +49,13 @@ ensure_chromium() {
     fi
 }
 
+# Debian 12's own Node.js is 18, and playwright-core needs 20 or later: where
+# the node found is older, a Node.js of the npm registry (the package
+# node-linux-<arch>, the official binary) is installed with the old npm into
+# target/node-runtime, which tests/browser/run.sh then puts first in PATH.
+node_runtime=target/node-runtime
+node_pinned=20.20.2
+
 ensure_node() {
     local missing=()
     command -v node >/dev/null || missing+=(nodejs)
@@ -59,7 +67,20 @@ ensure_node() {
     command -v npm >/dev/null || die "npm is still missing"
     local major
     major=$(node -p 'process.versions.node.split(".")[0]')
-    [ "$major" -ge 20 ] || die "Node.js $(node --version) is too old: playwright-core needs 20 or later"
+    if [ "$major" -lt 20 ]; then
+        local arch bin
+        arch=$(node -p 'process.arch')
+        bin="$node_runtime/node_modules/node-linux-$arch/bin"
+        if [ ! -x "$bin/node" ] || [ "$("$bin/node" --version)" != "v$node_pinned" ]; then
+            say "Node.js $(node --version) is too old for playwright-core; installing Node.js $node_pinned from the npm registry into $node_runtime"
+            mkdir -p "$node_runtime"
+            npm install --prefix "$node_runtime" --no-audit --no-fund --loglevel=error \
+                "node-linux-$arch@$node_pinned" >/dev/null || die "cannot install node-linux-$arch@$node_pinned"
+        fi
+        export PATH="$PWD/$bin:$PATH"
+        major=$(node -p 'process.versions.node.split(".")[0]')
+        [ "$major" -ge 20 ] || die "Node.js $(node --version) is still too old"
+    fi
 }
 
 # npm ci wipes and reinstalls node_modules; skip it while node_modules was

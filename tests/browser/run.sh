@@ -13,5 +13,9 @@ cd "$(dirname "$0")/../.."
 [ -x "${CHROMIUM:-/usr/bin/chromium}" ] \
     || { echo "browser test: no ${CHROMIUM:-/usr/bin/chromium}; run deploy/browser-deps.sh first" >&2; exit 1; }
 
+# A Node.js deploy/browser-deps.sh installed because the system's is too old.
+for bin in "$PWD"/target/node-runtime/node_modules/node-linux-*/bin; do
+    [ -x "$bin/node" ] && export PATH="$bin:$PATH"
+done
 export SCRAMJET_SCREENSHOT="${SCRAMJET_SCREENSHOT:-$PWD/target/browser/console.png}"
 exec tests/support/with-daemon.sh node tests/browser/console.mjs
