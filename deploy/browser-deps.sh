@@ -18,33 +18,13 @@ die() { say "$*"; exit 1; }
 cd "$(dirname "$0")/.."
 browser_dir=tests/browser
 
-if [ "$(id -u)" -eq 0 ]; then
-    as_root() { "$@"; }
-else
-    as_root() {
-        command -v sudo >/dev/null || die "need root or sudo to install $*"
-        sudo "$@"
-    }
-fi
-
-apt_updated=""
-apt_install() {
-    command -v apt-get >/dev/null || die "$* not installed and no apt-get to install it; install it by hand"
-    say "installing $*"
-    # A fresh machine (or a container image) may have no package lists yet:
-    # update once first, and again if the install still finds no candidate.
-    if [ -z "$apt_updated" ]; then
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-        apt_updated=1
-    fi
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null \
-        || die "apt-get install $* failed"
-}
+# shellcheck source=deploy/apt.sh
+. deploy/apt.sh
 
 ensure_chromium() {
     if [ ! -x /usr/bin/chromium ]; then
         # Without recommends, but with a font: text in screenshots must render.
-        apt_install chromium fonts-dejavu-core
+        apt_install --no-install-recommends chromium fonts-dejavu-core
         [ -x /usr/bin/chromium ] || die "chromium installed, but /usr/bin/chromium is missing"
     fi
 }

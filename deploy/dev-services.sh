@@ -15,12 +15,12 @@ set -euo pipefail
 say() { echo "dev-services: $*" >&2; }
 die() { say "$*"; exit 1; }
 
+# shellcheck source=deploy/apt.sh
+. "$(dirname "$0")/apt.sh"
 if [ "$(id -u)" -eq 0 ]; then
-    as_root() { "$@"; }
     as_postgres() { runuser -u postgres -- "$@"; }
 else
     command -v sudo >/dev/null || die "need root or sudo to start or install services"
-    as_root() { sudo "$@"; }
     as_postgres() { sudo -u postgres "$@"; }
 fi
 
@@ -35,16 +35,6 @@ wait_port() { # port seconds
     return 1
 }
 
-apt_updated=""
-apt_install() {
-    command -v apt-get >/dev/null || die "$* not installed and no apt-get to install it; install it by hand"
-    say "installing $*"
-    if [ -z "$apt_updated" ]; then
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-        apt_updated=1
-    fi
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
-}
 
 pg_ok() {
     PGCONNECT_TIMEOUT=5 psql -w -X -q "postgres://postgres@127.0.0.1:5432/postgres" -tAc 'SELECT 1' </dev/null >/dev/null 2>&1
