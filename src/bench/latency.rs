@@ -92,7 +92,12 @@ impl Bench {
             };
             let now = Instant::now();
             let body: serde_json::Value = serde_json::from_slice(&d.data)?;
-            let id = body["id"].as_str().context("events have ids")?;
+            // With events.format = "cloudevents", the §5 body is the `data`.
+            let event = match body.get("specversion") {
+                Some(_) => &body["data"],
+                None => &body,
+            };
+            let id = event["id"].as_str().context("events have ids")?;
             let at = sent
                 .lock()
                 .expect("not poisoned")

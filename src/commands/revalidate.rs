@@ -2,12 +2,15 @@
 //! kept in staging again and traject the ones that now pass, with the same
 //! events the daemon publishes.
 //!
-//! Each page runs in one transaction that first locks its staging rows
-//! (`FOR UPDATE`). A newer message for the same id either committed before
+//! Each page runs in one transaction that reads a page of rejected keys,
+//! takes their advisory locks (as every batch does first, in the same
+//! order), then reads and locks (`FOR UPDATE`) those of their staging rows
+//! still rejected. A newer message for the same id either committed before
 //! (it replaced or removed the staging row, which this run then does not
 //! see) or waits for this transaction and applies after it, so an old
-//! rejected document can never overwrite a newer save. A deadlock with the
-//! live pipeline is retried.
+//! rejected document can never overwrite a newer save; and since no row is
+//! held while a key is awaited, it cannot deadlock with a batch. A page the
+//! database could not take is retried.
 
 use std::time::Duration;
 
@@ -148,10 +151,17 @@ async fn page(
 ) -> Result<Option<((String, String), Summary)>, StoreError> {
     let mut client = pool.get().await?;
     let tx = store::begin(&mut client).await?;
-    let rows = store::read::lock_rejected(&tx, entity_type, after, filter, PAGE).await?;
-    let Some(last) = rows.last().map(|r| (r.entity_type.clone(), r.id.clone())) else {
+    // Keys first, as every batch takes them, then the rows: a batch that
+    // holds one of these keys and writes its staging row never waits for
+    // this transaction while it waits for that batch.
+    let keys = store::read::rejected_keys(&tx, entity_type, after, filter, PAGE).await?;
+    let Some(last) = keys.last().cloned() else {
         return Ok(None);
     };
+    let types: Vec<&str> = keys.iter().map(|(t, _)| t.as_str()).collect();
+    let ids: Vec<String> = keys.iter().map(|(_, id)| id.clone()).collect();
+    store::batch::lock_keys_of(&tx, &types, &ids).await?;
+    let rows = store::read::lock_rejected(&tx, &keys, filter).await?;
     let mut summary = Summary {
         checked: rows.len() as u64,
         ..Summary::default()

@@ -140,7 +140,7 @@ pub(super) async fn plan_and_write(
 }
 
 /// Applies `prepared` inside `tx`, for callers that lock more rows in the
-/// same transaction first (`scramjet revalidate` locks the staging rows).
+/// same transaction first (`scramjet revalidate` takes the keys' locks, then locks the staging rows).
 pub async fn process_in_transaction(
     tx: &deadpool_postgres::Transaction<'_>,
     prepared: &[Prepared],

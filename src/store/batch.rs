@@ -359,8 +359,18 @@ pub(crate) async fn lock_keys(
     entity_type: &str,
     ids: &[String],
 ) -> Result<(), StoreError> {
-    let stmt = tx.prepare_cached(sql::LOCK_KEYS).await?;
     let types = vec![entity_type; ids.len()];
+    lock_keys_of(tx, &types, ids).await
+}
+
+/// [`lock_keys`] for keys of several types: the `i`th key is
+/// (`types[i]`, `ids[i]`). All in one statement, in the batches' order.
+pub(crate) async fn lock_keys_of(
+    tx: &Transaction<'_>,
+    types: &[&str],
+    ids: &[String],
+) -> Result<(), StoreError> {
+    let stmt = tx.prepare_cached(sql::LOCK_KEYS).await?;
     tx.query_one(&stmt, &[&types, &ids]).await?;
     Ok(())
 }

@@ -248,16 +248,18 @@ pub(crate) struct Staged {
     pub version: Option<i64>,
 }
 
-/// Locks (`FOR UPDATE`) and returns up to `limit` rejected staging rows, of
-/// one type or all, after the key `after`, in key order; only those whose
-/// `id` and `data` match `filter` when given.
-pub(crate) async fn lock_rejected(
+/// The keys of up to `limit` rejected staging rows, of one type or all,
+/// after the key `after`, in key order; only those whose `id` and `data`
+/// match `filter` when given. Nothing is locked: `revalidate` takes these
+/// keys' advisory locks first, as every batch does, then
+/// [`lock_rejected`]s the rows.
+pub(crate) async fn rejected_keys(
     tx: &deadpool_postgres::Transaction<'_>,
     entity_type: Option<&str>,
     after: Option<&(String, String)>,
     filter: Option<&Filter>,
     limit: i64,
-) -> Result<Vec<Staged>, StoreError> {
+) -> Result<Vec<(String, String)>, StoreError> {
     let (after_type, after_id) = match after {
         Some((t, i)) => (Some(t.clone()), Some(i.clone())),
         None => (None, None),
@@ -268,14 +270,42 @@ pub(crate) async fn lock_rejected(
     let ai = params.push(after_id);
     let l = params.push(limit);
     let matching = filter.map_or_else(|| "true".to_owned(), |f| f.to_sql("st", &mut params));
+    let sql = format!(
+        "SELECT st.type, st.id FROM staging st \
+         WHERE st.is_valid = false AND ({t}::text IS NULL OR st.type = {t}) \
+           AND ({at}::text IS NULL OR (st.type, st.id) > ({at}::text COLLATE \"C\", {ai}::text COLLATE \"C\")) \
+           AND {matching} \
+         ORDER BY st.type, st.id LIMIT {l}"
+    );
+    query(tx, &sql, &params, filter.is_some())
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
+}
+
+/// Locks (`FOR UPDATE`) and returns the rows of `keys` (from
+/// [`rejected_keys`], whose advisory locks the transaction holds) that are
+/// still rejected and still match `filter`, in key order. Read after the
+/// key locks were granted, they are what the last writer of each committed.
+pub(crate) async fn lock_rejected(
+    tx: &deadpool_postgres::Transaction<'_>,
+    keys: &[(String, String)],
+    filter: Option<&Filter>,
+) -> Result<Vec<Staged>, StoreError> {
+    let (types, ids): (Vec<String>, Vec<String>) = keys.iter().cloned().unzip();
+    let mut params = SqlParams::new();
+    let t = params.push(types);
+    let i = params.push(ids);
+    let matching = filter.map_or_else(|| "true".to_owned(), |f| f.to_sql("st", &mut params));
     // The filter's sub-filters read `resources`; `FOR UPDATE OF st` locks
     // only the staging rows, not the resources a sub-filter looked at.
     let sql = format!(
         "SELECT st.type, st.id, st.data, st.canonical, st.version FROM staging st \
-         WHERE st.is_valid = false AND ({t}::text IS NULL OR st.type = {t}) \
-           AND ({at}::text IS NULL OR (st.type, st.id) > ({at}::text COLLATE \"C\", {ai}::text COLLATE \"C\")) \
-           AND {matching} \
-         ORDER BY st.type, st.id LIMIT {l} FOR UPDATE OF st"
+         JOIN unnest({t}::text[], {i}::text[]) AS k (type, id) \
+           ON st.type = k.type AND st.id = k.id \
+         WHERE st.is_valid = false AND {matching} \
+         ORDER BY st.type, st.id FOR UPDATE OF st"
     );
     query(tx, &sql, &params, filter.is_some())
         .await?

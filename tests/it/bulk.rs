@@ -608,6 +608,47 @@ async fn the_delete_step_holds_no_row_while_it_waits_for_a_key() {
     assert_eq!(names["a"], "new");
 }
 
+/// `scramjet revalidate` (and its HTTP form) locked a page's staging rows
+/// first and took their keys' locks only when it applied them, so it
+/// deadlocked with a batch that held one of those keys and then wrote the
+/// staging row, as a save does. It must wait for the key holding no row.
+#[tokio::test]
+async fn a_revalidation_holds_no_staging_row_while_it_waits_for_a_key() {
+    let mut app = spawn_app().await;
+    app.save("person", "a", r#"{"name":""}"#).await;
+    assert_eq!(app.next_event().await.op(), "rejected");
+    std::fs::write(
+        app.schema_dir.path().join("person.json"),
+        r#"{"type":"object","required":["name"]}"#,
+    )
+    .unwrap();
+
+    // A daemon batch holds the key of a.
+    hold_key_lock(&app, "a", false).await;
+    let revalidating =
+        scramjet::commands::revalidate::revalidate(&app.settings, Some("person"), None);
+    let meanwhile = async {
+        wait_for_lock_waiters(&app, 1).await;
+        // The batch now writes the staging row of a, as a save does.
+        let locked = app
+            .db
+            .query(
+                "SELECT id FROM staging WHERE type = 'person' AND id = 'a' FOR UPDATE NOWAIT",
+                &[],
+            )
+            .await;
+        assert!(
+            locked.is_ok(),
+            "the revalidation holds no staging row while it waits for a key: {locked:?}"
+        );
+        hold_key_lock(&app, "a", true).await;
+    };
+    let (summary, ()) = tokio::join!(revalidating, meanwhile);
+    let summary = summary.unwrap();
+    assert_eq!((summary.checked, summary.created), (1, 1), "{summary:?}");
+    assert_eq!(app.next_event().await.op(), "created");
+}
+
 /// A batch reads its keys' rows in a statement after the one that took
 /// their advisory locks; that read must see what the writer it waited for
 /// committed, whatever isolation level the database defaults to (under
