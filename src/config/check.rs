@@ -148,6 +148,11 @@ mod tests {
         assert!(error.contains("http.statement_timeout"), "{error}");
         s.http.statement_timeout = Duration::from_millis(1);
         s.check().unwrap();
+        s.http.max_event_streams = 0;
+        let error = s.check().unwrap_err().to_string();
+        assert!(error.contains("http.max_event_streams"), "{error}");
+        s.http.max_event_streams = 1;
+        s.check().unwrap();
         s.postgres.pool_size = DAEMON_MIN_CONNECTIONS - 1;
         let error = s.check().unwrap_err().to_string();
         assert!(error.contains("postgres.pool_size"), "{error}");
