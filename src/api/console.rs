@@ -101,7 +101,7 @@ pub(super) struct Status {
     outbox_pending: i64,
     /// Ready messages in the inbound queue (in partitioned mode, in the
     /// partition queues this daemon holds), read every 5 s; `null` while
-    /// RabbitMQ is not connected.
+    /// RabbitMQ is not connected or before the first reading.
     #[schema(required = true)]
     inbound_queue_depth: Option<i64>,
 }
@@ -121,7 +121,8 @@ pub(super) async fn status(State(state): State<HttpState>) -> Json<Status> {
     let readiness = super::readiness_now(&state).await;
     let inbound_queue_depth = readiness
         .rabbitmq
-        .then(|| state.metrics.inbound_depth.get());
+        .then(|| state.metrics.inbound_depth())
+        .flatten();
     Json(Status {
         ready: readiness.ready,
         postgres: readiness.postgres,

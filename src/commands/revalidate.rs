@@ -158,10 +158,10 @@ async fn page(
     let Some(last) = keys.last().cloned() else {
         return Ok(None);
     };
-    let types: Vec<&str> = keys.iter().map(|(t, _)| t.as_str()).collect();
-    let ids: Vec<String> = keys.iter().map(|(_, id)| id.clone()).collect();
-    store::batch::lock_keys_of(&tx, &types, &ids).await?;
-    let rows = store::read::lock_rejected(&tx, &keys, filter).await?;
+    let (types, ids): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
+    let type_names: Vec<&str> = types.iter().map(String::as_str).collect();
+    store::batch::lock_keys_of(&tx, &type_names, &ids).await?;
+    let rows = store::read::lock_rejected(&tx, types, ids, filter).await?;
     let mut summary = Summary {
         checked: rows.len() as u64,
         ..Summary::default()

@@ -418,7 +418,7 @@ async fn refresh_depth(
 ) {
     loop {
         match tokio::time::timeout(REPLY_TIMEOUT, amqp::depth_if_any(connection, queue)).await {
-            Ok(Ok(depth)) => metrics.inbound_depth.set(depth.map_or(0, i64::from)),
+            Ok(Ok(depth)) => metrics.set_inbound_depth(depth.map_or(0, i64::from)),
             Ok(Err(e)) => tracing::debug!(error = %e, "cannot read the inbound queue's depth"),
             Err(_) => tracing::debug!("the inbound queue's depth took too long to read"),
         }

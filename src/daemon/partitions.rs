@@ -393,7 +393,7 @@ impl Member {
     async fn refresh_depths(&self, connection: &Connection, leases: &BTreeMap<u16, i64>) {
         self.metrics.partition_depth.reset();
         if leases.is_empty() {
-            self.metrics.inbound_depth.set(0);
+            self.metrics.set_inbound_depth(0);
             return;
         }
         let probe = async {
@@ -417,7 +417,7 @@ impl Member {
                     .set(i64::from(declared.message_count()));
                 total += i64::from(declared.message_count());
             }
-            self.metrics.inbound_depth.set(total);
+            self.metrics.set_inbound_depth(total);
             let _ = channel.close(200, "bye".into()).await;
             lapin::Result::Ok(())
         };

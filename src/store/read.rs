@@ -284,16 +284,17 @@ pub(crate) async fn rejected_keys(
         .collect()
 }
 
-/// Locks (`FOR UPDATE`) and returns the rows of `keys` (from
-/// [`rejected_keys`], whose advisory locks the transaction holds) that are
-/// still rejected and still match `filter`, in key order. Read after the
-/// key locks were granted, they are what the last writer of each committed.
+/// Locks (`FOR UPDATE`) and returns the rows of the keys (`types[i]`,
+/// `ids[i]`) (from [`rejected_keys`], whose advisory locks the transaction
+/// holds) that are still rejected and still match `filter`, in key order.
+/// Read after the key locks were granted, they are what the last writer of
+/// each committed.
 pub(crate) async fn lock_rejected(
     tx: &deadpool_postgres::Transaction<'_>,
-    keys: &[(String, String)],
+    types: Vec<String>,
+    ids: Vec<String>,
     filter: Option<&Filter>,
 ) -> Result<Vec<Staged>, StoreError> {
-    let (types, ids): (Vec<String>, Vec<String>) = keys.iter().cloned().unzip();
     let mut params = SqlParams::new();
     let t = params.push(types);
     let i = params.push(ids);

@@ -127,8 +127,12 @@ pub struct Metrics {
     /// Ready messages in each partition queue this daemon holds.
     pub partition_depth: IntGaugeVec,
     /// Ready messages in the inbound queue (partitioned mode: in the
-    /// partition queues this daemon holds).
-    pub inbound_depth: IntGauge,
+    /// partition queues this daemon holds); set through
+    /// [`Metrics::set_inbound_depth`].
+    inbound_depth: IntGauge,
+    /// Whether `inbound_depth` was read at all, so that 0 means an empty
+    /// queue, not "not read yet".
+    inbound_depth_read: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Default for Metrics {
@@ -217,6 +221,7 @@ impl Metrics {
                 "scramjet_inbound_queue_depth",
                 "Ready messages in the inbound queue (amqp.partitions > 1: in the partition queues this daemon holds).",
             ),
+            inbound_depth_read: Default::default(),
             registry: r,
         }
     }
@@ -224,6 +229,20 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         self.registry.render()
+    }
+
+    /// Records the inbound queue's depth, as just read from the broker.
+    pub fn set_inbound_depth(&self, depth: i64) {
+        self.inbound_depth.set(depth);
+        self.inbound_depth_read
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The inbound queue's depth as last read; `None` before the first reading.
+    pub fn inbound_depth(&self) -> Option<i64> {
+        self.inbound_depth_read
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .then(|| self.inbound_depth.get())
     }
 }
 

@@ -10,9 +10,9 @@ not see:
 - 400 and 404: a type that is not a type name, an id that is not stored;
 - 422: a revalidation while the schema directory holds a broken file;
 - 503 from the read API: its tables locked by another session, so that each
-  query runs past http.statement_timeout (the harness sets it to 1 s);
+  query runs past http.statement_timeout (tests/openapi/run.sh sets it to 1 s);
 - 503 from /v1/events/stream: one feed more than http.max_event_streams
-  (the harness sets 2);
+  (tests/openapi/run.sh sets 2);
 - 503 from /readyz: the daemon's database made read-only, so the pipeline
   waits out an outage when a message arrives; then made writable again.
 
@@ -43,7 +43,7 @@ with open(CONFIG, "rb") as config:
     DATABASE = tomllib.load(config)["postgres"]["url"]
 BINARY = os.environ["SCRAMJET_BIN"]
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-FEEDS = 2  # http.max_event_streams, as tests/openapi/run.sh sets it
+FEEDS = int(os.environ["SCRAMJET__HTTP__MAX_EVENT_STREAMS"])  # set by tests/openapi/run.sh
 
 schema = schemathesis.openapi.from_url(f"{BASE}/openapi.json")
 spec = requests.get(f"{BASE}/openapi.json", timeout=10).json()
