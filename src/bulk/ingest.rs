@@ -191,7 +191,7 @@ impl Scramjet {
             if page.is_empty() {
                 return Ok((page, Vec::new()));
             }
-            store::batch::lock_keys(&tx, entity_type, &page).await?;
+            store::batch::lock_keys(store::Conn::of_tx(&tx), entity_type, &page).await?;
             let ids = sync::still_unseen(&tx, entity_type, scope, began, &page).await?;
             let prepared: Vec<Prepared> = ids
                 .iter()

@@ -109,7 +109,7 @@ impl Scramjet {
                 let Some(last) = ids.last().cloned() else {
                     return Ok(None);
                 };
-                store::batch::lock_keys(&tx, entity_type, &ids).await?;
+                store::batch::lock_keys(store::Conn::of_tx(&tx), entity_type, &ids).await?;
                 let rows = store::stage::lock(&tx, entity_type, &ids, state).await?;
                 let mut page = Summary::default();
                 let prepared = rows

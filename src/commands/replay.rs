@@ -149,7 +149,7 @@ pub async fn replay(settings: &Settings, req: &ReplayRequest) -> anyhow::Result<
                 e
             })
             .collect();
-        store::outbox::insert(&tx, &events).await?;
+        store::outbox::insert(store::Conn::of_tx(&tx), &events).await?;
         tx.commit().await.context("cannot commit")?;
         total += rows.len() as u64;
         after = last;

@@ -160,7 +160,7 @@ async fn page(
     };
     let (types, ids): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
     let type_names: Vec<&str> = types.iter().map(String::as_str).collect();
-    store::batch::lock_keys_of(&tx, &type_names, &ids).await?;
+    store::batch::lock_keys_of(store::Conn::of_tx(&tx), &type_names, &ids).await?;
     let rows = store::read::lock_rejected(&tx, types, ids, filter).await?;
     let mut summary = Summary {
         checked: rows.len() as u64,

@@ -23,7 +23,7 @@ use crate::{
     },
     config::AmqpSettings,
     outbox::{Wake, cloudevents::CloudEvents},
-    store::{StoreError, outbox},
+    store::{self, StoreError, outbox},
     support::{backoff::Backoff, retry::Retry},
     telemetry::health::Health,
     telemetry::metrics::Metrics,
@@ -301,12 +301,11 @@ impl Publisher {
         publisher: &ConfirmPublisher,
         lane: Option<(&outbox::Lanes, u16)>,
     ) -> Result<usize, PublishError> {
-        let mut client = self.pool.get().await.map_err(StoreError::from)?;
-        let result = self.round_on(&mut client, publisher, lane).await;
-        if let Err(PublishError::Database(e)) = &result
-            && e.retires_connection()
-        {
-            drop(deadpool_postgres::Object::take(client));
+        let tx = store::Pipelined::new(self.pool.get().await.map_err(StoreError::from)?);
+        let result = self.round_on(&tx, publisher, lane).await;
+        if let Err(e) = &result {
+            tx.release(matches!(e, PublishError::Database(e) if e.retires_connection()))
+                .await;
         }
         result
     }
@@ -315,25 +314,39 @@ impl Publisher {
     /// confirms, commit (which deletes the row).
     async fn round_on(
         &self,
-        client: &mut deadpool_postgres::Client,
+        tx: &store::Pipelined,
         publisher: &ConfirmPublisher,
         lane: Option<(&outbox::Lanes, u16)>,
     ) -> Result<usize, PublishError> {
-        let tx = client.transaction().await.map_err(StoreError::from)?;
         let taken = std::time::Instant::now();
         // What the pipeline handed over: those rows' events are not read back.
         let handed = self.notify.handed();
         let held: Vec<i64> = handed.iter().map(|(seq, _)| *seq).collect();
-        let (rows, waited) = match lane {
-            None => {
-                let (row, waited) = outbox::take_oldest(&tx, &held).await?;
-                (row.into_iter().collect::<Vec<_>>(), waited)
-            }
-            Some((lanes, partitions)) => {
-                outbox::take_oldest_in(&tx, lanes, partitions, self.max_round_events, &held).await?
-            }
-        };
+        // BEGIN goes out with the take: one round trip.
+        let conn = tx.conn();
+        let (rows, waited) = tx
+            .begin_with(async {
+                Ok(match lane {
+                    None => {
+                        let (row, waited) = outbox::take_oldest(conn, &held).await?;
+                        (row.into_iter().collect::<Vec<_>>(), waited)
+                    }
+                    Some((lanes, partitions)) => {
+                        outbox::take_oldest_in(
+                            conn,
+                            lanes,
+                            partitions,
+                            self.max_round_events,
+                            &held,
+                        )
+                        .await?
+                    }
+                })
+            })
+            .await?;
         if rows.is_empty() {
+            // Nothing taken, nothing to keep: no round trip for the end.
+            tx.rollback_unawaited();
             return Ok(0);
         }
         let mut pending: Vec<Pending<'_>> = Vec::new();
@@ -375,7 +388,7 @@ impl Publisher {
                 }
             })
             .collect();
-        // On failure the transaction is dropped, which rolls back: the events stay.
+        // On failure the transaction is rolled back: the events stay.
         let published = publisher.publish_all_within(messages, CONFIRM_TIMEOUT);
         tokio::pin!(published);
         loop {

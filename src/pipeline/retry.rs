@@ -290,18 +290,24 @@ impl Pipeline {
         mode: Mode,
     ) -> Result<Vec<Result<Outcome, Refusal>>, Attempt> {
         let started = std::time::Instant::now();
-        let mut client = self.pool.get().await?;
+        // BEGIN goes out with the batch's first statements (the fence, the
+        // claim, the key locks): no round trip of its own.
+        let tx = store::Pipelined::new(self.pool.get().await?);
+        let conn = tx.conn();
         let fence = self.session.as_deref().map(Session::fence);
         let result = async {
-            let mut tx = store::begin(&mut client).await?;
-            let (results, current, rows) = match mode {
-                Mode::Together => {
-                    let (outcomes, current, rows) =
-                        plan_and_write(&tx, fence, prepared).await?;
-                    (outcomes.into_iter().map(Ok).collect(), current, rows)
-                }
-                Mode::EachAlone => each_alone(&mut tx, fence, prepared).await?,
-            };
+            let (results, current, rows) = tx
+                .begin_with(async {
+                    Ok(match mode {
+                        Mode::Together => {
+                            let (outcomes, current, rows) =
+                                plan_and_write(conn, fence, prepared).await?;
+                            (outcomes.into_iter().map(Ok).collect(), current, rows)
+                        }
+                        Mode::EachAlone => each_alone(conn, fence, prepared).await?,
+                    })
+                })
+                .await?;
             // A registration's epoch becomes the session's once committed.
             let mut registered = None;
             if let Some(leases) = self.session.as_ref().and_then(|s| s.leases.as_ref()) {
@@ -368,12 +374,11 @@ impl Pipeline {
                     Attempt::CommitUnknown(..) => true,
                     Attempt::Abandoned(_) => false,
                 };
-                if retire {
-                    drop(deadpool_postgres::Object::take(client));
-                }
+                tx.release(retire).await;
                 return Err(attempt);
             }
         };
+        drop(tx);
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         tracing::debug!(
             size = prepared.len(),

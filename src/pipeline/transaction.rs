@@ -12,7 +12,7 @@ use crate::{
     domain::event,
     domain::outcome::Outcome,
     store::{
-        StoreError,
+        Conn, StoreError,
         batch::{self, Current},
         outbox,
     },
@@ -38,33 +38,36 @@ pub(super) struct Refusal {
 /// subtransaction: a full-set sync tells rows committed after it began by
 /// their `xmin` against its snapshot, which lists top-level transactions only.
 pub(super) async fn each_alone(
-    tx: &mut deadpool_postgres::Transaction<'_>,
+    tx: Conn<'_>,
     fence: Option<batch::Fence<'_>>,
     prepared: &[Prepared],
 ) -> Result<(Vec<Result<Outcome, Refusal>>, Current, Rows), StoreError> {
     let current = batch::pass_fence(tx, fence).await?;
     let mut refusals: Vec<Option<Refusal>> = Vec::with_capacity(prepared.len());
-    {
-        let mut probe = tx.savepoint("scramjet_probe").await?;
-        for p in prepared {
-            let savepoint = probe.savepoint("scramjet_message").await?;
-            match plan_and_write(&savepoint, None, std::slice::from_ref(p)).await {
-                Ok(_) => {
-                    savepoint.commit().await?;
-                    refusals.push(None);
-                }
-                Err(StoreError::Refused { sqlstate, detail }) => {
-                    savepoint.rollback().await?;
-                    refusals.push(Some(Refusal {
-                        sqlstate,
-                        reason: detail,
-                    }));
-                }
-                Err(outage) => return Err(outage),
+    tx.batch_execute("SAVEPOINT scramjet_probe").await?;
+    for p in prepared {
+        tx.batch_execute("SAVEPOINT scramjet_message").await?;
+        match plan_and_write(tx, None, std::slice::from_ref(p)).await {
+            Ok(_) => {
+                tx.batch_execute("RELEASE SAVEPOINT scramjet_message")
+                    .await?;
+                refusals.push(None);
             }
+            Err(StoreError::Refused { sqlstate, detail }) => {
+                tx.batch_execute(
+                    "ROLLBACK TO SAVEPOINT scramjet_message; RELEASE SAVEPOINT scramjet_message",
+                )
+                .await?;
+                refusals.push(Some(Refusal {
+                    sqlstate,
+                    reason: detail,
+                }));
+            }
+            Err(outage) => return Err(outage),
         }
-        probe.rollback().await?;
     }
+    tx.batch_execute("ROLLBACK TO SAVEPOINT scramjet_probe; RELEASE SAVEPOINT scramjet_probe")
+        .await?;
     let accepted: Vec<&Prepared> = prepared
         .iter()
         .zip(&refusals)
@@ -101,7 +104,7 @@ pub(super) type Rows = Vec<(i64, Vec<event::Event>)>;
 /// the outcomes, what the locking statement read (the transaction's id,
 /// its server, the fence), and the outbox rows written.
 pub(super) async fn plan_and_write(
-    tx: &deadpool_postgres::Transaction<'_>,
+    tx: Conn<'_>,
     fence: Option<batch::Fence<'_>>,
     prepared: &[Prepared],
 ) -> Result<(Vec<Outcome>, Current, Rows), StoreError> {
@@ -145,14 +148,14 @@ pub async fn process_in_transaction(
     tx: &deadpool_postgres::Transaction<'_>,
     prepared: &[Prepared],
 ) -> Result<Vec<Outcome>, StoreError> {
-    let (outcomes, _, _) = plan_and_write(tx, None, prepared).await?;
+    let (outcomes, _, _) = plan_and_write(Conn::of_tx(tx), None, prepared).await?;
     Ok(outcomes)
 }
 
 /// Claims the batch's message ids and locks its keys; returns, per message,
 /// whether it is a duplicate (claimed before, or earlier in the same batch).
 async fn lock_and_find_duplicates(
-    tx: &deadpool_postgres::Transaction<'_>,
+    tx: Conn<'_>,
     fence: Option<batch::Fence<'_>>,
     prepared: &[Prepared],
 ) -> Result<(Vec<bool>, Current), StoreError> {

@@ -6,9 +6,9 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::Conn;
 use super::StoreError;
 use crate::{domain::canonical, domain::event::Event};
-use deadpool_postgres::Transaction;
 use serde_json::Value;
 
 /// (type, id).
@@ -245,7 +245,7 @@ mod sql {
 /// deadlock; the rows need no lock of their own (a row lock taken here was
 /// 53 bytes of WAL per message, all of an unchanged save's).
 pub(crate) async fn claim_and_lock(
-    tx: &Transaction<'_>,
+    tx: Conn<'_>,
     fence: Option<Fence<'_>>,
     message_ids: &[&str],
     keys: &[Key],
@@ -342,7 +342,7 @@ pub(crate) async fn claim_and_lock(
 /// as [`claim_and_lock`] does, for a transaction that then applies its
 /// messages one at a time; the rows of the returned [`Current`] are empty.
 pub(crate) async fn pass_fence(
-    tx: &Transaction<'_>,
+    tx: Conn<'_>,
     fence: Option<Fence<'_>>,
 ) -> Result<Current, StoreError> {
     claim_and_lock(tx, fence, &[], &[], &[])
@@ -355,7 +355,7 @@ pub(crate) async fn pass_fence(
 /// keys before applying a batch: locking in the same order as the pipeline
 /// cannot deadlock.
 pub(crate) async fn lock_keys(
-    tx: &Transaction<'_>,
+    tx: Conn<'_>,
     entity_type: &str,
     ids: &[String],
 ) -> Result<(), StoreError> {
@@ -366,7 +366,7 @@ pub(crate) async fn lock_keys(
 /// [`lock_keys`] for keys of several types: the `i`th key is
 /// (`types[i]`, `ids[i]`). All in one statement, in the batches' order.
 pub(crate) async fn lock_keys_of(
-    tx: &Transaction<'_>,
+    tx: Conn<'_>,
     types: &[&str],
     ids: &[String],
 ) -> Result<(), StoreError> {
@@ -418,7 +418,7 @@ type Param<'a> = dyn tokio_postgres::types::ToSql + Sync + 'a;
 
 /// Runs `statement` unless `skip`.
 async fn execute_unless(
-    tx: &Transaction<'_>,
+    tx: Conn<'_>,
     skip: bool,
     statement: &tokio_postgres::Statement,
     params: &[&Param<'_>],
@@ -436,7 +436,7 @@ async fn execute_unless(
 /// (the statements are prepared by then, after the first batch), so a
 /// statement joined after this one, such as [`super::outbox::append`],
 /// shares the round trip.
-pub(crate) async fn write(tx: &Transaction<'_>, writes: &Writes) -> Result<(), StoreError> {
+pub(crate) async fn write(tx: Conn<'_>, writes: &Writes) -> Result<(), StoreError> {
     // Prepare first (cached after the first batch), so that no statement
     // waits on a prepare while a later one is already sent: order matters
     // (deletes before upserts of the same keys).

@@ -359,6 +359,151 @@ pub(crate) async fn begin(
         .await
 }
 
+/// What [`begin`] sends: a writer's transaction at READ COMMITTED.
+const BEGIN_WRITER: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+
+/// A connection's client and its statement cache, whether it runs inside a
+/// [`deadpool_postgres::Transaction`] or inside a transaction opened with
+/// [`Pipelined::begin_with`]: what the statements of [`batch`] and
+/// [`outbox`] run on.
+#[derive(Clone, Copy)]
+pub(crate) struct Conn<'a> {
+    /// The connection.
+    client: &'a tokio_postgres::Client,
+    /// Its prepared statements.
+    cache: &'a deadpool_postgres::StatementCache,
+}
+
+impl<'a> Conn<'a> {
+    /// The connection of `tx` (a transaction or a savepoint).
+    pub(crate) fn of_tx(tx: &'a deadpool_postgres::Transaction<'_>) -> Conn<'a> {
+        Conn {
+            client: tx.client(),
+            cache: &tx.statement_cache,
+        }
+    }
+
+    /// Like [`deadpool_postgres::Transaction::prepare_cached`].
+    pub(crate) async fn prepare_cached(
+        &self,
+        query: &str,
+    ) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        self.cache.prepare(self.client, query).await
+    }
+}
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = tokio_postgres::Client;
+
+    fn deref(&self) -> &tokio_postgres::Client {
+        self.client
+    }
+}
+
+/// A pooled connection for one writer's transaction at a time whose `BEGIN`
+/// goes out with its first statements instead of alone: one round trip less
+/// per transaction (about 200 µs over loopback), which the batch and the
+/// outbox publisher pay on every round.
+///
+/// The statements sent behind `BEGIN` would run each in a transaction of
+/// its own if `BEGIN` failed and they did not. That cannot happen while the
+/// session lives: `BEGIN` fails only when the session does (lost
+/// connection, shutdown), and in a transaction already open it only warns —
+/// which this type rules out, since it never lets the connection go back to
+/// the pool with a transaction open: dropped unfinished (a cancelled
+/// future, an error path), it closes the connection, and the server rolls
+/// the transaction back.
+pub(crate) struct Pipelined {
+    /// The connection; `None` once given back or retired.
+    client: Option<deadpool_postgres::Client>,
+    /// Whether a transaction may be open on it.
+    open: std::sync::atomic::AtomicBool,
+}
+
+impl Pipelined {
+    /// Takes `client` for transactions.
+    pub(crate) fn new(client: deadpool_postgres::Client) -> Pipelined {
+        Pipelined {
+            client: Some(client),
+            open: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The connection, for the statements of the transaction.
+    pub(crate) fn conn(&self) -> Conn<'_> {
+        let client = self.client.as_ref().expect("held until dropped");
+        Conn {
+            client,
+            cache: &client.statement_cache,
+        }
+    }
+
+    /// Begins a transaction at READ COMMITTED (see [`begin`]) and runs
+    /// `first` in it, `BEGIN` sent ahead of `first`'s statements: `first`
+    /// must send its first statement on its first poll, as the statements of
+    /// [`batch`] and [`outbox`] do (`try_join!` polls in argument order).
+    pub(crate) async fn begin_with<T>(
+        &self,
+        first: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.open.store(true, std::sync::atomic::Ordering::Relaxed);
+        let conn = self.conn();
+        let begin = async {
+            conn.batch_execute(BEGIN_WRITER)
+                .await
+                .map_err(StoreError::from)
+        };
+        let ((), value) = futures_util::try_join!(begin, first)?;
+        Ok(value)
+    }
+
+    /// Commits the transaction. An error leaves it to the caller to tell
+    /// an unanswered COMMIT from a refused one; either way the connection
+    /// is then retired on drop.
+    pub(crate) async fn commit(&self) -> Result<(), tokio_postgres::Error> {
+        self.conn().batch_execute("COMMIT").await?;
+        self.open.store(false, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Rolls the transaction back without waiting for the reply, as a
+    /// dropped [`tokio_postgres::Transaction`] does: the ROLLBACK goes out
+    /// ahead of whatever the connection's next user sends.
+    pub(crate) fn rollback_unawaited(&self) {
+        use futures_util::FutureExt;
+        // The first poll sends it; the reply is dropped when it comes.
+        let _ = self.conn().batch_execute("ROLLBACK").now_or_never();
+        // A connection already gone stays marked open: it is retired on drop.
+        self.open.store(
+            self.conn().is_closed(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// Ends an unfinished transaction, giving the connection back to the
+    /// pool: rolled back, or — with `retire`, or if the rollback fails —
+    /// by closing the connection.
+    pub(crate) async fn release(mut self, retire: bool) {
+        if !retire && *self.open.get_mut() && self.conn().batch_execute("ROLLBACK").await.is_ok() {
+            *self.open.get_mut() = false;
+        }
+        if retire {
+            *self.open.get_mut() = true;
+        }
+        // Drop retires it if still open.
+    }
+}
+
+impl Drop for Pipelined {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take()
+            && *self.open.get_mut()
+        {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
 /// The daemon's connections, in pools that cannot take from each other: what
 /// the read API does (a slow filter, many clients) never makes the pipeline,
 /// the outbox publisher, the gauges or `/readyz` wait for a connection.

@@ -2,7 +2,7 @@
 //! the pipeline batch's own transaction), read in commit order by the publisher
 //! ([`take_oldest`]), deleted once the broker has confirmed them.
 
-use deadpool_postgres::Transaction;
+use super::Conn;
 use uuid::Uuid;
 
 use super::StoreError;
@@ -46,7 +46,7 @@ const INSERT: &str = "INSERT INTO outbox \
      RETURNING seq";
 
 /// Writes `events` as one outbox row (they are published in this order).
-pub(crate) async fn insert(tx: &Transaction<'_>, events: &[Event]) -> Result<(), StoreError> {
+pub(crate) async fn insert(tx: Conn<'_>, events: &[Event]) -> Result<(), StoreError> {
     let stmt = tx.prepare_cached(INSERT).await?;
     let events: Vec<&Event> = events.iter().collect();
     insert_refs(tx, &stmt, &events, None).await.map(drop)
@@ -60,7 +60,7 @@ pub(crate) async fn insert(tx: &Transaction<'_>, events: &[Event]) -> Result<(),
 /// hold messages of several partitions: one row per lane, each in order.
 /// Returns each row's `seq` and lane, in lane order.
 pub(crate) async fn append(
-    tx: &Transaction<'_>,
+    tx: Conn<'_>,
     events: &[Event],
 ) -> Result<Vec<(i64, Option<i32>)>, StoreError> {
     // Prepared even when there is nothing to append, as every statement of
@@ -97,7 +97,7 @@ pub(crate) async fn append(
 /// Runs [`INSERT`] (prepared as `stmt`) for `events`, as one row of `lane`;
 /// returns the row's `seq`.
 async fn insert_refs(
-    tx: &Transaction<'_>,
+    tx: Conn<'_>,
     stmt: &tokio_postgres::Statement,
     events: &[&Event],
     lane: Option<i32>,
@@ -197,7 +197,7 @@ const TAKE_UNPARTITIONED: &str = "DELETE FROM outbox \
 /// lane they are in. A round takes about `max_events` events at most (at
 /// least one row), which bounds its memory as one pipeline batch does.
 pub(crate) async fn take_oldest_in(
-    tx: &Transaction<'_>,
+    tx: Conn<'_>,
     lanes: &Lanes,
     partitions: u16,
     max_events: i64,
@@ -257,7 +257,7 @@ pub(crate) async fn take_oldest_in(
 ///
 /// Also returns how long the row waited in the outbox, in seconds.
 pub(crate) async fn take_oldest(
-    tx: &Transaction<'_>,
+    tx: Conn<'_>,
     held: &[i64],
 ) -> Result<(Option<Taken>, f64), StoreError> {
     let (relaxed, lock, take) = futures_util::try_join!(

@@ -131,7 +131,7 @@ pub(crate) async fn lock_resources_page(
     let Some(last) = ids.last().cloned() else {
         return Ok((None, Vec::new()));
     };
-    super::batch::lock_keys(tx, page.entity_type, &ids).await?;
+    super::batch::lock_keys(super::Conn::of_tx(tx), page.entity_type, &ids).await?;
     let rows = page_rows(tx, page, RESOURCE_COLUMNS, Some(ids)).await?;
     Ok((
         Some(last),

@@ -186,6 +186,40 @@ async fn a_batch_whose_commit_went_through_but_whose_reply_was_lost_is_not_appli
     assert_eq!(rows[0].3, serde_json::json!({"name": "B"}));
 }
 
+/// A batch's transaction and a publisher's round send `BEGIN` with their
+/// first statements instead of waiting for its answer alone: one round trip
+/// less each. The fault tests beside this one (a lost COMMIT reply, a cut
+/// connection) run on the same path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_and_publisher_rounds_send_begin_with_their_first_statements() {
+    let proxy = Proxy::start(postgres_addr()).await;
+    let mut app = spawn_app_with(|s| {
+        s.postgres.url = via(&s.postgres.url, proxy.addr);
+    })
+    .await;
+    assert_eq!(app.wait_ready().await, 200);
+    proxy.take_begins();
+    // One at a time: each save is a batch of its own, and a publisher round.
+    for i in 0..10 {
+        app.save("person", &format!("p{i}"), r#"{"name":"A"}"#)
+            .await;
+        let event = app.next_event().await;
+        assert_eq!(
+            (event.op(), event.id()),
+            ("created", format!("p{i}").as_str())
+        );
+    }
+    let (pipelined, alone) = proxy.take_begins();
+    assert!(
+        pipelined >= 20,
+        "10 batches and 10 rounds, each with BEGIN sent ahead: {pipelined} pipelined, {alone} alone"
+    );
+    assert_eq!(
+        alone, 0,
+        "no transaction waits for BEGIN's answer alone ({pipelined} pipelined)"
+    );
+}
+
 /// The real binary, with its PostgreSQL and RabbitMQ behind the test's proxies.
 struct Daemon {
     _schemas: tempfile::TempDir,
