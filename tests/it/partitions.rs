@@ -715,7 +715,25 @@ async fn a_paused_daemon_that_lost_its_leases_never_commits_its_batch_in_hand() 
         }
     });
 
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Paused inside a linger: shortly after a batch committed, while the
+    // next one gathers. A fixed delay could land between two batches, with
+    // none in hand, or on the batch the paused daemon finishes when it hands
+    // partitions over to the other: so, a batch committed once the other
+    // took its share (which the paused one released first).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while other.lines("took a partition").is_empty() {
+        assert!(Instant::now() < deadline, "the other daemon took its share");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let committed = paused.lines("batch committed").len();
+    while paused.lines("batch committed").len() <= committed {
+        assert!(
+            Instant::now() < deadline,
+            "the paused daemon committed a batch after sharing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let before = paused.lines("took a partition").len();
     assert!(before > 0, "the paused daemon held partitions");
     paused.signal("-STOP");
@@ -744,7 +762,8 @@ async fn a_paused_daemon_that_lost_its_leases_never_commits_its_batch_in_hand() 
     assert!(!lost.is_empty(), "the paused daemon saw it lost its leases");
     assert!(
         !abandoned.is_empty(),
-        "its batch in hand was abandoned, not committed"
+        "its batch in hand was abandoned, not committed; its log:\n{}",
+        paused.log_text()
     );
     one_owner_per_epoch(&[&paused, &other]);
     for d in [&mut paused, &mut other] {
