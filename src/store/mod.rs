@@ -359,7 +359,7 @@ pub(crate) async fn begin(
         .await
 }
 
-/// What [`begin`] sends: a writer's transaction at READ COMMITTED.
+/// What [`Pipelined::begin_with`] sends: a writer's transaction at READ COMMITTED, as [`begin`] opens one.
 const BEGIN_WRITER: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
 
 /// A connection's client and its statement cache, whether it runs inside a
