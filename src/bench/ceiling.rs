@@ -16,7 +16,10 @@ use lapin::{
 
 use super::{
     Bench,
-    probes::{broker_cpu_ticks, clock_ticks, postgres_cpu_ticks},
+    probes::{
+        broker_cpu_ticks, clock_ticks, io_threads, postgres_cpu_ticks, this_thread,
+        thread_cpu_ticks,
+    },
     report::Measure,
     workload::creates_and_updates,
 };
@@ -65,74 +68,48 @@ impl Bench {
         self.publish_to("", &input, &workload.ops).await?;
 
         let mut sink_stream = consume_no_ack(&self.conn.create_channel().await?, &sink).await?;
-        let consumer = self.conn.create_channel().await?;
-        let publisher = self.conn.create_channel().await?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        consumer
-            .basic_qos(self.settings.amqp.prefetch, BasicQosOptions::default())
-            .await?;
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel();
+        let relay = Relay {
+            amqp: self.settings.amqp.clone(),
+            input: input.clone(),
+            output: output.clone(),
+            count,
+            batch_size: self.settings.pipeline.batch_size,
+        };
+        let relay = std::thread::Builder::new()
+            .name("ceiling-relay".into())
+            .spawn(move || relay.run(ready_tx, go_rx))
+            .context("cannot start the ceiling's relay")?;
+        ready_rx
+            .await
+            .context("the ceiling's relay stopped before it was ready")?;
         let broker_before = broker_cpu_ticks();
         let postgres_before = postgres_cpu_ticks();
         let started = Instant::now();
-        let mut stream = consumer
-            .basic_consume(
-                input.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let relay = tokio::spawn({
-            let output = output.clone();
-            let batch_size = self.settings.pipeline.batch_size;
-            async move {
-                let mut done = 0;
-                while done < count {
-                    let first = stream.next().await.context("ceiling consumer closed")??;
-                    let mut batch = vec![first];
-                    while batch.len() < batch_size {
-                        match futures_util::FutureExt::now_or_never(stream.next()) {
-                            Some(Some(d)) => batch.push(d?),
-                            _ => break,
-                        }
-                    }
-                    // Every publish of the batch handed to the connection at
-                    // once, as the daemon's publisher does (amqp::ConfirmPublisher).
-                    let publishes = batch.iter().map(|d| {
-                        publisher.basic_publish(
-                            output.as_str().into(),
-                            "x".into(),
-                            BasicPublishOptions::default(),
-                            &d.data,
-                            BasicProperties::default().with_delivery_mode(2),
-                        )
-                    });
-                    let confirms = futures_util::future::try_join_all(publishes).await?;
-                    for c in futures_util::future::try_join_all(confirms).await? {
-                        ensure!(c.is_ack(), "the broker nacked");
-                    }
-                    batch
-                        .last()
-                        .expect("non-empty")
-                        .acker
-                        .ack(BasicAckOptions { multiple: true })
-                        .await?;
-                    done += batch.len();
-                }
-                anyhow::Ok(())
-            }
-        });
+        // The relay may have failed already: then the sink never fills.
+        let _ = go_tx.send(());
         for _ in 0..count {
-            sink_stream.next().await.context("sink closed")??;
+            match tokio::time::timeout(std::time::Duration::from_secs(120), sink_stream.next())
+                .await
+            {
+                Ok(Some(d)) => {
+                    d?;
+                }
+                // The relay's error, if it stopped, says more than this.
+                _ if relay.is_finished() => break,
+                _ => anyhow::bail!("the ceiling's sink stopped filling"),
+            }
         }
         let seconds = started.elapsed().as_secs_f64();
         let broker =
             broker_cpu_ticks().saturating_sub(broker_before) as f64 / clock_ticks() / seconds;
         let postgres =
             postgres_cpu_ticks().saturating_sub(postgres_before) as f64 / clock_ticks() / seconds;
-        relay.await??;
+        let client_ticks = tokio::task::spawn_blocking(move || relay.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the ceiling's relay panicked"))??;
+        let client = client_ticks as f64 / clock_ticks() / seconds;
         for q in [&input, &sink] {
             ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await?;
@@ -151,8 +128,111 @@ impl Bench {
             daemon_cpu: 0.0,
             broker_cpu: broker,
             postgres_cpu: postgres,
+            client_cpu: Some(client),
             rss_kib: None,
             wal_bytes: None,
+        })
+    }
+}
+
+/// The ceiling's relay: consume (prefetch and batch as the daemon),
+/// republish each message with confirms, ack in batches — on a thread and
+/// connections of its own (one to consume, one to publish, as the daemon),
+/// so that the CPU time of the AMQP client doing the daemon's broker work
+/// and nothing else can be read: this thread's and its connections' I/O
+/// threads'.
+struct Relay {
+    amqp: crate::config::AmqpSettings,
+    input: String,
+    output: String,
+    count: usize,
+    batch_size: usize,
+}
+
+impl Relay {
+    /// Connects, says it is `ready`, waits for `go`, relays `count`
+    /// messages; returns the CPU ticks its threads used from `go` to the
+    /// last ack.
+    fn run(
+        self,
+        ready: tokio::sync::oneshot::Sender<()>,
+        go: tokio::sync::oneshot::Receiver<()>,
+    ) -> anyhow::Result<u64> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            let before = io_threads();
+            let consuming = crate::amqp::connect(&self.amqp).await?;
+            let publishing = crate::amqp::connect(&self.amqp).await?;
+            let mut threads: Vec<u32> = io_threads()
+                .into_iter()
+                .filter(|t| !before.contains(t))
+                .collect();
+            ensure!(
+                threads.len() == 2,
+                "the relay's two connections started {} I/O threads, not one each: \
+                 its CPU time could not be read",
+                threads.len()
+            );
+            threads.push(this_thread().context("no thread id in /proc/thread-self")?);
+            let consumer = consuming.create_channel().await?;
+            let publisher = publishing.create_channel().await?;
+            publisher
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            consumer
+                .basic_qos(self.amqp.prefetch, BasicQosOptions::default())
+                .await?;
+            let _ = ready.send(());
+            go.await.context("the ceiling was called off")?;
+            let ticks = || threads.iter().map(|t| thread_cpu_ticks(*t)).sum::<u64>();
+            let before = ticks();
+            let mut stream = consumer
+                .basic_consume(
+                    self.input.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            let mut done = 0;
+            while done < self.count {
+                let first = stream.next().await.context("ceiling consumer closed")??;
+                let mut batch = vec![first];
+                while batch.len() < self.batch_size {
+                    match futures_util::FutureExt::now_or_never(stream.next()) {
+                        Some(Some(d)) => batch.push(d?),
+                        _ => break,
+                    }
+                }
+                // Every publish of the batch handed to the connection at
+                // once, as the daemon's publisher does (amqp::ConfirmPublisher).
+                let publishes = batch.iter().map(|d| {
+                    publisher.basic_publish(
+                        self.output.as_str().into(),
+                        "x".into(),
+                        BasicPublishOptions::default(),
+                        &d.data,
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                });
+                let confirms = futures_util::future::try_join_all(publishes).await?;
+                for c in futures_util::future::try_join_all(confirms).await? {
+                    ensure!(c.is_ack(), "the broker nacked");
+                }
+                batch
+                    .last()
+                    .expect("non-empty")
+                    .acker
+                    .ack(BasicAckOptions { multiple: true })
+                    .await?;
+                done += batch.len();
+            }
+            let used = ticks().saturating_sub(before);
+            let _ = consuming.close(200, "done".into()).await;
+            let _ = publishing.close(200, "done".into()).await;
+            Ok(used)
         })
     }
 }

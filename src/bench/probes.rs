@@ -34,7 +34,12 @@ pub(super) fn process_cpu_ticks(pid: u32) -> u64 {
 /// utime + stime of a process, plus cutime + cstime (its children that
 /// have exited and been waited for) when `children`.
 pub(super) fn stat_ticks(pid: u32, children: bool) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    stat_ticks_at(&format!("/proc/{pid}/stat"), children)
+}
+
+/// [`stat_ticks`] of the `stat` file at `path` (a process's or a thread's).
+fn stat_ticks_at(path: &str, children: bool) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(path) else {
         return 0;
     };
     // Fields after the command name (which may hold spaces) start after ')'.
@@ -82,4 +87,31 @@ pub(super) fn cpu_ticks_of(comm: &str, children: bool) -> u64 {
         })
         .map(|pid| stat_ticks(pid, children))
         .sum()
+}
+
+/// utime + stime of one thread of this process, in clock ticks.
+pub(super) fn thread_cpu_ticks(tid: u32) -> u64 {
+    stat_ticks_at(&format!("/proc/self/task/{tid}/stat"), false)
+}
+
+/// The id of the calling thread.
+pub(super) fn this_thread() -> Option<u32> {
+    let link = std::fs::read_link("/proc/thread-self").ok()?;
+    link.file_name()?.to_str()?.parse().ok()
+}
+
+/// The threads of this process that run a lapin connection's I/O loop
+/// (one per connection).
+pub(super) fn io_threads() -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|tid| {
+            std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+                .is_ok_and(|c| c.trim() == "lapin-io-loop")
+        })
+        .collect()
 }

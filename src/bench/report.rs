@@ -16,6 +16,9 @@ pub(super) struct Measure {
     pub(super) daemon_cpu: f64,
     pub(super) broker_cpu: f64,
     pub(super) postgres_cpu: f64,
+    /// The ceiling relay's own threads (its AMQP client's work alone);
+    /// `None` for daemon runs.
+    pub(super) client_cpu: Option<f64>,
     /// Peak RSS of the daemon over the run, in KiB (daemon runs only).
     pub(super) rss_kib: Option<u64>,
     /// WAL PostgreSQL wrote over the run, in bytes (daemon runs only).
@@ -70,11 +73,11 @@ pub(super) fn table(
     writeln!(out)?;
     writeln!(
         out,
-        "| scenario | messages | seconds | msgs/s | events | vs broker ceiling | daemon CPU | broker CPU | PostgreSQL CPU | daemon µs/msg | broker µs/msg | PostgreSQL µs/msg | WAL B/msg | daemon peak RSS |"
+        "| scenario | messages | seconds | msgs/s | events | vs broker ceiling | daemon CPU | broker CPU | PostgreSQL CPU | daemon µs/msg | broker µs/msg | PostgreSQL µs/msg | AMQP client µs/msg | WAL B/msg | daemon peak RSS |"
     )?;
     writeln!(
         out,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )?;
     for m in measures {
         let rss = match m.rss_kib {
@@ -85,13 +88,17 @@ pub(super) fn table(
             Some(bytes) => format!("{:.0}", bytes as f64 / m.messages as f64),
             None => "–".into(),
         };
+        let client = match m.client_cpu {
+            Some(cpu) => format!("{:.0}", m.us_per_message(cpu)),
+            None => "–".into(),
+        };
         let ratio = match m.ceiling {
             Some(c) => format!("{:.0} %", 100.0 * m.rate() / c),
             None => "–".into(),
         };
         writeln!(
             out,
-            "| {} | {} | {:.2} | {:.0} | {} | {ratio} | {:.0} % | {:.0} % | {:.0} % | {:.0} | {:.0} | {:.0} | {wal} | {rss} |",
+            "| {} | {} | {:.2} | {:.0} | {} | {ratio} | {:.0} % | {:.0} % | {:.0} % | {:.0} | {:.0} | {:.0} | {client} | {wal} | {rss} |",
             m.name,
             m.messages,
             m.seconds,
@@ -112,6 +119,9 @@ pub(super) fn table(
             "Throughput change with the preloaded table: {:+.1} %",
             -drop * 100.0
         )?;
+    }
+    if let Some(floor) = client_floor(measures) {
+        writeln!(out, "{floor}")?;
     }
     writeln!(
         out,
@@ -134,4 +144,26 @@ pub(super) fn table(
         "CPU columns: CPU time used during the run / wall time (100 % = one core); µs/msg: CPU time / messages. WAL: pg_current_wal_lsn() moved over the run / messages (the whole server's)."
     )?;
     Ok(out)
+}
+
+/// What the AMQP client alone costs per 1 KB message — the ceiling relay's
+/// threads, doing the daemon's broker work (consume, publish with confirms,
+/// ack in batches) and nothing else — beside the daemon's cost, which
+/// includes that client's work on the same messages.
+fn client_floor(measures: &[Measure]) -> Option<String> {
+    let ceiling = measures
+        .iter()
+        .find(|m| m.name.starts_with("broker ceiling, 1 KB"))?;
+    let drain = measures.iter().find(|m| m.name.starts_with("1 KB, 50"))?;
+    let floor = ceiling.us_per_message(ceiling.client_cpu?);
+    let daemon = drain.us_per_message(drain.daemon_cpu);
+    let broker = ceiling.us_per_message(ceiling.broker_cpu);
+    Some(format!(
+        "AMQP client floor, 1 KB: the ceiling's relay (lapin: consume, publish with confirms, \
+         ack) costs {floor:.0} µs/msg on its own threads, {:.2} × the ceiling's broker µs/msg; \
+         the daemon does that work too, and {:.0} of its {daemon:.0} µs/msg are the rest \
+         (decoding, validation, planning, PostgreSQL's client, the outbox).",
+        floor / broker,
+        daemon - floor
+    ))
 }

@@ -216,6 +216,7 @@ impl Bench {
                 daemon_cpu,
                 broker_cpu,
                 postgres_cpu,
+                client_cpu: None,
                 rss_kib: Some(rss),
                 wal_bytes: Some(wal_bytes),
             },

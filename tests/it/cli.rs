@@ -315,6 +315,10 @@ fn the_benchmark_runs_end_to_end_and_checks_its_outcomes() {
         "{stdout}"
     );
     assert!(stdout.contains("Latency at 200 msgs/s"), "{stdout}");
+    assert!(
+        stdout.contains("AMQP client floor, 1 KB: the ceiling's relay"),
+        "{stdout}"
+    );
 }
 
 #[test]
