@@ -281,6 +281,73 @@ async fn committed_events_are_published_from_memory_and_rows_of_an_earlier_run_f
     assert!(app.wait_outbox_empty().await);
 }
 
+#[tokio::test]
+async fn stored_documents_come_from_memory_only_while_their_rows_hold_what_the_daemon_wrote() {
+    let mut app = spawn_app().await;
+    let hit = "scramjet_stored_documents_total{source=\"hit\"}";
+    let miss = "scramjet_stored_documents_total{source=\"miss\"}";
+    // A number jsonb would print otherwise (1e2): the text stays exact.
+    let v1 = r#"{"name":"Ada","score":1e2,"tags":["x","y"]}"#;
+    let v2 = r#"{"name":"Ada Lovelace","score":1e2,"tags":["x"]}"#;
+    // One batch each: the update needs the stored row.
+    app.save("person", "p1", v1).await;
+    assert_eq!(app.next_event().await.op(), "created");
+    app.save("person", "p1", v2).await;
+    let events = [app.next_event().await];
+    assert_eq!(events[0].op(), "updated");
+    let patched = |from: &str, patch: &Value| {
+        let patch: json_patch::Patch = serde_json::from_value(patch.clone()).unwrap();
+        let mut doc: Value = serde_json::from_str(from).unwrap();
+        json_patch::patch(&mut doc, &patch).unwrap();
+        doc
+    };
+    assert_eq!(patched(v1, &events[0].body["patch"]), parse(v2));
+    let text = metrics_when(&app, hit, 1.0).await;
+    assert_eq!(
+        sample(&text, hit),
+        Some(1.0),
+        "v1 came from memory:\n{text}"
+    );
+    assert_eq!(sample(&text, miss), Some(0.0), "{text}");
+
+    // Another writer changes the row behind the daemon's back: its hash
+    // no longer matches, so the next update is patched against the row.
+    let behind = r#"{"name":"Changed elsewhere","score":7}"#;
+    let behind_hash = scramjet::domain::canonical::hash(
+        &scramjet::domain::canonical::to_canonical(&parse(behind)),
+    );
+    app.db
+        .execute(
+            "UPDATE resources SET data = $1::text::jsonb, canonical = NULL, hash = $2 \
+             WHERE type = 'person' AND id = 'p1'",
+            &[&behind, &behind_hash],
+        )
+        .await
+        .unwrap();
+    let v3 = r#"{"name":"Ada, Countess of Lovelace","score":1e2}"#;
+    app.save("person", "p1", v3).await;
+    let e = app.next_event().await;
+    assert_eq!(e.op(), "updated");
+    assert_eq!(e.body["previous_hash"], behind_hash.as_str());
+    assert_eq!(patched(behind, &e.body["patch"]), parse(v3));
+    let text = metrics_when(&app, miss, 1.0).await;
+    assert_eq!(sample(&text, miss), Some(1.0), "the row was read:\n{text}");
+
+    // What the daemon wrote last is remembered again: a delete's previous
+    // document comes from memory, as stored (only the exponent marker is
+    // normalized, as everywhere).
+    app.delete("person", "p1").await;
+    let d = app.next_event().await;
+    assert_eq!(d.op(), "deleted");
+    assert_eq!(
+        d.body["previous"].to_string(),
+        r#"{"name":"Ada, Countess of Lovelace","score":1e+2}"#
+    );
+    let text = metrics_when(&app, hit, 2.0).await;
+    assert_eq!(sample(&text, hit), Some(2.0), "{text}");
+    assert_eq!(sample(&text, miss), Some(1.0), "{text}");
+}
+
 /// Found by schemathesis (tests/openapi): a cursor with a NUL byte reached
 /// PostgreSQL, which refuses NUL in text, and the refusal was answered 503
 /// "the database is not available", as if the database were down. The
