@@ -88,19 +88,6 @@ impl Daemon {
         process_cpu_ticks(self.child.id())
     }
 
-    /// The stored documents its batches needed so far: (taken from memory,
-    /// read from the row), from its `/metrics`.
-    pub(super) async fn stored_documents(&self) -> Option<(u64, u64)> {
-        let text = http_get(self.port, "/metrics").await?;
-        let read = |source: &str| {
-            let series = format!("scramjet_stored_documents_total{{source=\"{source}\"}} ");
-            text.lines()
-                .find_map(|l| l.strip_prefix(series.as_str()))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        Some((read("hit")?, read("miss")?))
-    }
-
     pub(super) fn peak_rss_kib(&self) -> u64 {
         peak_rss_kib(self.child.id())
     }
@@ -133,12 +120,6 @@ impl Drop for Daemon {
 }
 
 pub(super) async fn http_status(port: u16, path: &str) -> Option<u16> {
-    let response = http_get(port, path).await?;
-    response.get(9..12)?.parse().ok()
-}
-
-/// The whole response (status line, headers, body) to a GET of `path`.
-async fn http_get(port: u16, path: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -148,5 +129,5 @@ async fn http_get(port: u16, path: &str) -> Option<String> {
         .ok()?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.ok()?;
-    String::from_utf8(buf).ok()
+    std::str::from_utf8(buf.get(9..12)?).ok()?.parse().ok()
 }

@@ -191,15 +191,6 @@ impl Bench {
         profile::print_wal_breakdown(&self.db, name, &wal_before, wal.get(1), workload.ops.len())
             .await;
         let rss = daemon.peak_rss_kib();
-        if let Some((hit, miss)) = daemon.stored_documents().await
-            && hit + miss > 0
-        {
-            eprintln!(
-                "{name}: stored documents needed {}, from memory {hit} ({:.0} %), read {miss}",
-                hit + miss,
-                100.0 * hit as f64 / (hit + miss) as f64
-            );
-        }
         daemon.stop().await?;
         // Nothing more may come: an extra event means a wrong outcome.
         if let Ok(Some(extra)) =
