@@ -20,11 +20,6 @@ pub struct PipelineSettings {
     /// milliseconds. 0 takes only what has already arrived: batches then grow
     /// by themselves under load and stay small (low latency) when idle.
     pub linger_ms: u64,
-    /// Bytes of canonical text of the documents written lately that the
-    /// daemon keeps, so that an update's patch or a delete's `previous`
-    /// needs no read of the stored document while its row still holds
-    /// what this process wrote (0 keeps none).
-    pub document_cache_bytes: usize,
 }
 
 impl Default for PipelineSettings {
@@ -33,7 +28,6 @@ impl Default for PipelineSettings {
             batch_size: 500,
             max_batch_bytes: 4 * 1024 * 1024,
             linger_ms: 0,
-            document_cache_bytes: 32 * 1024 * 1024,
         }
     }
 }

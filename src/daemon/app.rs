@@ -55,8 +55,6 @@ pub struct App {
     /// In partitioned mode, the group of daemons sharing the partitions and
     /// this one's name in it (unique to the process).
     group: store::leases::Group,
-    /// The documents written lately, shared by every session's batches.
-    recent: Arc<store::recent::RecentDocuments>,
 }
 
 impl App {
@@ -105,13 +103,7 @@ impl App {
             member: member_name(),
             ttl: settings.partitioning.lease_ttl,
         };
-        let recent = Arc::new(store::recent::RecentDocuments::new(
-            settings.pipeline.document_cache_bytes,
-            metrics.stored_documents.with_label_values(&["hit"]),
-            metrics.stored_documents.with_label_values(&["miss"]),
-        ));
         Ok(App {
-            recent,
             settings,
             pools,
             schemas: Arc::new(schemas),
@@ -320,8 +312,7 @@ impl App {
             self.health.clone(),
             self.metrics.clone(),
         )
-        .handing_over(notify.clone())
-        .remembering(self.recent.clone());
+        .handing_over(notify.clone());
         if s.single_active_consumer {
             // Competing consumers (no single active one) would fence each
             // other out; they keep no per-id order anyway.
@@ -391,7 +382,6 @@ impl App {
             publisher_wake: notify.clone(),
             held: held.clone(),
             group: self.group.clone(),
-            recent: self.recent.clone(),
         };
         let ended = member.run(&connection, shutdown).await;
         self.health.set_amqp(false);

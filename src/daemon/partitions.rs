@@ -68,8 +68,6 @@ pub(super) struct Member {
     pub held: watch::Sender<Vec<u16>>,
     /// This daemon's group and member name.
     pub group: leases::Group,
-    /// The documents written lately, shared by every batch.
-    pub recent: Arc<crate::store::recent::RecentDocuments>,
 }
 
 /// The consumer of the partitions held: one channel per partition, one
@@ -348,7 +346,6 @@ impl Member {
             self.metrics.clone(),
         )
         .handing_over(self.publisher_wake.clone())
-        .remembering(self.recent.clone())
         .for_session(Session::leased(fenced, lost.clone()));
         let consumer = Consumer {
             settings: self.settings.clone(),

@@ -65,9 +65,6 @@ pub struct Pipeline {
     /// The outbox publisher of this process, handed the events of each
     /// committed batch so that it need not read them back.
     publisher: Option<crate::outbox::Wake>,
-    /// The documents this process wrote lately, read in their rows' place
-    /// while the rows hold them.
-    recent: Option<Arc<crate::store::recent::RecentDocuments>>,
 }
 
 /// A consumer's broker session, as the pipeline needs to know it: a batch
@@ -145,19 +142,7 @@ impl Pipeline {
             metrics,
             session: None,
             publisher: None,
-            recent: None,
         }
-    }
-
-    /// Takes the stored documents an update or a delete needs from
-    /// `recent` while their rows still hold them, and remembers there the
-    /// documents it writes.
-    pub(crate) fn remembering(
-        mut self,
-        recent: Arc<crate::store::recent::RecentDocuments>,
-    ) -> Self {
-        self.recent = Some(recent);
-        self
     }
 
     /// Hands the events of every committed batch to the publisher that

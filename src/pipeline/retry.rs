@@ -301,12 +301,10 @@ impl Pipeline {
                     Ok(match mode {
                         Mode::Together => {
                             let (outcomes, current, rows) =
-                                plan_and_write(conn, fence, prepared, self.recent.as_deref()).await?;
+                                plan_and_write(conn, fence, prepared).await?;
                             (outcomes.into_iter().map(Ok).collect(), current, rows)
                         }
-                        Mode::EachAlone => {
-                            each_alone(conn, fence, prepared, self.recent.as_deref()).await?
-                        }
+                        Mode::EachAlone => each_alone(conn, fence, prepared).await?,
                     })
                 })
                 .await?;

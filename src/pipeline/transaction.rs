@@ -15,7 +15,6 @@ use crate::{
         Conn, StoreError,
         batch::{self, Current},
         outbox,
-        recent::RecentDocuments,
     },
     support::panic::panic_text,
 };
@@ -42,15 +41,13 @@ pub(super) async fn each_alone(
     tx: Conn<'_>,
     fence: Option<batch::Fence<'_>>,
     prepared: &[Prepared],
-    recent: Option<&RecentDocuments>,
 ) -> Result<(Vec<Result<Outcome, Refusal>>, Current, Rows), StoreError> {
     let current = batch::pass_fence(tx, fence).await?;
     let mut refusals: Vec<Option<Refusal>> = Vec::with_capacity(prepared.len());
     tx.batch_execute("SAVEPOINT scramjet_probe").await?;
     for p in prepared {
         tx.batch_execute("SAVEPOINT scramjet_message").await?;
-        // Remembering nothing here: these writes are rolled back.
-        match plan_and_write(tx, None, std::slice::from_ref(p), None).await {
+        match plan_and_write(tx, None, std::slice::from_ref(p)).await {
             Ok(_) => {
                 tx.batch_execute("RELEASE SAVEPOINT scramjet_message")
                     .await?;
@@ -84,7 +81,7 @@ pub(super) async fn each_alone(
         let accepted: Vec<Prepared> = accepted.into_iter().cloned().collect();
         // Refused now, after the probe let these through, the refusal
         // belongs to no one message: the caller waits it out.
-        let (applied, _, written) = plan_and_write(tx, None, &accepted, recent).await?;
+        let (applied, _, written) = plan_and_write(tx, None, &accepted).await?;
         outcomes = applied.into_iter();
         rows = written;
     }
@@ -105,21 +102,18 @@ pub(super) type Rows = Vec<(i64, Vec<event::Event>)>;
 /// Applies `prepared` inside `tx` (which the caller commits): claim message
 /// ids, lock the keys, plan, write (each event to its outbox lane). Returns
 /// the outcomes, what the locking statement read (the transaction's id,
-/// its server, the fence), and the outbox rows written. Stored documents
-/// `recent` holds are taken from it, and the documents written are
-/// remembered there.
+/// its server, the fence), and the outbox rows written.
 pub(super) async fn plan_and_write(
     tx: Conn<'_>,
     fence: Option<batch::Fence<'_>>,
     prepared: &[Prepared],
-    recent: Option<&RecentDocuments>,
 ) -> Result<(Vec<Outcome>, Current, Rows), StoreError> {
-    let (duplicate, current) = lock_and_find_duplicates(tx, fence, prepared, recent).await?;
+    let (duplicate, current) = lock_and_find_duplicates(tx, fence, prepared).await?;
     // A bug in planning (patch computation, say) must not take the daemon
     // down: report it like a refused batch, so the messages are retried
     // one by one and only the one that triggers it is dead-lettered.
     let now = event::now_rfc3339();
-    let (mut writes, outcomes) = std::panic::catch_unwind(AssertUnwindSafe(|| {
+    let (writes, outcomes) = std::panic::catch_unwind(AssertUnwindSafe(|| {
         plan(prepared, &duplicate, &current, &now)
     }))
     .map_err(|panic| StoreError::Refused {
@@ -133,16 +127,6 @@ pub(super) async fn plan_and_write(
         batch::write(tx, &writes),
         outbox::append(tx, &writes.events),
     )?;
-    if let Some(recent) = recent {
-        // Before the commit is safe: an entry is used only while the row
-        // holds its hash (see `store::recent`).
-        for key in &writes.resource_deletes {
-            recent.forget(key);
-        }
-        for w in writes.resource_upserts.drain(..) {
-            recent.remember((w.entity_type, w.id), w.hash, w.canonical);
-        }
-    }
     let mut events = writes.events;
     let rows = match seqs.as_slice() {
         [(seq, _)] => vec![(*seq, events)],
@@ -164,7 +148,7 @@ pub async fn process_in_transaction(
     tx: &deadpool_postgres::Transaction<'_>,
     prepared: &[Prepared],
 ) -> Result<Vec<Outcome>, StoreError> {
-    let (outcomes, _, _) = plan_and_write(Conn::of_tx(tx), None, prepared, None).await?;
+    let (outcomes, _, _) = plan_and_write(Conn::of_tx(tx), None, prepared).await?;
     Ok(outcomes)
 }
 
@@ -174,7 +158,6 @@ async fn lock_and_find_duplicates(
     tx: Conn<'_>,
     fence: Option<batch::Fence<'_>>,
     prepared: &[Prepared],
-    recent: Option<&RecentDocuments>,
 ) -> Result<(Vec<bool>, Current), StoreError> {
     let mut first_seen: HashMap<&str, usize> = HashMap::new();
     for (i, p) in prepared.iter().enumerate() {
@@ -185,7 +168,7 @@ async fn lock_and_find_duplicates(
     let ids: Vec<&str> = first_seen.keys().copied().collect();
     let keys = sorted_keys(prepared);
     let needs = documents_needed(prepared, &keys);
-    let (fresh, current) = batch::claim_and_lock(tx, fence, &ids, &keys, &needs, recent).await?;
+    let (fresh, current) = batch::claim_and_lock(tx, fence, &ids, &keys, &needs).await?;
     let duplicate = prepared
         .iter()
         .enumerate()

@@ -8,7 +8,6 @@ use std::collections::{HashMap, HashSet};
 
 use super::Conn;
 use super::StoreError;
-use super::recent::RecentDocuments;
 use crate::{domain::canonical, domain::event::Event};
 use serde_json::Value;
 
@@ -182,16 +181,12 @@ mod sql {
            substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) FROM ( \
            SELECT DISTINCT hashtextextended(t || chr(31) || i, 5930) AS k \
            FROM unnest($1::text[], $2::text[]) AS u(t, i) ORDER BY k) AS s";
-    /// `$3` says, per key, when the document is left unread ([`super::Need`]);
-    /// `$4` gives the hash of the document this process remembers for the
-    /// key, if any ([`super::super::recent`]), which then needs no reading either.
+    /// `$3` says, per key, when the document is left unread ([`super::Need`]).
     pub(super) const LOCK_ROWS: &str = "SELECT r.type, r.id, r.hash, \
-           CASE WHEN k.skip = '' OR r.hash = k.skip OR r.hash = k.known \
-             THEN NULL ELSE r.data END, r.version, \
-           CASE WHEN k.skip = '' OR r.hash = k.skip OR r.hash = k.known \
-             THEN NULL ELSE r.canonical END \
+           CASE WHEN k.skip = '' OR r.hash = k.skip THEN NULL ELSE r.data END, r.version, \
+           CASE WHEN k.skip = '' OR r.hash = k.skip THEN NULL ELSE r.canonical END \
          FROM resources r \
-         JOIN unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS k(type, id, skip, known) \
+         JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(type, id, skip) \
            ON r.type = k.type AND r.id = k.id \
          ORDER BY r.type, r.id";
     pub(super) const LOCK_TOMBSTONES: &str = "SELECT t.type, t.id, t.version \
@@ -249,32 +244,14 @@ mod sql {
 /// order by every writer, so two transactions with overlapping keys cannot
 /// deadlock; the rows need no lock of their own (a row lock taken here was
 /// 53 bytes of WAL per message, all of an unchanged save's).
-///
-/// A document `recent` holds with the stored hash is taken from there, not
-/// read (see [`super::recent`]).
 pub(crate) async fn claim_and_lock(
     tx: Conn<'_>,
     fence: Option<Fence<'_>>,
     message_ids: &[&str],
     keys: &[Key],
     needs: &[Need<'_>],
-    recent: Option<&RecentDocuments>,
 ) -> Result<(HashSet<String>, Current), StoreError> {
     debug_assert_eq!(keys.len(), needs.len(), "one need per key");
-    // Only where the document may be needed: an unchanged save or a
-    // rejected one needs none, remembered or not.
-    let remembered = match recent {
-        Some(recent) => recent.lookup(keys),
-        None => vec![None; keys.len()],
-    };
-    let known: Vec<Option<&str>> = remembered
-        .iter()
-        .zip(needs)
-        .map(|(r, need)| match need {
-            Need::Nothing => None,
-            _ => r.as_ref().map(|r| r.hash.as_str()),
-        })
-        .collect();
     let (fence_stmt, lock_keys, claim, lock_rows, lock_graves) = futures_util::try_join!(
         async {
             match fence {
@@ -296,7 +273,7 @@ pub(crate) async fn claim_and_lock(
     // keys has committed.
     let params: [&Param<'_>; 2] = [&types, &ids];
     let skips: Vec<Option<&str>> = needs.iter().map(|n| n.as_param()).collect();
-    let row_params: [&Param<'_>; 4] = [&types, &ids, &skips, &known];
+    let row_params: [&Param<'_>; 3] = [&types, &ids, &skips];
     let claimed = async {
         if message_ids.is_empty() {
             Ok(Vec::new())
@@ -344,30 +321,11 @@ pub(crate) async fn claim_and_lock(
         _ => current.epoch = epoch.first().map(|row| row.try_get(0)).transpose()?,
     }
     for row in rows {
-        let key: Key = (row.try_get(0)?, row.try_get(1)?);
-        let hash: String = row.try_get(2)?;
-        let mut data = super::exact_data(row.try_get::<_, Option<Value>>(3)?, row.try_get(5)?)?;
-        if let Some(recent) = recent
-            && let Ok(at) = keys.binary_search(&key)
-            && needs[at] != Need::Nothing
-            && !matches!(needs[at], Need::UnlessHashIs(h) if h == hash)
-        {
-            // The document is needed: from memory when the hashes agree.
-            let hit = data.is_none() && known[at] == Some(hash.as_str());
-            if hit {
-                let text = &remembered[at].as_ref().expect("known").canonical;
-                data = Some(serde_json::from_str(text).map_err(|e| StoreError::Refused {
-                    sqlstate: None,
-                    detail: format!("internal error: a remembered document is not JSON: {e}"),
-                })?);
-            }
-            recent.count(hit);
-        }
         current.rows.insert(
-            key,
+            (row.try_get(0)?, row.try_get(1)?),
             Stored {
-                hash,
-                data,
+                hash: row.try_get(2)?,
+                data: super::exact_data(row.try_get::<_, Option<Value>>(3)?, row.try_get(5)?)?,
                 version: row.try_get(4)?,
             },
         );
@@ -387,7 +345,7 @@ pub(crate) async fn pass_fence(
     tx: Conn<'_>,
     fence: Option<Fence<'_>>,
 ) -> Result<Current, StoreError> {
-    claim_and_lock(tx, fence, &[], &[], &[], None)
+    claim_and_lock(tx, fence, &[], &[], &[])
         .await
         .map(|(_, current)| current)
 }

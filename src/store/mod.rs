@@ -9,7 +9,6 @@ pub(crate) mod leases;
 pub(crate) mod outbox;
 pub(crate) mod producer;
 pub(crate) mod read;
-pub(crate) mod recent;
 pub(crate) mod retention;
 pub(crate) mod stage;
 pub(crate) mod sync;

@@ -103,10 +103,6 @@ pub struct Metrics {
     /// from the table: rows of an earlier run, another writer, or past the
     /// hand-off's bound).
     pub outbox_rows_published: IntCounterVec,
-    /// Stored documents a batch needed (an update's patch, a delete's
-    /// `previous`), by where they came from: `hit` (remembered, as this
-    /// process wrote them) or `miss` (read from the row).
-    pub stored_documents: IntCounterVec,
     /// Messages per batch.
     pub batch_size: Histogram,
     /// Seconds from gathering a batch to acking it.
@@ -174,11 +170,6 @@ impl Metrics {
             outbox_rows_published: r.counters(
                 "scramjet_outbox_rows_published_total",
                 "Outbox rows published, by where their events came from: handed (in memory, by the batch that committed them) or read (back from the table).",
-                &["source"],
-            ),
-            stored_documents: r.counters(
-                "scramjet_stored_documents_total",
-                "Stored documents batches needed (patches, previous documents), by where they came from: hit (remembered by this process, pipeline.document_cache_bytes) or miss (read from the row).",
                 &["source"],
             ),
             batch_size: r.histogram(
