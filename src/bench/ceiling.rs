@@ -81,20 +81,24 @@ impl Bench {
             .name("ceiling-relay".into())
             .spawn(move || relay.run(ready_tx, go_rx))
             .context("cannot start the ceiling's relay")?;
-        ready_rx
-            .await
-            .context("the ceiling's relay stopped before it was ready")?;
+        if ready_rx.await.is_err() {
+            // It stopped before it was ready: its own error says why.
+            joined(relay).await?;
+            anyhow::bail!("the ceiling's relay stopped before it was ready");
+        }
         let broker_before = broker_cpu_ticks();
         let postgres_before = postgres_cpu_ticks();
         let started = Instant::now();
         // The relay may have failed already: then the sink never fills.
         let _ = go_tx.send(());
-        for _ in 0..count {
+        let mut received = 0;
+        while received < count {
             match tokio::time::timeout(std::time::Duration::from_secs(120), sink_stream.next())
                 .await
             {
                 Ok(Some(d)) => {
                     d?;
+                    received += 1;
                 }
                 // The relay's error, if it stopped, says more than this.
                 _ if relay.is_finished() => break,
@@ -106,9 +110,13 @@ impl Bench {
             broker_cpu_ticks().saturating_sub(broker_before) as f64 / clock_ticks() / seconds;
         let postgres =
             postgres_cpu_ticks().saturating_sub(postgres_before) as f64 / clock_ticks() / seconds;
-        let client_ticks = tokio::task::spawn_blocking(move || relay.join())
-            .await?
-            .map_err(|_| anyhow::anyhow!("the ceiling's relay panicked"))??;
+        // Joined only once the sink is full or the relay has stopped: the
+        // relay then has at most its last confirms and ack to wait for.
+        let client_ticks = joined(relay).await?;
+        ensure!(
+            received == count,
+            "the ceiling's sink received {received} of {count} messages"
+        );
         let client = client_ticks as f64 / clock_ticks() / seconds;
         for q in [&input, &sink] {
             ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
@@ -133,6 +141,13 @@ impl Bench {
             wal_bytes: None,
         })
     }
+}
+
+/// The relay's result, once its thread has ended.
+async fn joined(relay: std::thread::JoinHandle<anyhow::Result<u64>>) -> anyhow::Result<u64> {
+    tokio::task::spawn_blocking(move || relay.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the ceiling's relay panicked"))?
 }
 
 /// The ceiling's relay: consume (prefetch and batch as the daemon),
