@@ -94,8 +94,10 @@ fn write_object(out: &mut String, map: &Map<String, Value>) {
 
 fn write_string(out: &mut String, s: &str) {
     out.push('"');
+    let bytes = s.as_bytes();
     let mut start = 0;
-    for (i, b) in s.bytes().enumerate() {
+    while let Some(i) = find_escape(bytes, start) {
+        let b = bytes[i];
         let escape: &str = match b {
             b'"' => "\\\"",
             b'\\' => "\\\\",
@@ -104,8 +106,7 @@ fn write_string(out: &mut String, s: &str) {
             0x0A => "\\n",
             0x0C => "\\f",
             0x0D => "\\r",
-            0x00..=0x1F => "",
-            _ => continue,
+            _ => "",
         };
         out.push_str(&s[start..i]);
         if escape.is_empty() {
@@ -120,6 +121,70 @@ fn write_string(out: &mut String, s: &str) {
     }
     out.push_str(&s[start..]);
     out.push('"');
+}
+
+/// Bytes of a word, each `0x01` / `0x80`, for the word-at-a-time scans below.
+const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+
+/// The high bit of each byte of `word` that is zero. Exact for the lowest
+/// flagged byte (a borrow only runs towards higher bytes, from a zero byte),
+/// which is the only one the scans read.
+const fn zero_bytes(word: u64) -> u64 {
+    word.wrapping_sub(ONES) & !word & HIGHS
+}
+
+/// The high bit of each byte of `word` below `0x20` (exact for the lowest
+/// flagged byte, as [`zero_bytes`]).
+const fn control_bytes(word: u64) -> u64 {
+    word.wrapping_sub(ONES * 0x20) & !word & HIGHS
+}
+
+/// Where the lowest flagged byte of `mask` lies, for a word read with
+/// `from_le_bytes` (byte 0 lowest).
+fn first_flagged(mask: u64) -> usize {
+    (mask.trailing_zeros() / 8) as usize
+}
+
+/// The first index at or after `from` of a byte a canonical string escapes
+/// (`"`, `\`, or one below `0x20`), eight bytes at a time: documents are
+/// mostly long runs of plain text, and this scan was the daemon's largest
+/// symbol at 100 KB (BENCHMARKS.md).
+fn find_escape(bytes: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while i + 8 <= bytes.len() {
+        let word = u64::from_le_bytes(bytes[i..i + 8].try_into().expect("eight bytes"));
+        let mask = control_bytes(word)
+            | zero_bytes(word ^ (ONES * u64::from(b'"')))
+            | zero_bytes(word ^ (ONES * u64::from(b'\\')));
+        if mask != 0 {
+            return Some(i + first_flagged(mask));
+        }
+        i += 8;
+    }
+    bytes[i..]
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .map(|p| i + p)
+}
+
+/// The first index at or after `from` of `"` or `\`, eight bytes at a time
+/// (see [`find_escape`]).
+fn find_quote_or_backslash(bytes: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while i + 8 <= bytes.len() {
+        let word = u64::from_le_bytes(bytes[i..i + 8].try_into().expect("eight bytes"));
+        let mask = zero_bytes(word ^ (ONES * u64::from(b'"')))
+            | zero_bytes(word ^ (ONES * u64::from(b'\\')));
+        if mask != 0 {
+            return Some(i + first_flagged(mask));
+        }
+        i += 8;
+    }
+    bytes[i..]
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\')
+        .map(|p| i + p)
 }
 
 /// Whether PostgreSQL's jsonb would print `canonical` (canonical text, as
@@ -137,10 +202,14 @@ pub fn jsonb_rewrites(canonical: &str) -> bool {
             b'"' => {
                 // Skip the string; canonical text escapes only with `\`.
                 i += 1;
-                while bytes[i] != b'"' {
-                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                loop {
+                    let at = find_quote_or_backslash(bytes, i).expect("canonical strings end");
+                    if bytes[at] == b'"' {
+                        i = at + 1;
+                        break;
+                    }
+                    i = at + 2;
                 }
-                i += 1;
             }
             b'-' | b'0'..=b'9' => {
                 let start = i;
@@ -265,6 +334,62 @@ mod tests {
             "{}",
         ] {
             assert!(!jsonb_rewrites(&canon(kept)), "{kept}");
+        }
+    }
+
+    /// The byte-at-a-time writer the word-at-a-time scan replaced.
+    fn write_string_bytewise(s: &str) -> String {
+        let mut out = String::from('"');
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\u{8}' => out.push_str("\\b"),
+                '\t' => out.push_str("\\t"),
+                '\n' => out.push_str("\\n"),
+                '\u{c}' => out.push_str("\\f"),
+                '\r' => out.push_str("\\r"),
+                c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    #[test]
+    fn the_word_scan_finds_every_escape_at_every_offset() {
+        // Each byte that needs an escape, and its neighbours that do not
+        // (0x1f/0x20, 0x21/0x23, 0x5b/0x5d, high bytes of UTF-8), at each
+        // position of a word and across word boundaries.
+        for special in [
+            "\"", "\\", "\u{0}", "\u{1f}", "\n", " ", "!", "#", "[", "]", "é", "\u{7f}", "😀",
+        ] {
+            for len in 0..20 {
+                for at in 0..=len {
+                    let mut s = "a".repeat(at);
+                    s.push_str(special);
+                    s.push_str(&"b".repeat(len - at));
+                    let mut written = String::new();
+                    write_string(&mut written, &s);
+                    assert_eq!(written, write_string_bytewise(&s), "{s:?}");
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_word_scan_writes_what_the_byte_scan_wrote(s in "(?s).{0,80}", noise in "[\\x00-\\x7f]{0,40}") {
+            let s = format!("{s}{noise}{s}");
+            let mut written = String::new();
+            write_string(&mut written, &s);
+            proptest::prop_assert_eq!(&written, &write_string_bytewise(&s));
+            // And the skip of strings in `jsonb_rewrites` lands after each one.
+            let doc = format!("[{written},-0,{written}]");
+            proptest::prop_assert!(jsonb_rewrites(&doc));
+            let doc = format!("[{written},1,{written}]");
+            proptest::prop_assert!(!jsonb_rewrites(&doc));
         }
     }
 
