@@ -68,8 +68,12 @@ pub fn plan(
     current: &Current,
     occurred_at: &str,
 ) -> (Writes, Vec<Outcome>) {
-    let mut order: Vec<Key> = Vec::new();
-    let mut states: HashMap<Key, KeyState<'_>> = HashMap::new();
+    // Each distinct key is copied once, when first seen: `keys` owns the
+    // copies (they end in `writes`), in the order first seen, and `index`
+    // finds them by the message's own names, so a key seen again costs no
+    // allocation.
+    let mut keys: Vec<(Key, KeyState<'_>)> = Vec::new();
+    let mut index: HashMap<(&str, &str), usize> = HashMap::new();
     let mut writes = Writes::default();
     let mut outcomes = Vec::with_capacity(prepared.len());
 
@@ -78,9 +82,8 @@ pub fn plan(
             outcomes.push(Outcome::Duplicate);
             continue;
         }
-        let key = p.key();
-        let state = states.entry(key.clone()).or_insert_with(|| {
-            order.push(key.clone());
+        let at = *index.entry(p.key_ref()).or_insert_with(|| {
+            let key = p.key();
             let now = current.rows.get(&key).map(|c| Row {
                 hash: &c.hash,
                 data: c.data.as_ref(),
@@ -88,7 +91,7 @@ pub fn plan(
                 version: c.version,
             });
             let tombstone = current.tombstones.get(&key).copied();
-            KeyState {
+            let state = KeyState {
                 existed: now.is_some(),
                 now,
                 initial_tombstone: tombstone,
@@ -97,8 +100,11 @@ pub fn plan(
                 deleted_initial: false,
                 staging: None,
                 touched: false,
-            }
+            };
+            keys.push((key, state));
+            keys.len() - 1
         });
+        let state = &mut keys[at].1;
         if let (Some(v), Some(known)) = (p.version, state.known_version())
             && v < known
         {
@@ -228,8 +234,7 @@ pub fn plan(
         outcomes.push(outcome);
     }
 
-    for key in order {
-        let state = states.remove(&key).expect("every ordered key has a state");
+    for (key, state) in keys {
         if !state.touched {
             continue;
         }

@@ -87,6 +87,11 @@ impl Prepared {
         }
     }
 
+    /// The (type, id) the message is about, borrowed.
+    pub(super) fn key_ref(&self) -> (&str, &str) {
+        (self.entity_type.as_str(), self.id.as_str())
+    }
+
     /// The (type, id) the message is about.
     pub(super) fn key(&self) -> Key {
         (
