@@ -76,13 +76,16 @@ impl Consumer {
         let batch_size = self.batch_size;
         let max_bytes = self.settings.pipeline.max_batch_bytes;
         let linger = self.settings.pipeline.linger();
+        // One batch's vectors, kept from batch to batch: they grow to the
+        // usual batch size once, not again for every batch.
+        let mut batch = Batch::default();
         loop {
+            batch.clear();
             let first = tokio::select! {
                 biased;
                 _ = stop.cancelled() => return Ok(()),
                 next = stream.next() => next,
             };
-            let mut batch = Batch::default();
             batch.push(accept(first)?);
             let mut bytes = batch.deliveries[0].data.len();
             let room = |batch: &Batch, bytes: usize| {
@@ -439,6 +442,13 @@ impl Batch {
     fn push(&mut self, (lane, d): (Option<i32>, Delivery)) {
         self.deliveries.push(d);
         self.lanes.push(lane);
+    }
+
+    /// Drops the deliveries (each batch is acked or abandoned before the
+    /// next is gathered), keeping the room.
+    fn clear(&mut self) {
+        self.deliveries.clear();
+        self.lanes.clear();
     }
 }
 
