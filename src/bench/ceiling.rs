@@ -17,8 +17,8 @@ use lapin::{
 use super::{
     Bench,
     probes::{
-        broker_cpu_ticks, clock_ticks, io_threads, postgres_cpu_ticks, this_thread,
-        thread_cpu_ticks,
+        broker_cpu_ticks, busy_between, clock_ticks, io_threads, machine_ticks, postgres_cpu_ticks,
+        process_cpu_ticks, this_thread, thread_cpu_ticks,
     },
     report::Measure,
     workload::creates_and_updates,
@@ -88,6 +88,8 @@ impl Bench {
         }
         let broker_before = broker_cpu_ticks();
         let postgres_before = postgres_cpu_ticks();
+        let bench_before = process_cpu_ticks(std::process::id());
+        let machine_before = machine_ticks();
         let started = Instant::now();
         // The relay may have failed already: then the sink never fills.
         let _ = go_tx.send(());
@@ -106,6 +108,7 @@ impl Bench {
             }
         }
         let seconds = started.elapsed().as_secs_f64();
+        let machine_busy = busy_between(machine_before, machine_ticks());
         let broker =
             broker_cpu_ticks().saturating_sub(broker_before) as f64 / clock_ticks() / seconds;
         let postgres =
@@ -113,11 +116,15 @@ impl Bench {
         // Joined only once the sink is full or the relay has stopped: the
         // relay then has at most its last confirms and ack to wait for.
         let client_ticks = joined(relay).await?;
+        // Read after the join, as the relay's own ticks are: both end there.
+        let bench_ticks = process_cpu_ticks(std::process::id()).saturating_sub(bench_before);
         ensure!(
             received == count,
             "the ceiling's sink received {received} of {count} messages"
         );
         let client = client_ticks as f64 / clock_ticks() / seconds;
+        // The relay's threads are the client's column, not the bench's.
+        let bench_cpu = bench_ticks.saturating_sub(client_ticks) as f64 / clock_ticks() / seconds;
         for q in [&input, &sink] {
             ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await?;
@@ -139,6 +146,8 @@ impl Bench {
             client_cpu: Some(client),
             rss_kib: None,
             wal_bytes: None,
+            bench_cpu,
+            machine_busy,
         })
     }
 }

@@ -26,6 +26,40 @@ pub(super) fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Busy and total clock ticks of all the machine's CPUs so far, from the
+/// first line of `/proc/stat`: busy is everything but idle and iowait.
+pub(super) fn machine_ticks() -> (u64, u64) {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return (0, 0);
+    };
+    let Some(line) = stat.lines().next() else {
+        return (0, 0);
+    };
+    // cpu user nice system idle iowait irq softirq steal (guest time is
+    // already counted in user and nice).
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    if fields.len() < 5 {
+        return (0, 0);
+    }
+    let total: u64 = fields.iter().sum();
+    (total - fields[3] - fields[4], total)
+}
+
+/// The share of all CPUs busy between two [`machine_ticks`] readings
+/// (1.0 = every core busy all the time).
+pub(super) fn busy_between(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let total = after.1.saturating_sub(before.1);
+    if total == 0 {
+        return 0.0;
+    }
+    after.0.saturating_sub(before.0) as f64 / total as f64
+}
+
 /// utime + stime of a process, in clock ticks.
 pub(super) fn process_cpu_ticks(pid: u32) -> u64 {
     stat_ticks(pid, false)
@@ -114,4 +148,32 @@ pub(super) fn io_threads() -> Vec<u32> {
                 .is_ok_and(|c| c.trim() == "lapin-io-loop")
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_machine_is_never_busier_than_all_its_cores() {
+        let before = machine_ticks();
+        // Busy until some ticks have passed (they are counted in 1/100 s).
+        let started = std::time::Instant::now();
+        let mut x = 0u64;
+        let after = loop {
+            for i in 0..1_000_000u64 {
+                x = x.wrapping_mul(31).wrapping_add(i);
+            }
+            let now = machine_ticks();
+            if now.1 > before.1 + 2 || started.elapsed().as_secs() > 5 {
+                break now;
+            }
+        };
+        std::hint::black_box(x);
+        assert!(after.1 > before.1, "no ticks passed: {before:?} {after:?}");
+        assert!(after.0 <= after.1);
+        let busy = busy_between(before, after);
+        assert!((0.0..=1.0).contains(&busy), "{busy}");
+        assert_eq!(busy_between(after, after), 0.0);
+    }
 }

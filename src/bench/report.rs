@@ -23,6 +23,11 @@ pub(super) struct Measure {
     pub(super) rss_kib: Option<u64>,
     /// WAL PostgreSQL wrote over the run, in bytes (daemon runs only).
     pub(super) wal_bytes: Option<i64>,
+    /// The bench's own process, its AMQP client's threads left out (the
+    /// event sink, which shares the cores with the rest), per core.
+    pub(super) bench_cpu: f64,
+    /// The share of all the machine's cores that were busy over the run.
+    pub(super) machine_busy: f64,
 }
 
 impl Measure {
@@ -73,11 +78,11 @@ pub(super) fn table(
     writeln!(out)?;
     writeln!(
         out,
-        "| scenario | messages | seconds | msgs/s | events | vs broker ceiling | daemon CPU | broker CPU | PostgreSQL CPU | daemon µs/msg | broker µs/msg | PostgreSQL µs/msg | AMQP client µs/msg | WAL B/msg | daemon peak RSS |"
+        "| scenario | messages | seconds | msgs/s | events | vs broker ceiling | daemon CPU | broker CPU | PostgreSQL CPU | daemon µs/msg | broker µs/msg | PostgreSQL µs/msg | AMQP client µs/msg | bench µs/msg | all cores busy | WAL B/msg | daemon peak RSS |"
     )?;
     writeln!(
         out,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )?;
     for m in measures {
         let rss = match m.rss_kib {
@@ -98,7 +103,7 @@ pub(super) fn table(
         };
         writeln!(
             out,
-            "| {} | {} | {:.2} | {:.0} | {} | {ratio} | {:.0} % | {:.0} % | {:.0} % | {:.0} | {:.0} | {:.0} | {client} | {wal} | {rss} |",
+            "| {} | {} | {:.2} | {:.0} | {} | {ratio} | {:.0} % | {:.0} % | {:.0} % | {:.0} | {:.0} | {:.0} | {client} | {:.0} | {:.0} % | {wal} | {rss} |",
             m.name,
             m.messages,
             m.seconds,
@@ -110,6 +115,8 @@ pub(super) fn table(
             m.us_per_message(m.daemon_cpu),
             m.us_per_message(m.broker_cpu),
             m.us_per_message(m.postgres_cpu),
+            m.us_per_message(m.bench_cpu),
+            m.machine_busy * 100.0,
         )?;
     }
     writeln!(out)?;
@@ -122,6 +129,9 @@ pub(super) fn table(
     }
     if let Some(floor) = client_floor(measures) {
         writeln!(out, "{floor}")?;
+    }
+    if let Some(budget) = cpu_budget(measures) {
+        writeln!(out, "{budget}")?;
     }
     writeln!(
         out,
@@ -141,7 +151,7 @@ pub(super) fn table(
     )?;
     writeln!(
         out,
-        "CPU columns: CPU time used during the run / wall time (100 % = one core); µs/msg: CPU time / messages. WAL: pg_current_wal_lsn() moved over the run / messages (the whole server's)."
+        "CPU columns: CPU time used during the run / wall time (100 % = one core); µs/msg: CPU time / messages. WAL: pg_current_wal_lsn() moved over the run / messages (the whole server's). bench µs/msg: the bench's own process (its event sink) without the ceiling relay's threads. All cores busy: /proc/stat, every core of the machine, 100 % = all of them all the time."
     )?;
     Ok(out)
 }
@@ -166,4 +176,78 @@ fn client_floor(measures: &[Measure]) -> Option<String> {
         floor / broker,
         daemon - floor
     ))
+}
+
+/// What the 1 KB 50/50 drain cost the machine per message, all processes
+/// together, and the rate that cost allows on its cores: the throughput
+/// target is out of reach when 85 % of the ceiling needs more CPU than
+/// the machine has.
+fn cpu_budget(measures: &[Measure]) -> Option<String> {
+    let ceiling = measures
+        .iter()
+        .find(|m| m.name.starts_with("broker ceiling, 1 KB"))?;
+    let drain = measures.iter().find(|m| m.name.starts_with("1 KB, 50"))?;
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let per_message = drain
+        .us_per_message(drain.daemon_cpu + drain.broker_cpu + drain.postgres_cpu + drain.bench_cpu);
+    if per_message <= 0.0 {
+        return None;
+    }
+    let allowed = cores as f64 * 1e6 / per_message;
+    Some(format!(
+        "CPU budget, 1 KB 50/50: daemon + broker + PostgreSQL + bench = {per_message:.0} µs/msg, \
+         all {cores} cores {:.0} % busy; at that cost the cores allow at most {allowed:.0} msgs/s, \
+         85 % of the ceiling is {:.0}.",
+        drain.machine_busy * 100.0,
+        0.85 * ceiling.rate(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measure(name: &str, seconds: f64, cpu: [f64; 4], busy: f64) -> Measure {
+        Measure {
+            name: name.into(),
+            messages: 1000,
+            seconds,
+            events: 1000,
+            ceiling: None,
+            daemon_cpu: cpu[0],
+            broker_cpu: cpu[1],
+            postgres_cpu: cpu[2],
+            client_cpu: None,
+            rss_kib: None,
+            wal_bytes: None,
+            bench_cpu: cpu[3],
+            machine_busy: busy,
+        }
+    }
+
+    #[test]
+    fn the_cpu_budget_adds_every_process_and_divides_the_cores_by_it() {
+        let measures = [
+            measure("broker ceiling, 1 KB (…)", 0.5, [0.0, 1.0, 0.0, 0.1], 0.6),
+            // 1.5 cores for 1 s over 1,000 messages: 1,500 µs each.
+            measure(
+                "1 KB, 50 % creates / 50 % updates",
+                1.0,
+                [0.5, 0.5, 0.25, 0.25],
+                0.8,
+            ),
+        ];
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let line = cpu_budget(&measures).expect("both runs are there");
+        assert!(line.contains("= 1500 µs/msg"), "{line}");
+        assert!(
+            line.contains(&format!("all {cores} cores 80 % busy")),
+            "{line}"
+        );
+        let allowed = format!("at most {:.0} msgs/s", cores as f64 * 1e6 / 1500.0);
+        assert!(line.contains(&allowed), "{line}");
+        // The ceiling relayed 1,000 messages in 0.5 s: 85 % of 2,000/s.
+        assert!(line.ends_with("85 % of the ceiling is 1700."), "{line}");
+        assert!(cpu_budget(&measures[..1]).is_none());
+    }
 }

@@ -10,7 +10,10 @@ use futures_util::StreamExt;
 use super::{
     Bench, BenchArgs,
     daemon::Daemon,
-    probes::{broker_cpu_ticks, clock_ticks, postgres_cpu_ticks},
+    probes::{
+        broker_cpu_ticks, busy_between, clock_ticks, machine_ticks, postgres_cpu_ticks,
+        process_cpu_ticks,
+    },
     profile::{self, Recording},
     report::{self, Measure, Results},
     workload::{Op, Workload, creates_and_updates, save, unchanged_of, with_deletes},
@@ -159,6 +162,8 @@ impl Bench {
         let broker_before = broker_cpu_ticks();
         let postgres_before = postgres_cpu_ticks();
         let daemon_before = daemon.cpu_ticks();
+        let bench_before = process_cpu_ticks(std::process::id());
+        let machine_before = machine_ticks();
         let recording = Recording::start(name, daemon.child.id());
         let started = Instant::now();
         let mut received = 0;
@@ -172,6 +177,10 @@ impl Bench {
             }
         }
         let seconds = started.elapsed().as_secs_f64();
+        let machine_busy = busy_between(machine_before, machine_ticks());
+        let bench_cpu = process_cpu_ticks(std::process::id()).saturating_sub(bench_before) as f64
+            / clock_ticks()
+            / seconds;
         recording.stop();
         let daemon_cpu =
             daemon.cpu_ticks().saturating_sub(daemon_before) as f64 / clock_ticks() / seconds;
@@ -219,6 +228,8 @@ impl Bench {
                 client_cpu: None,
                 rss_kib: Some(rss),
                 wal_bytes: Some(wal_bytes),
+                bench_cpu,
+                machine_busy,
             },
             rss,
         ))

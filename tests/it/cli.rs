@@ -319,6 +319,14 @@ fn the_benchmark_runs_end_to_end_and_checks_its_outcomes() {
         stdout.contains("AMQP client floor, 1 KB: the ceiling's relay"),
         "{stdout}"
     );
+    // The CPU budget names a rate the cores allow, from costs that cannot
+    // all be zero: the drain used the daemon, the broker and PostgreSQL.
+    let budget = stdout
+        .lines()
+        .find(|l| l.starts_with("CPU budget, 1 KB 50/50: daemon + broker + PostgreSQL + bench = "))
+        .unwrap_or_else(|| panic!("no CPU budget line: {stdout}"));
+    assert!(budget.contains("cores allow at most"), "{budget}");
+    assert!(!budget.contains("= 0 µs/msg"), "{budget}");
 }
 
 #[test]
