@@ -1,13 +1,21 @@
 //! `SCRAMJET_BENCH_PERF=<dir>`: records each timed drain with `perf`, for
-//! the profiling recipe in BENCHMARKS.md. Two recordings per drain: the
+//! the profiling recipe in BENCHMARKS.md. Four recordings per drain: the
 //! daemon with call graphs (`--call-graph dwarf`, so the release profile's
-//! debug info names the frames), and the whole machine without them, to see
-//! how the broker's and PostgreSQL's time splits.
+//! debug info names the frames); the whole machine without them, to see
+//! how the broker's and PostgreSQL's time splits; PostgreSQL's processes
+//! with call graphs, to see which of its functions a batch's statements
+//! reach; and the daemon's thread switches and wake-ups (the scheduler's
+//! `sched_switch` and `sched_wakeup` events), to count which threads wake
+//! which.
 
 use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
 };
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|a| (*a).to_owned()).collect()
+}
 
 /// The recordings of one drain; stopped (SIGINT, which makes perf write its
 /// file) when dropped or by [`Recording::stop`].
@@ -16,9 +24,10 @@ pub(super) struct Recording {
 }
 
 impl Recording {
-    /// Starts recording `pid` and the whole machine into the directory
-    /// named by `SCRAMJET_BENCH_PERF`, as `<slug>.daemon.data` and
-    /// `<slug>.all.data`; nothing when the variable is unset.
+    /// Starts recording `pid`, the whole machine, PostgreSQL and `pid`'s
+    /// scheduling into the directory named by `SCRAMJET_BENCH_PERF`, as
+    /// `<slug>.daemon.data`, `<slug>.all.data`, `<slug>.postgres.data` and
+    /// `<slug>.wakeups.data`; nothing when the variable is unset.
     pub(super) fn start(name: &str, pid: u32) -> Recording {
         let Some(dir) = std::env::var_os("SCRAMJET_BENCH_PERF").map(PathBuf::from) else {
             return Recording { children: vec![] };
@@ -32,25 +41,50 @@ impl Recording {
             .collect::<Vec<_>>()
             .join("-");
         let _ = std::fs::create_dir_all(&dir);
-        let runs: [(&str, Vec<String>); 2] = [
+        let cpu_clock = || vec!["-e".to_owned(), "cpu-clock".to_owned()];
+        let mut runs: Vec<(&str, Vec<String>)> = vec![
             (
                 "daemon",
-                vec![
-                    "--call-graph".into(),
-                    "dwarf,16384".into(),
-                    "-F".into(),
-                    "997".into(),
-                    "-p".into(),
-                    pid.to_string(),
-                ],
+                [
+                    cpu_clock(),
+                    args(&["--call-graph", "dwarf,16384", "-F", "997", "-p"]),
+                ]
+                .concat()
+                .into_iter()
+                .chain([pid.to_string()])
+                .collect(),
             ),
-            ("all", vec!["-a".into(), "-F".into(), "997".into()]),
+            ("all", [cpu_clock(), args(&["-a", "-F", "997"])].concat()),
+            (
+                "wakeups",
+                args(&["-e", "sched:sched_switch", "-e", "sched:sched_wakeup", "-p"])
+                    .into_iter()
+                    .chain([pid.to_string()])
+                    .collect(),
+            ),
         ];
+        // The server's processes now: the daemon, being ready, holds its
+        // connections, so their backends are among them.
+        let postgres = super::probes::pids_of("postgres");
+        if !postgres.is_empty() {
+            let pids: Vec<String> = postgres.iter().map(u32::to_string).collect();
+            runs.push((
+                "postgres",
+                [
+                    cpu_clock(),
+                    args(&["--call-graph", "dwarf,16384", "-F", "499", "-p"]),
+                ]
+                .concat()
+                .into_iter()
+                .chain([pids.join(",")])
+                .collect(),
+            ));
+        }
         let mut children = Vec::new();
         for (what, args) in runs {
             let out = dir.join(format!("{slug}.{what}.data"));
             match Command::new("perf")
-                .args(["record", "-q", "-e", "cpu-clock", "-o"])
+                .args(["record", "-q", "-o"])
                 .arg(&out)
                 .args(&args)
                 .stdout(Stdio::null())
