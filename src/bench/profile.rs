@@ -2,11 +2,11 @@
 //! the profiling recipe in BENCHMARKS.md. Four recordings per drain: the
 //! daemon with call graphs (`--call-graph dwarf`, so the release profile's
 //! debug info names the frames); the whole machine without them, to see
-//! how the broker's and PostgreSQL's time splits; PostgreSQL's processes
-//! with call graphs, to see which of its functions a batch's statements
-//! reach; and the daemon's thread switches and wake-ups (the scheduler's
-//! `sched_switch` and `sched_wakeup` events), to count which threads wake
-//! which.
+//! how the broker's and PostgreSQL's time splits; the whole machine again
+//! with call graphs, read for PostgreSQL's processes, to see which of its
+//! functions a batch's statements reach; and the daemon's thread switches
+//! and wake-ups (the scheduler's `sched_switch` and `sched_wakeup` events),
+//! to count which threads wake which.
 
 use std::{
     path::PathBuf,
@@ -24,8 +24,8 @@ pub(super) struct Recording {
 }
 
 impl Recording {
-    /// Starts recording `pid`, the whole machine, PostgreSQL and `pid`'s
-    /// scheduling into the directory named by `SCRAMJET_BENCH_PERF`, as
+    /// Starts recording `pid`, the whole machine without and with call
+    /// graphs, and `pid`'s scheduling into the directory named by `SCRAMJET_BENCH_PERF`, as
     /// `<slug>.daemon.data`, `<slug>.all.data`, `<slug>.postgres.data` and
     /// `<slug>.wakeups.data`; nothing when the variable is unset.
     pub(super) fn start(name: &str, pid: u32) -> Recording {
@@ -63,23 +63,18 @@ impl Recording {
                     .collect(),
             ),
         ];
-        // The server's processes now: the daemon, being ready, holds its
-        // connections, so their backends are among them.
-        let postgres = super::probes::pids_of("postgres");
-        if !postgres.is_empty() {
-            let pids: Vec<String> = postgres.iter().map(u32::to_string).collect();
-            runs.push((
-                "postgres",
-                [
-                    cpu_clock(),
-                    args(&["--call-graph", "dwarf,16384", "-F", "499", "-p"]),
-                ]
-                .concat()
-                .into_iter()
-                .chain([pids.join(",")])
-                .collect(),
-            ));
-        }
+        // The whole machine with call graphs, for PostgreSQL's share
+        // (`perf report --comms postgres`): a list of the server's pids
+        // would miss the backends it forks during the drain, and a pool
+        // may open a connection at any time.
+        runs.push((
+            "postgres",
+            [
+                cpu_clock(),
+                args(&["--call-graph", "dwarf,16384", "-F", "499", "-a"]),
+            ]
+            .concat(),
+        ));
         let mut children = Vec::new();
         for (what, args) in runs {
             let out = dir.join(format!("{slug}.{what}.data"));
