@@ -198,11 +198,15 @@ mod sql {
          USING unnest($1::text[], $2::text[]) AS k(type, id) \
          WHERE r.type = k.type AND r.id = k.id";
     /// `x` says that jsonb would rewrite the text: only then is the text
-    /// kept beside it (see `migrations/V5__exact_data.sql`).
+    /// kept beside it (see `migrations/V5__exact_data.sql`). The arrays
+    /// are unnested in a select list, where the calls run in lockstep and
+    /// hand on one row at a time; `unnest(…)` in `FROM` would first copy
+    /// every document into a tuplestore (a temporary file once past
+    /// `work_mem`), see BENCHMARKS.md.
     pub(super) const UPSERT_RESOURCES: &str = "INSERT INTO resources (type, id, hash, data, canonical, version) \
          SELECT t, i, h, d::jsonb, CASE WHEN x THEN d END, v \
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::bool[]) \
-           AS u(t, i, h, d, v, x) \
+         FROM (SELECT unnest($1::text[]) AS t, unnest($2::text[]) AS i, unnest($3::text[]) AS h, \
+           unnest($4::text[]) AS d, unnest($5::int8[]) AS v, unnest($6::bool[]) AS x) AS u \
          ON CONFLICT (type, id) DO UPDATE \
          SET hash = excluded.hash, data = excluded.data, canonical = excluded.canonical, \
              version = excluded.version, updated_at = now()";
@@ -214,11 +218,12 @@ mod sql {
     pub(super) const CLEAR_STAGING: &str = "DELETE FROM staging s \
          USING unnest($1::text[], $2::text[]) AS k(type, id) \
          WHERE s.type = k.type AND s.id = k.id";
+    /// Unnested in a select list, as [`UPSERT_RESOURCES`].
     pub(super) const STAGE_INVALID: &str = "INSERT INTO staging \
            (type, id, data, canonical, version, is_valid, to_delete, errors, received_at) \
          SELECT t, i, d::jsonb, CASE WHEN x THEN d END, v, false, false, e::jsonb, now() \
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[], $6::int8[]) \
-           AS u(t, i, d, e, x, v) \
+         FROM (SELECT unnest($1::text[]) AS t, unnest($2::text[]) AS i, unnest($3::text[]) AS d, \
+           unnest($4::text[]) AS e, unnest($5::bool[]) AS x, unnest($6::int8[]) AS v) AS u \
          ON CONFLICT (type, id) DO UPDATE \
          SET data = excluded.data, canonical = excluded.canonical, version = excluded.version, \
              is_valid = false, to_delete = false, \

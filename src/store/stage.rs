@@ -34,12 +34,15 @@ pub(crate) async fn stash(
     ids: &[&str],
     data: &[&str],
 ) -> Result<u64, StoreError> {
+    // Unnested in a select list, where the documents are not first copied
+    // into a tuplestore (as `unnest` in `FROM` would).
     let stmt = client
         .prepare_cached(
             "INSERT INTO staging \
                (type, id, data, canonical, version, is_valid, to_delete, errors, received_at) \
              SELECT $1, i, d::jsonb, CASE WHEN x THEN d END, NULL, NULL, false, NULL, now() \
-             FROM unnest($2::text[], $3::text[], $4::bool[]) AS u(i, d, x) \
+             FROM (SELECT unnest($2::text[]) AS i, unnest($3::text[]) AS d, \
+               unnest($4::bool[]) AS x) AS u \
              ON CONFLICT (type, id) DO UPDATE \
              SET data = excluded.data, canonical = excluded.canonical, version = NULL, \
                  is_valid = NULL, to_delete = false, errors = NULL, \
