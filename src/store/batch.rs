@@ -1,8 +1,10 @@
 //! The SQL of one pipeline batch: read and lock the current rows of the keys a
-//! batch touches, then write the batch's net effect with one set-based
-//! statement per table and operation (arrays through `unnest`). The batch's
-//! events are not written here but by [`super::outbox::append`], in the same
-//! transaction and the same round trip.
+//! batch touches, then write the batch's net effect with set-based
+//! statements, one per table and operation (arrays through `unnest`), but
+//! for the upsert of `resources`, whose documents are one parameter each
+//! (see [`upsert_chunks`]). The batch's events are not written here but by
+//! [`super::outbox::append`], in the same transaction and the same round
+//! trip.
 
 use std::collections::{HashMap, HashSet};
 
@@ -197,19 +199,6 @@ mod sql {
     pub(super) const DELETE_RESOURCES: &str = "DELETE FROM resources r \
          USING unnest($1::text[], $2::text[]) AS k(type, id) \
          WHERE r.type = k.type AND r.id = k.id";
-    /// `x` says that jsonb would rewrite the text: only then is the text
-    /// kept beside it (see `migrations/V5__exact_data.sql`). The arrays
-    /// are unnested in a select list, where the calls run in lockstep and
-    /// hand on one row at a time; `unnest(…)` in `FROM` would first copy
-    /// every document into a tuplestore (a temporary file once past
-    /// `work_mem`), see BENCHMARKS.md.
-    pub(super) const UPSERT_RESOURCES: &str = "INSERT INTO resources (type, id, hash, data, canonical, version) \
-         SELECT t, i, h, d::jsonb, CASE WHEN x THEN d END, v \
-         FROM (SELECT unnest($1::text[]) AS t, unnest($2::text[]) AS i, unnest($3::text[]) AS h, \
-           unnest($4::text[]) AS d, unnest($5::int8[]) AS v, unnest($6::bool[]) AS x) AS u \
-         ON CONFLICT (type, id) DO UPDATE \
-         SET hash = excluded.hash, data = excluded.data, canonical = excluded.canonical, \
-             version = excluded.version, updated_at = now()";
     /// Only the version: an unchanged save leaves data, hash and
     /// `updated_at` as they are (CONTRACT §3).
     pub(super) const UPDATE_VERSIONS: &str = "UPDATE resources r SET version = u.v \
@@ -218,7 +207,10 @@ mod sql {
     pub(super) const CLEAR_STAGING: &str = "DELETE FROM staging s \
          USING unnest($1::text[], $2::text[]) AS k(type, id) \
          WHERE s.type = k.type AND s.id = k.id";
-    /// Unnested in a select list, as [`UPSERT_RESOURCES`].
+    /// The arrays are unnested in a select list, where the calls run in
+    /// lockstep and hand on one row at a time; `unnest(…)` in `FROM` would
+    /// first copy every document into a tuplestore (a temporary file once
+    /// past `work_mem`), see BENCHMARKS.md.
     pub(super) const STAGE_INVALID: &str = "INSERT INTO staging \
            (type, id, data, canonical, version, is_valid, to_delete, errors, received_at) \
          SELECT t, i, d::jsonb, CASE WHEN x THEN d END, v, false, false, e::jsonb, now() \
@@ -235,6 +227,90 @@ mod sql {
          SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) \
          ON CONFLICT (type, id) DO UPDATE \
          SET version = GREATEST(tombstones.version, excluded.version), deleted_at = now()";
+
+    /// The upsert of `rows` `resources` rows, six parameters a row: type,
+    /// id, hash, canonical text, version, and whether jsonb would rewrite
+    /// the text (only then is the text kept beside it, see
+    /// `migrations/V5__exact_data.sql`). Each document is a parameter of
+    /// its own: as an element of an array parameter, PostgreSQL would copy
+    /// it once more into the array, zeroed first (`array_recv`, a sixth of
+    /// its time at 10 and 100 KB, see BENCHMARKS.md).
+    pub(super) fn upsert_resources(rows: usize) -> String {
+        use std::fmt::Write as _;
+        let mut text = String::from(
+            "INSERT INTO resources (type, id, hash, data, canonical, version) \
+             SELECT t, i, h, d::jsonb, CASE WHEN x THEN d END, v FROM (VALUES ",
+        );
+        for row in 0..rows {
+            let p = row * 6;
+            let _ = write!(
+                text,
+                "{}(${}::text, ${}::text, ${}::text, ${}::text, ${}::int8, ${}::bool)",
+                if row == 0 { "" } else { ", " },
+                p + 1,
+                p + 2,
+                p + 3,
+                p + 4,
+                p + 5,
+                p + 6
+            );
+        }
+        text.push_str(
+            ") AS u(t, i, h, d, v, x) \
+             ON CONFLICT (type, id) DO UPDATE \
+             SET hash = excluded.hash, data = excluded.data, canonical = excluded.canonical, \
+                 version = excluded.version, updated_at = now()",
+        );
+        text
+    }
+}
+
+/// The most `resources` rows one upsert statement writes.
+const MAX_UPSERT_ROWS: usize = 64;
+
+/// Splits `n` upserts into statements of [`MAX_UPSERT_ROWS`] rows and then
+/// of falling powers of two (`(start, rows)` each, in order), so that a
+/// connection prepares at most seven statement texts, whatever the sizes of
+/// its batches.
+fn upsert_chunks(n: usize) -> Vec<(usize, usize)> {
+    let mut chunks = Vec::with_capacity(n / MAX_UPSERT_ROWS + 7);
+    let mut start = 0;
+    let mut rows = MAX_UPSERT_ROWS;
+    while start < n {
+        while rows > n - start {
+            rows /= 2;
+        }
+        chunks.push((start, rows));
+        start += rows;
+    }
+    chunks
+}
+
+/// Awaits every one of `futures`, polling them in the order given, so that
+/// each sends its request in that order; the first error, if any.
+async fn try_join_in_order<F, E>(futures: Vec<F>) -> Result<(), E>
+where
+    F: std::future::Future<Output = Result<u64, E>>,
+{
+    let mut futures: Vec<_> = futures.into_iter().map(|f| Some(Box::pin(f))).collect();
+    std::future::poll_fn(move |cx| {
+        let mut pending = false;
+        for slot in futures.iter_mut() {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Pending => pending = true,
+                    std::task::Poll::Ready(Ok(_)) => *slot = None,
+                    std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready(Err(e)),
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(Ok(()))
+        }
+    })
+    .await
 }
 
 /// Passes `fence` (when given), records `message_ids` as processed and
@@ -445,10 +521,16 @@ pub(crate) async fn write(tx: Conn<'_>, writes: &Writes) -> Result<(), StoreErro
     // Prepare first (cached after the first batch), so that no statement
     // waits on a prepare while a later one is already sent: order matters
     // (deletes before upserts of the same keys).
+    let r = &writes.resource_upserts;
+    let chunks = upsert_chunks(r.len());
+    let mut sizes: Vec<usize> = chunks.iter().map(|&(_, rows)| rows).collect();
+    sizes.dedup();
+    let upsert_texts: Vec<String> = sizes.iter().map(|&n| sql::upsert_resources(n)).collect();
+    let upserts =
+        futures_util::future::try_join_all(upsert_texts.iter().map(|q| tx.prepare_cached(q)));
     let statements = futures_util::future::try_join_all(
         [
             sql::DELETE_RESOURCES,
-            sql::UPSERT_RESOURCES,
             sql::UPDATE_VERSIONS,
             sql::CLEAR_STAGING,
             sql::STAGE_INVALID,
@@ -456,19 +538,27 @@ pub(crate) async fn write(tx: Conn<'_>, writes: &Writes) -> Result<(), StoreErro
             sql::UPSERT_TOMBSTONES,
         ]
         .map(|q| tx.prepare_cached(q)),
-    )
-    .await?;
+    );
+    let (upserts, statements) = futures_util::try_join!(upserts, statements)?;
 
     let (rd_types, rd_ids) = split_keys(&writes.resource_deletes);
-    let r = &writes.resource_upserts;
-    let ru_types: Vec<&str> = r.iter().map(|r| r.entity_type.as_str()).collect();
-    let ru_ids: Vec<&str> = r.iter().map(|r| r.id.as_str()).collect();
-    let ru_hashes: Vec<&str> = r.iter().map(|r| r.hash.as_str()).collect();
-    let ru_data: Vec<&str> = r.iter().map(|r| r.canonical.as_str()).collect();
-    let ru_versions: Vec<Option<i64>> = r.iter().map(|r| r.version).collect();
     let ru_exact: Vec<bool> = r
         .iter()
         .map(|r| canonical::jsonb_rewrites(&r.canonical))
+        .collect();
+    let ru_params: Vec<&Param<'_>> = r
+        .iter()
+        .zip(&ru_exact)
+        .flat_map(|(r, exact)| -> [&Param<'_>; 6] {
+            [
+                &r.entity_type,
+                &r.id,
+                &r.hash,
+                &r.canonical,
+                &r.version,
+                exact,
+            ]
+        })
         .collect();
     let vu = &writes.version_updates;
     let vu_types: Vec<&str> = vu.iter().map(|(k, _)| k.0.as_str()).collect();
@@ -492,14 +582,6 @@ pub(crate) async fn write(tx: Conn<'_>, writes: &Writes) -> Result<(), StoreErro
     let tu_versions: Vec<i64> = tu.iter().map(|(_, v)| *v).collect();
 
     let p0: [&Param<'_>; 2] = [&rd_types, &rd_ids];
-    let p1: [&Param<'_>; 6] = [
-        &ru_types,
-        &ru_ids,
-        &ru_hashes,
-        &ru_data,
-        &ru_versions,
-        &ru_exact,
-    ];
     let pv: [&Param<'_>; 3] = [&vu_types, &vu_ids, &vu_versions];
     let p2: [&Param<'_>; 2] = [&sc_types, &sc_ids];
     let p3: [&Param<'_>; 6] = [
@@ -515,16 +597,64 @@ pub(crate) async fn write(tx: Conn<'_>, writes: &Writes) -> Result<(), StoreErro
     let s = &statements;
     futures_util::try_join!(
         execute_unless(tx, rd_types.is_empty(), &s[0], &p0),
-        execute_unless(tx, r.is_empty(), &s[1], &p1),
-        execute_unless(tx, vu.is_empty(), &s[2], &pv),
-        execute_unless(tx, sc_types.is_empty(), &s[3], &p2),
-        execute_unless(tx, st.is_empty(), &s[4], &p3),
-        execute_unless(tx, td_types.is_empty(), &s[5], &p4),
-        execute_unless(tx, tu.is_empty(), &s[6], &p5),
+        try_join_in_order(
+            chunks
+                .iter()
+                .map(|&(start, rows)| {
+                    let stmt = &upserts[sizes.iter().position(|&n| n == rows).unwrap_or(0)];
+                    tx.execute(stmt, &ru_params[start * 6..(start + rows) * 6])
+                })
+                .collect()
+        ),
+        execute_unless(tx, vu.is_empty(), &s[1], &pv),
+        execute_unless(tx, sc_types.is_empty(), &s[2], &p2),
+        execute_unless(tx, st.is_empty(), &s[3], &p3),
+        execute_unless(tx, td_types.is_empty(), &s[4], &p4),
+        execute_unless(tx, tu.is_empty(), &s[5], &p5),
     )?;
     Ok(())
 }
 
 fn split_keys(keys: &[Key]) -> (Vec<&str>, Vec<&str>) {
     keys.iter().map(|(t, i)| (t.as_str(), i.as_str())).unzip()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upserts_split_into_full_statements_then_falling_powers_of_two() {
+        assert!(upsert_chunks(0).is_empty());
+        assert_eq!(upsert_chunks(1), [(0, 1)]);
+        assert_eq!(upsert_chunks(64), [(0, 64)]);
+        assert_eq!(upsert_chunks(77), [(0, 64), (64, 8), (72, 4), (76, 1)]);
+        assert_eq!(upsert_chunks(129), [(0, 64), (64, 64), (128, 1)]);
+        for n in 0..=crate::config::MAX_KEYS_PER_TRANSACTION {
+            let chunks = upsert_chunks(n);
+            // Every row once, in order.
+            let mut next = 0;
+            for &(start, rows) in &chunks {
+                assert_eq!(start, next, "{n}: {chunks:?}");
+                assert!(rows.is_power_of_two() && rows <= MAX_UPSERT_ROWS);
+                next += rows;
+            }
+            assert_eq!(next, n);
+            // At most seven statement texts, each row count once.
+            let mut sizes: Vec<usize> = chunks.iter().map(|c| c.1).collect();
+            sizes.dedup();
+            assert!(sizes.windows(2).all(|w| w[0] > w[1]), "{n}: {sizes:?}");
+            assert!(sizes.len() <= 7);
+        }
+    }
+
+    #[test]
+    fn the_upsert_of_n_rows_numbers_six_parameters_a_row() {
+        let text = sql::upsert_resources(3);
+        assert!(text.contains("($1::text, $2::text, $3::text, $4::text, $5::int8, $6::bool), "));
+        assert!(
+            text.contains("($13::text, $14::text, $15::text, $16::text, $17::int8, $18::bool))")
+        );
+        assert!(!text.contains("$19"));
+    }
 }

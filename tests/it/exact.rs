@@ -176,3 +176,83 @@ async fn revalidate_applies_a_staged_save_with_its_version() {
     let events = app.events_until("sentinel").await;
     assert_eq!(events.len(), 1, "only the sentinel's event: {events:?}");
 }
+
+/// A batch of hundreds of saves writes its `resources` rows with several
+/// statements, one parameter per document (`store::batch::upsert_chunks`):
+/// every row is stored, created and then updated, with its hash, its
+/// version and, where jsonb would rewrite the text, the text itself.
+#[tokio::test]
+async fn batches_of_hundreds_of_saves_store_every_row_exactly() {
+    let n = 301;
+    let mut app = spawn_app_with(|s| {
+        s.amqp.prefetch = 1000;
+        s.pipeline.batch_size = 500;
+    })
+    .await;
+    app.stop().await;
+    for round in 1..=2_i64 {
+        let name = |k: usize| format!(r#""name":"{k}-{round}""#);
+        let bodies: Vec<String> = (0..n)
+            .map(|k| {
+                let data = if k % 3 == 0 {
+                    NUMBERS.replace(r#""name":"n""#, &name(k))
+                } else {
+                    format!("{{{}}}", name(k))
+                };
+                save_with_version(&format!("p{k:03}"), round, &data)
+            })
+            .collect();
+        // Queued while the daemon is down, so that it finds them all at once.
+        app.publish_many(&bodies).await;
+        app.start().await;
+        let events = app.next_events(n).await;
+        let want = if round == 1 { "created" } else { "updated" };
+        let hashes: std::collections::HashMap<String, String> = events
+            .iter()
+            .map(|e| {
+                assert_eq!(e.op(), want, "{}", e.raw);
+                (
+                    e.id().to_owned(),
+                    e.body["hash"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(hashes.len(), n, "one event per id");
+
+        let rows = app
+            .db
+            .query(
+                "SELECT id, hash, version, data::text, canonical FROM resources ORDER BY id",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), n);
+        for (k, row) in rows.iter().enumerate() {
+            let id: String = row.get(0);
+            let hash: String = row.get(1);
+            let version: Option<i64> = row.get(2);
+            let data: String = row.get(3);
+            let exact: Option<String> = row.get(4);
+            assert_eq!(id, format!("p{k:03}"));
+            assert_eq!(version, Some(round), "{id}");
+            assert_eq!(hashes[&id], hash, "{id}: the event's hash is the row's");
+            assert_eq!(exact.is_some(), k % 3 == 0, "{id}: {exact:?}");
+            match exact {
+                Some(text) => {
+                    assert_eq!(canonical::hash(&text), hash, "{id}: {text}");
+                    assert!(text.contains(&name(k)), "{id}: {text}");
+                }
+                None => assert_eq!(hash_of(&parse(&data)), hash, "{id}: {data}"),
+            }
+        }
+        let (_, text) = app.get("/metrics").await;
+        let small = crate::api::sample(&text, "scramjet_batch_size_bucket{le=\"100\"}");
+        let all = crate::api::sample(&text, "scramjet_batch_size_count");
+        assert!(
+            small.unwrap_or(0.0) < all.unwrap_or(0.0),
+            "a batch of more than 100 messages, more rows than one statement holds:\n{text}"
+        );
+        app.stop().await;
+    }
+}
