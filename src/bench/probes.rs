@@ -110,16 +110,8 @@ pub(super) fn postgres_cpu_ticks() -> u64 {
 
 /// CPU ticks of every process whose command name is `comm`.
 pub(super) fn cpu_ticks_of(comm: &str, children: bool) -> u64 {
-    pids_of(comm)
-        .into_iter()
-        .map(|pid| stat_ticks(pid, children))
-        .sum()
-}
-
-/// Every process whose command name is `comm`.
-pub(super) fn pids_of(comm: &str) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
+        return 0;
     };
     entries
         .flatten()
@@ -127,7 +119,8 @@ pub(super) fn pids_of(comm: &str) -> Vec<u32> {
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
         })
-        .collect()
+        .map(|pid| stat_ticks(pid, children))
+        .sum()
 }
 
 /// utime + stime of one thread of this process, in clock ticks.

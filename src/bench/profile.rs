@@ -13,10 +13,6 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|a| (*a).to_owned()).collect()
-}
-
 /// The recordings of one drain; stopped (SIGINT, which makes perf write its
 /// file) when dropped or by [`Recording::stop`].
 pub(super) struct Recording {
@@ -25,9 +21,10 @@ pub(super) struct Recording {
 
 impl Recording {
     /// Starts recording `pid`, the whole machine without and with call
-    /// graphs, and `pid`'s scheduling into the directory named by `SCRAMJET_BENCH_PERF`, as
-    /// `<slug>.daemon.data`, `<slug>.all.data`, `<slug>.postgres.data` and
-    /// `<slug>.wakeups.data`; nothing when the variable is unset.
+    /// graphs, and `pid`'s scheduling into the directory named by
+    /// `SCRAMJET_BENCH_PERF`, as `<slug>.daemon.data`, `<slug>.all.data`,
+    /// `<slug>.postgres.data` and `<slug>.wakeups.data`; nothing when the
+    /// variable is unset.
     pub(super) fn start(name: &str, pid: u32) -> Recording {
         let Some(dir) = std::env::var_os("SCRAMJET_BENCH_PERF").map(PathBuf::from) else {
             return Recording { children: vec![] };
@@ -41,47 +38,57 @@ impl Recording {
             .collect::<Vec<_>>()
             .join("-");
         let _ = std::fs::create_dir_all(&dir);
-        let cpu_clock = || vec!["-e".to_owned(), "cpu-clock".to_owned()];
-        let mut runs: Vec<(&str, Vec<String>)> = vec![
+        let pid = pid.to_string();
+        let runs: [(&str, &[&str]); 4] = [
             (
                 "daemon",
-                [
-                    cpu_clock(),
-                    args(&["--call-graph", "dwarf,16384", "-F", "997", "-p"]),
-                ]
-                .concat()
-                .into_iter()
-                .chain([pid.to_string()])
-                .collect(),
+                &[
+                    "-e",
+                    "cpu-clock",
+                    "--call-graph",
+                    "dwarf,16384",
+                    "-F",
+                    "997",
+                    "-p",
+                    &pid,
+                ],
             ),
-            ("all", [cpu_clock(), args(&["-a", "-F", "997"])].concat()),
+            ("all", &["-e", "cpu-clock", "-a", "-F", "997"]),
+            // The whole machine with call graphs, for PostgreSQL's share
+            // (`perf report --comms postgres`): a list of the server's pids
+            // would miss the backends it forks during the drain, and a pool
+            // may open a connection at any time.
+            (
+                "postgres",
+                &[
+                    "-e",
+                    "cpu-clock",
+                    "--call-graph",
+                    "dwarf,16384",
+                    "-F",
+                    "499",
+                    "-a",
+                ],
+            ),
             (
                 "wakeups",
-                args(&["-e", "sched:sched_switch", "-e", "sched:sched_wakeup", "-p"])
-                    .into_iter()
-                    .chain([pid.to_string()])
-                    .collect(),
+                &[
+                    "-e",
+                    "sched:sched_switch",
+                    "-e",
+                    "sched:sched_wakeup",
+                    "-p",
+                    &pid,
+                ],
             ),
         ];
-        // The whole machine with call graphs, for PostgreSQL's share
-        // (`perf report --comms postgres`): a list of the server's pids
-        // would miss the backends it forks during the drain, and a pool
-        // may open a connection at any time.
-        runs.push((
-            "postgres",
-            [
-                cpu_clock(),
-                args(&["--call-graph", "dwarf,16384", "-F", "499", "-a"]),
-            ]
-            .concat(),
-        ));
         let mut children = Vec::new();
         for (what, args) in runs {
             let out = dir.join(format!("{slug}.{what}.data"));
             match Command::new("perf")
                 .args(["record", "-q", "-o"])
                 .arg(&out)
-                .args(&args)
+                .args(args)
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit())
                 .spawn()

@@ -268,6 +268,19 @@ mod sql {
 /// The most `resources` rows one upsert statement writes.
 const MAX_UPSERT_ROWS: usize = 64;
 
+/// The upsert's text for a power of two of rows up to [`MAX_UPSERT_ROWS`],
+/// built once.
+fn upsert_text(rows: usize) -> &'static str {
+    static TEXTS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    debug_assert!(rows.is_power_of_two() && rows <= MAX_UPSERT_ROWS);
+    let texts = TEXTS.get_or_init(|| {
+        (0..=MAX_UPSERT_ROWS.trailing_zeros())
+            .map(|log| sql::upsert_resources(1 << log))
+            .collect()
+    });
+    &texts[rows.trailing_zeros() as usize]
+}
+
 /// Splits `n` upserts into statements of [`MAX_UPSERT_ROWS`] rows and then
 /// of falling powers of two (`(start, rows)` each, in order), so that a
 /// connection prepares at most seven statement texts, whatever the sizes of
@@ -523,11 +536,13 @@ pub(crate) async fn write(tx: Conn<'_>, writes: &Writes) -> Result<(), StoreErro
     // (deletes before upserts of the same keys).
     let r = &writes.resource_upserts;
     let chunks = upsert_chunks(r.len());
-    let mut sizes: Vec<usize> = chunks.iter().map(|&(_, rows)| rows).collect();
-    sizes.dedup();
-    let upsert_texts: Vec<String> = sizes.iter().map(|&n| sql::upsert_resources(n)).collect();
-    let upserts =
-        futures_util::future::try_join_all(upsert_texts.iter().map(|q| tx.prepare_cached(q)));
+    // One statement per chunk, in the chunks' order (a cached one after
+    // the first use of its size).
+    let upserts = futures_util::future::try_join_all(
+        chunks
+            .iter()
+            .map(|&(_, rows)| tx.prepare_cached(upsert_text(rows))),
+    );
     let statements = futures_util::future::try_join_all(
         [
             sql::DELETE_RESOURCES,
@@ -600,8 +615,8 @@ pub(crate) async fn write(tx: Conn<'_>, writes: &Writes) -> Result<(), StoreErro
         try_join_in_order(
             chunks
                 .iter()
-                .map(|&(start, rows)| {
-                    let stmt = &upserts[sizes.iter().position(|&n| n == rows).unwrap_or(0)];
+                .zip(&upserts)
+                .map(|(&(start, rows), stmt)| {
                     tx.execute(stmt, &ru_params[start * 6..(start + rows) * 6])
                 })
                 .collect()
@@ -650,6 +665,8 @@ mod tests {
 
     #[test]
     fn the_upsert_of_n_rows_numbers_six_parameters_a_row() {
+        assert_eq!(upsert_text(64), sql::upsert_resources(64));
+        assert_eq!(upsert_text(1), sql::upsert_resources(1));
         let text = sql::upsert_resources(3);
         assert!(text.contains("($1::text, $2::text, $3::text, $4::text, $5::int8, $6::bool), "));
         assert!(
